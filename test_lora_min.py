@@ -1,0 +1,531 @@
+"""The specification of lora_min, as property-based tests.
+
+Above all: the hand-written LoRALinear computes what the classic
+`torch.nn.utils.parametrize` LoRA computes (outputs and gradients), in every
+shape, rank, scale, dtype and batch layout hypothesis draws.
+
+Tolerances (torch.testing.assert_close, rtol / atol): float64 1e-10 / 1e-10
+(near-exact: only summation order differs), float32 1e-4 / 1e-4. Values are O(1)
+to O(10) and dot products are at most 24 terms long.
+"""
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, strategies as st
+from torch.nn.utils import parametrize
+
+import lora_min as L
+
+TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-4)}
+FLOAT_DTYPES = [torch.float32, torch.float64]
+
+
+# --- the classic approach, for reference ---------------------------------------
+
+
+class LoRAParametrization(nn.Module):
+    """The classic LoRA: a parametrization that returns W + (B @ A) * scale as `weight`."""
+
+    def __init__(self, A, B, scale):
+        super().__init__()
+        self.lora_A = nn.Parameter(A.detach().clone())
+        self.lora_B = nn.Parameter(B.detach().clone())
+        self.scale = scale
+
+    def forward(self, W):
+        return W + (self.lora_B @ self.lora_A) * self.scale
+
+
+def parametrize_reference(linear, A, B, scale):
+    ref = copy.deepcopy(linear).requires_grad_(False)
+    parametrize.register_parametrization(ref, "weight", LoRAParametrization(A, B, scale))
+    return ref, ref.parametrizations.weight[0]
+
+
+# --- drawing cases ---------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    in_f: int
+    out_f: int
+    r: int
+    alpha: float
+    use_rslora: bool
+    bias: bool
+    batch: tuple
+    dtype: torch.dtype
+    seed: int
+
+
+@st.composite
+def cases(draw, dtypes=FLOAT_DTYPES):
+    return Case(
+        in_f=draw(st.integers(1, 24)),
+        out_f=draw(st.integers(1, 24)),
+        r=draw(st.integers(1, 8)),
+        alpha=draw(st.floats(0.25, 16.0)),
+        use_rslora=draw(st.booleans()),
+        bias=draw(st.booleans()),
+        batch=tuple(draw(st.lists(st.integers(1, 4), max_size=2))),  # (), (n,) or (n, m): 1-D to 3-D inputs
+        dtype=draw(st.sampled_from(dtypes)),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+def make(case, nonzero_B=True):
+    """(linear, its LoRALinear with random A and nonzero B, input x)."""
+    g = torch.Generator().manual_seed(case.seed)
+    randn = lambda *shape: torch.randn(*shape, generator=g, dtype=case.dtype)  # noqa: E731
+    linear = nn.Linear(case.in_f, case.out_f, bias=case.bias, dtype=case.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(randn(case.out_f, case.in_f))
+        if case.bias:
+            linear.bias.copy_(randn(case.out_f))
+    layer = L.LoRALinear(copy.deepcopy(linear), r=case.r, alpha=case.alpha, use_rslora=case.use_rslora)
+    if nonzero_B:  # with B = 0 every equivalence below would pass trivially
+        with torch.no_grad():
+            layer.lora_A.copy_(randn(case.r, case.in_f))
+            layer.lora_B.copy_(randn(case.out_f, case.r) + 0.5)
+    return linear, layer, randn(*case.batch, case.in_f)
+
+
+def mlp(dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Sequential(nn.Linear(8, 5), nn.Tanh()), nn.Linear(5, 3)).to(dtype)
+
+
+def randomize_B(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in L.lora_layers(model):
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g, dtype=layer.lora_B.dtype))
+    return model
+
+
+# --- equivalence with the parametrize approach ----------------------------------------
+
+
+@given(cases())
+def test_equals_parametrize_outputs_and_gradients(case):
+    linear, layer, x = make(case)
+    ref, ref_lora = parametrize_reference(linear, layer.lora_A, layer.lora_B, layer.scale)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y, y_ref = layer(x1), ref(x2)
+    torch.testing.assert_close(y, y_ref, **TOL[case.dtype])
+    assert not torch.allclose(y, linear(x), **TOL[case.dtype]), "LoRA must change the output"
+
+    w = torch.randn(y.shape, generator=torch.Generator().manual_seed(case.seed + 1), dtype=case.dtype)
+    (y * w).sum().backward()
+    (y_ref * w).sum().backward()
+    torch.testing.assert_close(layer.lora_A.grad, ref_lora.lora_A.grad, **TOL[case.dtype])
+    torch.testing.assert_close(layer.lora_B.grad, ref_lora.lora_B.grad, **TOL[case.dtype])
+    torch.testing.assert_close(x1.grad, x2.grad, **TOL[case.dtype])
+    assert layer.weight.grad is None and (layer.bias is None or layer.bias.grad is None)
+
+
+@given(cases())
+def test_scale_rule(case):
+    _, layer, _ = make(case)
+    expected = case.alpha / (case.r**0.5 if case.use_rslora else case.r)
+    assert layer.scale == pytest.approx(expected)
+    torch.testing.assert_close(layer.delta_weight(), layer.lora_B @ layer.lora_A * expected, **TOL[case.dtype])
+
+
+# --- exact identities -------------------------------------------------------------------
+
+
+@given(cases(), st.sampled_from([None, 1.0, 0.02]))
+def test_fresh_layer_equals_linear_exactly(case, init_std):
+    linear, _, x = make(case)
+    layer = L.LoRALinear(copy.deepcopy(linear), r=case.r, alpha=case.alpha, init_std=init_std)
+    assert torch.count_nonzero(layer.lora_B) == 0 and torch.count_nonzero(layer.lora_A) > 0
+    assert torch.equal(layer(x), linear(x))
+
+
+@given(cases())
+def test_disabled_layer_equals_linear_exactly(case):
+    linear, layer, x = make(case)
+    layer.enabled = False
+    assert torch.equal(layer(x), linear(x))
+    layer.enabled = True
+    assert not torch.equal(layer(x), linear(x))
+
+
+def test_dropout_changes_training_outputs_only():
+    torch.manual_seed(0)
+    linear = nn.Linear(32, 16)
+    plain = L.LoRALinear(copy.deepcopy(linear), r=4)
+    nn.init.normal_(plain.lora_B)
+    dropped = L.LoRALinear(copy.deepcopy(linear), r=4, dropout=0.5)
+    dropped.load_state_dict(plain.state_dict())
+    x = torch.randn(8, 32)
+    assert not torch.allclose(dropped.train()(x), plain.train()(x))
+    assert torch.equal(dropped.eval()(x), plain.eval()(x))
+
+
+def test_lora_params_follow_weight_dtype_and_identity():
+    linear = nn.Linear(5, 7, dtype=torch.float64)
+    layer = L.LoRALinear(linear, r=3)
+    assert layer.weight is linear.weight and layer.bias is linear.bias
+    assert not layer.weight.requires_grad and not layer.bias.requires_grad
+    assert layer.lora_A.shape == (3, 5) and layer.lora_B.shape == (7, 3)
+    assert layer.lora_A.dtype == layer.lora_B.dtype == torch.float64
+    assert layer.lora_A.requires_grad and layer.lora_B.requires_grad
+
+
+def test_init_distributions():
+    torch.manual_seed(0)
+    layer = L.LoRALinear(nn.Linear(400, 300), r=64)  # kaiming-uniform(a=sqrt(5)): U(-1/sqrt(in), 1/sqrt(in))
+    bound = 1 / 400**0.5
+    assert layer.lora_A.abs().max() <= bound and layer.lora_A.abs().max() > 0.9 * bound
+    gauss = L.LoRALinear(nn.Linear(400, 300), r=64, init_std=1.0)
+    assert abs(gauss.lora_A.std().item() - 1.0) < 0.02 and abs(gauss.lora_A.mean().item()) < 0.02
+
+
+def test_extra_repr():
+    text = repr(L.LoRALinear(nn.Linear(4, 3), r=2, alpha=4))
+    for part in ("in_features=4", "out_features=3", "r=2", "alpha=4", "scale=2", "merged=False"):
+        assert part in text
+
+
+# --- merge / unmerge ----------------------------------------------------------------------
+
+
+@given(cases())
+def test_merge_matches_unmerged_and_unmerge_restores(case):
+    linear, layer, x = make(case)
+    layer.eval()
+    y = layer(x)
+    W, delta = linear.weight.detach().clone(), layer.delta_weight().detach()
+    layer.merge()
+    assert layer.merged
+    torch.testing.assert_close(layer.weight, W + delta, **TOL[case.dtype])
+    torch.testing.assert_close(layer(x), y, **TOL[case.dtype])
+    layer.unmerge()
+    assert not layer.merged
+    bound = torch.finfo(case.dtype).eps * (W.abs() + delta.abs())
+    assert ((layer.weight - W).abs() <= bound).all()
+    torch.testing.assert_close(layer(x), y, **TOL[case.dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_unmerge_bound_per_dtype(dtype):
+    """The documented bound: |unmerge(merge(W)) - W| <= eps(dtype) * (|W| + |ΔW|)."""
+    torch.manual_seed(0)
+    layer = L.LoRALinear(nn.Linear(64, 48, dtype=dtype), r=8, alpha=16)
+    nn.init.normal_(layer.lora_B, std=0.5)
+    W = layer.weight.detach().clone()
+    delta = L.lora_delta(layer.lora_A.float(), layer.lora_B.float(), layer.scale)
+    for _ in range(3):  # repeated cycles stay within the bound of one cycle's drift from W each
+        layer.merge()
+        layer.unmerge()
+        err = (layer.weight.double() - W.double()).abs()
+        bound = torch.finfo(dtype).eps * (W.double().abs() + delta.double().abs()) * 3
+        assert (err <= bound).all()
+    layer.merge(); layer.unmerge()  # noqa: E702
+    one_cycle = torch.finfo(dtype).eps * (layer.weight.double().abs() + delta.double().abs())
+    W2 = layer.weight.detach().clone()
+    layer.merge(); layer.unmerge()  # noqa: E702
+    assert ((layer.weight.double() - W2.double()).abs() <= one_cycle).all()
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_train_and_eval_never_touch_weights(merged):
+    torch.manual_seed(0)
+    layer = L.LoRALinear(nn.Linear(6, 4), r=2)
+    nn.init.normal_(layer.lora_B)
+    if merged:
+        layer.merge()
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    for _ in range(2):
+        layer.eval()
+        layer.train()
+    assert layer.merged == merged
+    assert all(torch.equal(before[k], v) for k, v in layer.state_dict().items())
+
+
+@given(cases())
+def test_merge_and_unload(case):
+    linear, layer, x = make(case)
+    model = nn.Sequential(layer, nn.ReLU())
+    original = nn.Sequential(copy.deepcopy(linear), nn.ReLU())
+    y = model(x)
+    plain = L.merge_and_unload(model)
+    assert not any(isinstance(m, L.LoRALinear) for m in plain.modules())
+    assert isinstance(model[0], L.LoRALinear) and not model[0].merged  # input left untouched
+    torch.testing.assert_close(plain(x), y, **TOL[case.dtype])
+    assert set(plain.state_dict()) == set(original.state_dict())
+    original.load_state_dict(plain.state_dict())  # loadable with no LoRA code
+    torch.testing.assert_close(original(x), y, **TOL[case.dtype])
+
+
+def test_merge_and_unload_exports_what_the_model_computes_now():
+    model = randomize_B(L.add_lora(mlp(torch.float64), r=2))
+    x = torch.randn(5, 6, dtype=torch.float64)
+    with L.lora_disabled(model):
+        torch.testing.assert_close(L.merge_and_unload(model)(x), model(x))  # disabled: base W
+    L.merge_lora(model)  # already merged: weight used as is
+    y = model.eval()(x)
+    plain = L.merge_and_unload(model, inplace=True)
+    assert plain is model and not list(L.lora_layers(model))
+    torch.testing.assert_close(plain(x), y)
+
+
+# --- training, trainable parameters ---------------------------------------------------------
+
+
+def test_training_changes_only_lora_parameters():
+    model = L.add_lora(mlp(), r=3)
+    base = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
+    lora_before = {k: v.clone() for k, v in L.lora_state_dict(model).items()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        x, target = torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
+        loss = nn.functional.cross_entropy(model(x), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for name, p in model.named_parameters():
+        if "lora_" not in name:
+            assert torch.equal(p, base[name]) and p.grad is None, name
+    assert all(not torch.equal(v, lora_before[k]) for k, v in L.lora_state_dict(model).items())
+    expected = sum(layer.r * (layer.in_features + layer.out_features) for _, layer in L.lora_layers(model))
+    assert expected == 3 * ((6 + 8) + (8 + 5) + (5 + 3))
+    assert L.count_parameters(model).trainable == expected
+
+
+def test_count_parameters_mnist_mlp():
+    model = nn.Sequential(nn.Linear(784, 1000), nn.ReLU(), nn.Linear(1000, 2000), nn.ReLU(), nn.Linear(2000, 10))
+    total_before = L.count_parameters(model).total
+    assert total_before == 2_807_010
+    L.add_lora(model, r=1, alpha=1)
+    trainable, total = L.count_parameters(model)
+    assert trainable == (784 + 1000) + (1000 + 2000) + (2000 + 10) == total - total_before
+    assert f"{100 * trainable / total_before:.3f}%" == "0.242%"
+
+
+def test_state_dict_keys_and_base_checkpoint_loading():
+    base = mlp()
+    model = L.add_lora(copy.deepcopy(base), r=2)
+    lora_keys = {k for k in model.state_dict() if k.endswith(("lora_A", "lora_B"))}
+    assert set(model.state_dict()) == set(base.state_dict()) | lora_keys
+    result = model.load_state_dict(base.state_dict(), strict=False)
+    assert set(result.missing_keys) == lora_keys and not result.unexpected_keys
+
+
+def test_add_lora_targets_by_full_name_or_suffix():
+    model = L.add_lora(mlp(), r=2, target_modules=["0", "2.0"])
+    assert [n for n, _ in L.lora_layers(model)] == ["0", "2.0"]
+    assert isinstance(model[3], nn.Linear)
+    assert not model[3].weight.requires_grad  # everything but LoRA is frozen
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.v_proj, self.o_proj = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+
+    blocks = L.add_lora(nn.ModuleList([Block(), Block()]), r=1, target_modules=["q_proj", "v_proj"])
+    assert [n for n, _ in L.lora_layers(blocks)] == ["0.q_proj", "0.v_proj", "1.q_proj", "1.v_proj"]
+
+
+# --- enable / disable ------------------------------------------------------------------------
+
+
+def test_lora_disabled_restores_state_nested_and_on_exception():
+    model = randomize_B(L.add_lora(mlp(), r=2))
+    x = torch.randn(3, 6)
+    y_lora = model(x)
+    layers = [layer for _, layer in L.lora_layers(model)]
+    layers[1].enabled = False  # a mixed state must come back as it was
+    state = [layer.enabled for layer in layers]
+    with L.lora_disabled(model):
+        with L.lora_disabled(model):
+            assert not any(layer.enabled for layer in layers)
+        assert not any(layer.enabled for layer in layers)
+    assert [layer.enabled for layer in layers] == state
+    with pytest.raises(ZeroDivisionError):
+        with L.lora_disabled(model):
+            1 / 0
+    assert [layer.enabled for layer in layers] == state
+    L.set_lora_enabled(model, True)
+    assert torch.equal(model(x), y_lora)
+    base = mlp()
+    with L.lora_disabled(model):
+        assert torch.equal(model(x), base(x))
+
+
+# --- adapters -------------------------------------------------------------------------------------
+
+
+def test_lora_state_dict_round_trip():
+    model = randomize_B(L.add_lora(mlp(), r=2))
+    state = L.lora_state_dict(model)
+    assert set(state) == {f"{n}.{p}" for n, _ in L.lora_layers(model) for p in ("lora_A", "lora_B")}
+    fresh = L.add_lora(mlp(), r=2)
+    x = torch.randn(4, 6)
+    assert not torch.equal(fresh(x), model(x))
+    L.load_lora_state_dict(fresh, state)
+    assert torch.equal(fresh(x), model(x))
+
+
+def test_save_and_load_adapter_round_trip(tmp_path):
+    model = randomize_B(L.add_lora(mlp(), r=2, alpha=3.0, target_modules=["2.0", "3"]))
+    path = tmp_path / "adapter.pt"
+    L.save_adapter(model, path)
+    saved = torch.load(path, weights_only=True)
+    assert saved["config"] == {"2.0": {"r": 2, "alpha": 3.0, "use_rslora": False}, "3": {"r": 2, "alpha": 3.0, "use_rslora": False}}
+    fresh = L.add_lora(mlp(), r=2, alpha=3.0, target_modules=["2.0", "3"])
+    L.load_adapter(fresh, path)
+    x = torch.randn(4, 6)
+    assert torch.equal(fresh(x), model(x))
+
+
+def test_adapter_wrong_keys_shapes_and_settings_raise(tmp_path):
+    model = L.add_lora(mlp(), r=2)
+    state = L.lora_state_dict(model)
+    with pytest.raises(KeyError, match=r"missing \['0.lora_A'\]"):
+        L.load_lora_state_dict(L.add_lora(mlp(), r=2), {k: v for k, v in state.items() if k != "0.lora_A"})
+    with pytest.raises(KeyError, match="unexpected.*9.lora_A"):
+        L.load_lora_state_dict(L.add_lora(mlp(), r=2), {**state, "9.lora_A": state["0.lora_A"]})
+    with pytest.raises(ValueError, match=r"0.lora_A: file \(2, 6\) vs model \(4, 6\)"):
+        L.load_lora_state_dict(L.add_lora(mlp(), r=4), state)
+    with pytest.raises(ValueError, match="no LoRA layers"):
+        L.load_lora_state_dict(mlp(), state)
+
+    path = tmp_path / "adapter.pt"
+    L.save_adapter(model, path)
+    with pytest.raises(ValueError, match="alpha"):
+        L.load_adapter(L.add_lora(mlp(), r=2, alpha=8), path)
+    with pytest.raises(ValueError, match="use_rslora"):
+        L.load_adapter(L.add_lora(mlp(), r=2, use_rslora=True), path)
+    with pytest.raises(ValueError, match="'0': in the file, not a LoRA layer"):
+        L.load_adapter(L.add_lora(mlp(), r=2, target_modules=["2.0", "3"]), path)
+    torch.save(L.lora_state_dict(model), tmp_path / "plain.pt")
+    with pytest.raises(ValueError, match="not a lora_min adapter file"):
+        L.load_adapter(L.add_lora(mlp(), r=2), tmp_path / "plain.pt")
+
+
+# --- the pure-tensor core ----------------------------------------------------------------------------
+
+
+@given(cases(dtypes=[torch.float64]))
+def test_core_same_numbers_on_numpy_and_torch(case):
+    linear, layer, x = make(case)
+    W, A, B = (t.detach() for t in (linear.weight, layer.lora_A, layer.lora_B))
+    b = linear.bias.detach() if case.bias else None
+    as_np = lambda t: None if t is None else t.numpy()  # noqa: E731
+    y_torch = L.lora_forward(x, W, b, A, B, layer.scale)
+    y_numpy = L.lora_forward(as_np(x), as_np(W), as_np(b), as_np(A), as_np(B), layer.scale)
+    assert isinstance(y_numpy, np.ndarray)
+    np.testing.assert_allclose(y_numpy, y_torch.numpy(), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(L.lora_delta(A.numpy(), B.numpy(), layer.scale), layer.delta_weight().detach().numpy(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(y_torch, layer(x).detach(), **TOL[case.dtype])  # the layer computes the core's math
+
+
+# --- invalid use fails loudly -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(r=0), ValueError, "positive int"),
+        (dict(r=-2), ValueError, "positive int"),
+        (dict(r=1.5), ValueError, "positive int"),
+        (dict(r=True), ValueError, "positive int"),
+        (dict(alpha=0), ValueError, "alpha must be > 0"),
+        (dict(alpha=-1.0), ValueError, "alpha must be > 0"),
+        (dict(dropout=1.0), ValueError, r"dropout must be in \[0, 1\)"),
+        (dict(dropout=-0.1), ValueError, r"dropout must be in \[0, 1\)"),
+        (dict(init_std=0.0), ValueError, "init_std"),
+    ],
+)
+def test_invalid_settings_raise(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        L.LoRALinear(nn.Linear(3, 3), **kwargs)
+
+
+def test_invalid_layer_states_raise():
+    with pytest.raises(TypeError, match="adapts an nn.Linear, got Conv1d"):
+        L.LoRALinear(nn.Conv1d(3, 3, 1))
+    layer = L.LoRALinear(nn.Linear(3, 3), r=1)
+    with pytest.raises(RuntimeError, match="not merged"):
+        layer.unmerge()
+    layer.merge()
+    with pytest.raises(RuntimeError, match="already merged"):
+        layer.merge()
+    with pytest.raises(RuntimeError, match="cannot disable a merged"):
+        layer.enabled = False
+    with pytest.raises(RuntimeError, match="would get no gradient"):
+        layer.train()(torch.randn(2, 3))
+    with torch.no_grad():
+        layer(torch.randn(2, 3))  # inference while merged is fine
+    layer.eval()(torch.randn(2, 3))
+    layer.unmerge()
+    layer.enabled = False
+    with pytest.raises(RuntimeError, match="disabled"):
+        layer.merge()
+
+
+def test_model_level_invalid_use_raises():
+    model = L.add_lora(mlp(), r=2)
+    with pytest.raises(ValueError, match="already has LoRA"):
+        L.add_lora(model, r=2)
+    with pytest.raises(ValueError, match=r"\['fc9'\] match no nn.Linear.*valid names: \['0', '2.0', '3'\]"):
+        L.add_lora(mlp(), target_modules=["0", "fc9"])
+    with pytest.raises(TypeError, match="LoRALinear"):
+        L.add_lora(nn.Linear(3, 3))
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        L.add_lora(nn.Sequential(nn.ReLU()))
+    with pytest.raises(ValueError, match="out_proj"):
+        L.add_lora(nn.MultiheadAttention(8, 2), target_modules=["out_proj"])
+    mha = nn.Sequential(nn.MultiheadAttention(8, 2), nn.Linear(8, 8))
+    assert [n for n, _ in L.lora_layers(L.add_lora(mha))] == ["1"]  # default skips the bypassed out_proj
+    with pytest.raises(RuntimeError, match="not merged"):
+        L.unmerge_lora(model)
+    L.merge_lora(model)
+    with pytest.raises(RuntimeError, match="already merged"):
+        L.merge_lora(model)
+    with pytest.raises(RuntimeError, match="unmerge_lora"):
+        L.set_lora_enabled(model, False)
+    with pytest.raises(RuntimeError, match="unmerge_lora"):
+        with L.lora_disabled(model):
+            pass
+    assert all(layer.enabled for _, layer in L.lora_layers(model))
+    with pytest.raises(RuntimeError, match="merged layers"):
+        L.load_lora_state_dict(model, L.lora_state_dict(model))
+
+
+def test_merged_checkpoint_never_loads_into_unmerged_model():
+    model = randomize_B(L.add_lora(mlp(), r=2))
+    L.merge_lora(model)
+    merged_state = copy.deepcopy(model.state_dict())
+    assert "0.lora_merged" in merged_state
+    L.unmerge_lora(model)
+    unmerged_state = copy.deepcopy(model.state_dict())
+    assert not any(k.endswith("lora_merged") for k in unmerged_state)
+    with pytest.raises(RuntimeError, match="saved merged.*call merge"):
+        model.load_state_dict(merged_state)
+    with pytest.raises(RuntimeError, match="saved merged"):
+        model.load_state_dict(merged_state, strict=False)
+    L.merge_lora(model)
+    with pytest.raises(RuntimeError, match="saved unmerged.*call unmerge"):
+        model.load_state_dict(unmerged_state)
+    model.load_state_dict(merged_state)  # merged into merged: consistent
+    L.unmerge_lora(model)
+    model.load_state_dict(unmerged_state)
+
+
+def test_merged_flag_survives_torch_save(tmp_path):
+    model = randomize_B(L.add_lora(mlp(), r=2))
+    L.merge_lora(model)
+    torch.save(model.state_dict(), tmp_path / "full.pt")
+    fresh = randomize_B(L.add_lora(mlp(), r=2))
+    with pytest.raises(RuntimeError, match="saved merged"):
+        fresh.load_state_dict(torch.load(tmp_path / "full.pt", weights_only=True))
