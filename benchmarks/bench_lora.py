@@ -1,0 +1,289 @@
+"""LoRA layer implementations side by side: training step, saved-for-backward memory, inference.
+
+    python benchmarks/bench_lora.py                       # in = out = 4096, r in {1, 8, 64}, 512 tokens
+    python benchmarks/bench_lora.py --dim 256 --tokens 64 --ranks 4 --reps 3   # a smoke run
+
+Every implementation is measured in the same process on the same tensors, and the
+measurements are interleaved (one step of each in turn, the order rotated every
+round), so a noisy machine slows all of them alike: compare the ratios, not the
+milliseconds. Ratios are to a frozen nn.Linear: forward plus backward to the input,
+which any adapter in a deep network must pay anyway (the floor).
+
+Implementations: lora_min.LoRALinear; the classic parametrize LoRA (W + (B @ A) *
+scale registered on `weight`); PEFT's and loralib's LoRA Linear when installed
+(pip install -r benchmarks/requirements.txt); full fine-tuning of nn.Linear.
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.utils.parametrize as parametrize
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import lora_min  # noqa: E402
+
+
+# --- implementations: each returns (module, its trainable parameters) -------------------
+
+
+class ParametrizeLoRA(nn.Module):
+    """The classic way: `weight` becomes W + (B @ A) * scale, formed on every call."""
+
+    def __init__(self, out_f, in_f, r, alpha, device, dtype):
+        super().__init__()
+        self.lora_A = nn.Parameter(torch.randn(r, in_f, device=device, dtype=dtype) / in_f**0.5)
+        self.lora_B = nn.Parameter(torch.zeros(out_f, r, device=device, dtype=dtype))
+        self.scale = alpha / r
+
+    def forward(self, W):
+        return W + (self.lora_B @ self.lora_A) * self.scale
+
+
+def base_linear(d, device, dtype, seed=0):
+    torch.manual_seed(seed)
+    return nn.Linear(d, d, device=device, dtype=dtype)
+
+
+def make_frozen(d, r, device, dtype):
+    layer = base_linear(d, device, dtype).requires_grad_(False)
+    return layer, []
+
+
+def make_full(d, r, device, dtype):
+    layer = base_linear(d, device, dtype)
+    return layer, list(layer.parameters())
+
+
+def make_lora_min(d, r, device, dtype):
+    layer = lora_min.LoRALinear(base_linear(d, device, dtype), r=r, alpha=2 * r)
+    return layer, [layer.lora_A, layer.lora_B]
+
+
+def make_parametrize(d, r, device, dtype):
+    layer = base_linear(d, device, dtype).requires_grad_(False)
+    lora = ParametrizeLoRA(d, d, r, 2 * r, device, dtype)
+    parametrize.register_parametrization(layer, "weight", lora)
+    return layer, [lora.lora_A, lora.lora_B]
+
+
+def make_peft(d, r, device, dtype):
+    from peft.tuners.lora import Linear as PeftLinear
+
+    layer = PeftLinear(base_linear(d, device, dtype).requires_grad_(False), "default", r=r, lora_alpha=2 * r)
+    layer.to(device=device, dtype=dtype)
+    return layer, [p for p in layer.parameters() if p.requires_grad]
+
+
+def make_loralib(d, r, device, dtype):
+    import loralib
+
+    torch.manual_seed(0)
+    layer = loralib.Linear(d, d, r=r, lora_alpha=2 * r, merge_weights=False).to(device=device, dtype=dtype)
+    loralib.mark_only_lora_as_trainable(layer)
+    return layer, [p for p in layer.parameters() if p.requires_grad]
+
+
+IMPLEMENTATIONS = {
+    "frozen nn.Linear (floor)": make_frozen,
+    "lora_min.LoRALinear": make_lora_min,
+    "parametrize LoRA": make_parametrize,
+    "PEFT lora.Linear": make_peft,
+    "loralib.Linear": make_loralib,
+    "full fine-tuning": make_full,
+}
+
+
+def available(names):
+    out, notes = {}, []
+    for name in names:
+        try:
+            IMPLEMENTATIONS[name](8, 2, "cpu", torch.float32)
+            out[name] = IMPLEMENTATIONS[name]
+        except ImportError as e:
+            notes.append(f"{name}: skipped ({e.name} not installed; pip install -r benchmarks/requirements.txt)")
+    return out, notes
+
+
+# --- measurements ------------------------------------------------------------------------------------
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def randomize(params):
+    """Random values for the trainable tensors, so no product is trivially zero."""
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.01)
+
+
+def train_step(layer, x, grad_out):
+    y = layer(x)
+    y.backward(grad_out)
+    x.grad = None
+    for p in layer.parameters():
+        p.grad = None
+
+
+def saved_bytes(layer, x):
+    """Bytes that autograd saves for backward in one forward, beyond tensors that exist anyway
+    (parameters and the input), and the largest such tensor's shape."""
+    existing = {p.untyped_storage().data_ptr() for p in layer.parameters()} | {x.untyped_storage().data_ptr()}
+    seen, total, largest = set(), 0, (0, ())
+
+    def pack(t):
+        nonlocal total, largest
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in existing and ptr not in seen:
+            seen.add(ptr)
+            nbytes = t.untyped_storage().nbytes()
+            total += nbytes
+            largest = max(largest, (nbytes, tuple(t.shape)))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    del y
+    return total, largest[1]
+
+
+def timed(fn, device):
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def interleaved(fns, device, warmup, reps):
+    """Median seconds of each fn, measured one call of each in turn, the order rotated every round."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    times = {name: [] for name in names}
+    for rep in range(reps):
+        order = names[rep % len(names):] + names[:rep % len(names)]
+        for name in order:
+            times[name].append(timed(fns[name], device))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def peak_memory(fn, device):
+    if device.type != "cuda":
+        return None
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    sync(device)
+    return torch.cuda.max_memory_allocated() - base
+
+
+def bench_setting(impls, d, r, tokens, device, dtype, warmup, reps):
+    layers = {}
+    for name, make in impls.items():
+        layer, params = make(d, r, device, dtype)
+        randomize(params)
+        layers[name] = layer.train()
+    x = torch.randn(tokens, d, device=device, dtype=dtype, requires_grad=True)
+    grad_out = torch.randn(tokens, d, device=device, dtype=dtype)
+
+    step_time = interleaved({n: (lambda layer=layer: train_step(layer, x, grad_out)) for n, layer in layers.items()},
+                            device, warmup, reps)
+    memory = {n: saved_bytes(layer, x) for n, layer in layers.items()}
+    peaks = {n: peak_memory(lambda layer=layer: train_step(layer, x, grad_out), device) for n, layer in layers.items()}
+
+    floor = step_time["frozen nn.Linear (floor)"]
+    fmt_mib = lambda b: f"{b / 2**20:.1f}"  # noqa: E731
+    header = "| implementation | train step (ms) | x floor | saved for backward (MiB) | largest saved tensor |"
+    align = "| --- | ---: | ---: | ---: | --- |"
+    if device.type == "cuda":
+        header, align = header + " peak memory (MiB) |", align + " ---: |"
+    lines = [header, align]
+    for n in layers:
+        nbytes, largest = memory[n]
+        row = f"| {n} | {1e3 * step_time[n]:.1f} | {step_time[n] / floor:.3f} | {fmt_mib(nbytes)} | {largest or '-'} |"
+        if device.type == "cuda":
+            row += f" {fmt_mib(peaks[n])} |"
+        lines.append(row)
+    return "\n".join(lines), {n: step_time[n] / floor for n in layers}, memory
+
+
+def bench_inference(d, r, tokens, device, dtype, warmup, reps):
+    """Eval forward: plain nn.Linear vs LoRALinear unmerged vs merged (ratios to plain)."""
+    plain = base_linear(d, device, dtype).eval()
+    unmerged = make_lora_min(d, r, device, dtype)[0].eval()
+    merged = make_lora_min(d, r, device, dtype)[0].eval()
+    randomize([merged.lora_B, unmerged.lora_B])
+    merged.merge()
+    x = torch.randn(tokens, d, device=device, dtype=dtype)
+
+    def forward(layer):
+        with torch.no_grad():
+            layer(x)
+
+    t = interleaved({"plain": lambda: forward(plain), "unmerged": lambda: forward(unmerged),
+                     "merged": lambda: forward(merged)}, device, warmup, reps)
+    return {k: v / t["plain"] for k, v in t.items()}
+
+
+def bench_compile(d, r, tokens, device, dtype, warmup, reps):
+    """LoRALinear training step, eager vs torch.compile(fullgraph=True)."""
+    eager = make_lora_min(d, r, device, dtype)[0]
+    randomize([eager.lora_B])
+    compiled = torch.compile(eager, fullgraph=True)
+    x = torch.randn(tokens, d, device=device, dtype=dtype, requires_grad=True)
+    grad_out = torch.randn(tokens, d, device=device, dtype=dtype)
+    start = time.perf_counter()
+    train_step(compiled, x, grad_out)
+    compile_s = time.perf_counter() - start
+    t = interleaved({"eager": lambda: train_step(eager, x, grad_out), "compiled": lambda: train_step(compiled, x, grad_out)},
+                    device, warmup, reps)
+    return t["compiled"] / t["eager"], compile_s
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dim", type=int, default=4096, help="in = out features")
+    p.add_argument("--ranks", type=int, nargs="+", default=[1, 8, 64])
+    p.add_argument("--tokens", type=int, default=None, help="rows of x (default 512 on CPU, 8192 on GPU)")
+    p.add_argument("--dtypes", nargs="+", default=None, help="float32 bfloat16 ... (default float32, plus bfloat16 on GPU)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--reps", type=int, default=9)
+    p.add_argument("--compile", action="store_true", help="also time torch.compile(fullgraph=True) vs eager")
+    args = p.parse_args(argv)
+
+    device = torch.device(("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
+                          if args.device == "auto" else args.device)
+    tokens = args.tokens or (512 if device.type == "cpu" else 8192)
+    dtypes = args.dtypes or (["float32"] + (["bfloat16"] if device.type != "cpu" else []))
+    impls, notes = available(list(IMPLEMENTATIONS))
+    hw = torch.cuda.get_device_name() if device.type == "cuda" else f"{device.type}, {torch.get_num_threads()} threads"
+    print(f"# LoRA layer benchmark: in = out = {args.dim}, {tokens} tokens, {hw}, torch {torch.__version__}")
+    print(f"median of {args.reps} interleaved steps after {args.warmup} warm-up rounds\n")
+    for note in notes:
+        print(f"- {note}")
+    for dtype_name in dtypes:
+        dtype = getattr(torch, dtype_name)
+        for r in args.ranks:
+            print(f"\n## training step, r = {r}, {dtype_name}\n")
+            table, _, _ = bench_setting(impls, args.dim, r, tokens, device, dtype, args.warmup, args.reps)
+            print(table)
+            inf = bench_inference(args.dim, r, tokens, device, dtype, args.warmup, args.reps)
+            print(f"\ninference (eval forward, x plain nn.Linear): unmerged {inf['unmerged']:.3f}, merged {inf['merged']:.3f}")
+            if args.compile:
+                ratio, compile_s = bench_compile(args.dim, r, tokens, device, dtype, args.warmup, args.reps)
+                print(f"torch.compile(fullgraph=True) training step: {ratio:.3f} x eager (compiling took {compile_s:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()
