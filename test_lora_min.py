@@ -529,3 +529,39 @@ def test_merged_flag_survives_torch_save(tmp_path):
     fresh = randomize_B(L.add_lora(mlp(), r=2))
     with pytest.raises(RuntimeError, match="saved merged"):
         fresh.load_state_dict(torch.load(tmp_path / "full.pt", weights_only=True))
+
+
+# --- torch.compile -----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow  # compiles several graphs with inductor; the default run (and CI) includes it
+def test_torch_compile_fullgraph_matches_eager_and_sees_state_changes():
+    torch._dynamo.reset()
+    base = mlp()
+    model = randomize_B(L.add_lora(copy.deepcopy(base), r=2))
+    compiled = torch.compile(model, fullgraph=True)  # fullgraph: any graph break is an error
+    x = torch.randn(4, 6)
+
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_eager, y_compiled = model(x1), compiled(x2)
+    torch.testing.assert_close(y_compiled, y_eager)
+    eager_grads = torch.autograd.grad(y_eager.sum(), [x1] + [p for p in model.parameters() if p.requires_grad])
+    compiled_grads = torch.autograd.grad(y_compiled.sum(), [x2] + [p for p in model.parameters() if p.requires_grad])
+    for a, b in zip(eager_grads, compiled_grads):
+        torch.testing.assert_close(a, b)
+
+    # State changes must take effect on the very next call, never a stale graph.
+    with torch.no_grad():
+        L.set_lora_enabled(model, False)
+        assert torch.equal(compiled(x), base(x))
+        L.set_lora_enabled(model, True)
+        torch.testing.assert_close(compiled(x), y_eager)
+        with L.lora_disabled(model):
+            assert torch.equal(compiled(x), base(x))
+        model.eval()
+        L.merge_lora(model)
+        torch.testing.assert_close(compiled(x), y_eager)
+        L.unmerge_lora(model)
+        for _, layer in L.lora_layers(model):
+            layer.lora_B.zero_()  # changed weights, not only flags
+        torch.testing.assert_close(compiled(x), base(x))

@@ -72,10 +72,10 @@ def make_parametrize(d, r, device, dtype):
 
 
 def make_peft(d, r, device, dtype):
-    from peft.tuners.lora import Linear as PeftLinear
+    from peft import LoraConfig, get_peft_model
 
-    layer = PeftLinear(base_linear(d, device, dtype).requires_grad_(False), "default", r=r, lora_alpha=2 * r)
-    layer.to(device=device, dtype=dtype)
+    model = get_peft_model(nn.Sequential(base_linear(d, device, dtype)), LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"]))
+    layer = model.base_model.model[0].to(device=device, dtype=dtype)  # peft's lora.Linear
     return layer, [p for p in layer.parameters() if p.requires_grad]
 
 
@@ -192,7 +192,8 @@ def bench_setting(impls, d, r, tokens, device, dtype, warmup, reps):
     for name, make in impls.items():
         layer, params = make(d, r, device, dtype)
         randomize(params)
-        layers[name] = layer.train()
+        layer.train()  # (loralib's train() returns None, so not chained)
+        layers[name] = layer
     x = torch.randn(tokens, d, device=device, dtype=dtype, requires_grad=True)
     grad_out = torch.randn(tokens, d, device=device, dtype=dtype)
 
@@ -202,7 +203,7 @@ def bench_setting(impls, d, r, tokens, device, dtype, warmup, reps):
     peaks = {n: peak_memory(lambda layer=layer: train_step(layer, x, grad_out), device) for n, layer in layers.items()}
 
     floor = step_time["frozen nn.Linear (floor)"]
-    fmt_mib = lambda b: f"{b / 2**20:.1f}"  # noqa: E731
+    fmt_mib = lambda b: f"{b / 2**20:.2f}"  # noqa: E731
     header = "| implementation | train step (ms) | x floor | saved for backward (MiB) | largest saved tensor |"
     align = "| --- | ---: | ---: | ---: | --- |"
     if device.type == "cuda":
