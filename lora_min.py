@@ -198,9 +198,18 @@ class LoRALinear(nn.Module):
         delta = lora_delta(self.lora_A.to(dtype), self.lora_B.to(dtype), self.scale)
         return (self.weight.to(dtype) + sign * delta).to(self.weight.dtype)
 
+    def _check_not_sharded(self, what):
+        # Under FSDP2 the parameters are DTensor shards between forwards: ΔW needs
+        # all of A and B, and each rank holds only a slice of W.
+        if any(_is_sharded(p) for p in (self.weight, self.lora_A, self.lora_B)):
+            raise RuntimeError(f"{what}() on sharded (FSDP2 / DTensor) parameters: gather a full copy first, "
+                               "e.g. load get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)) "
+                               "into an unsharded model, then merge that")
+
     @torch.no_grad()
     def merge(self):
         """Fold ΔW into weight in place: forward becomes a plain F.linear."""
+        self._check_not_sharded("merge")
         if self.merged:
             raise RuntimeError("merge() on a LoRA layer that is already merged")
         if not self.enabled:
@@ -211,6 +220,7 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def unmerge(self):
         """Take ΔW back out of weight (exact up to the rounding documented above)."""
+        self._check_not_sharded("unmerge")
         if not self.merged:
             raise RuntimeError("unmerge() on a LoRA layer that is not merged")
         self.weight.copy_(self._shifted_weight(-1))
@@ -369,14 +379,29 @@ def merge_and_unload(model, inplace=False):
     return model
 
 
+def _is_sharded(tensor):
+    """A DTensor (FSDP2, tensor parallel), without importing torch.distributed."""
+    return hasattr(tensor, "full_tensor") and hasattr(tensor, "placements")
+
+
 def lora_state_dict(model):
-    """Only the adapter tensors (lora_A, lora_B), keyed as in model.state_dict()."""
-    return {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] in ("lora_A", "lora_B")}
+    """Only the adapter tensors (lora_A, lora_B), keyed as in model.state_dict().
+
+    Sharded (FSDP2) tensors are gathered into full ones, so under FSDP2 every
+    rank must call this (it is a collective); rank 0 can then save the result.
+    """
+    return {k: v.full_tensor() if _is_sharded(v) else v for k, v in _adapter_tensors(model).items()}
+
+
+def _adapter_tensors(model, keep_vars=False):
+    """lora_A / lora_B entries of model.state_dict() (the Parameters themselves if keep_vars)."""
+    state = model.state_dict(keep_vars=keep_vars)
+    return {k: v for k, v in state.items() if k.rsplit(".", 1)[-1] in ("lora_A", "lora_B")}
 
 
 def load_lora_state_dict(model, state, strict=True):
     """Copy adapter tensors into the model; wrong keys (if strict) or shapes raise."""
-    own = lora_state_dict(model)
+    own = _adapter_tensors(model, keep_vars=True)  # the Parameters, to copy into
     if not own:
         raise ValueError("the model has no LoRA layers; call add_lora(model, ...) first")
     missing = sorted(set(own) - set(state))
@@ -391,9 +416,15 @@ def load_lora_state_dict(model, state, strict=True):
     if merged:
         raise RuntimeError(f"cannot load an adapter into merged layers {merged}; call unmerge_lora(model) first")
     with torch.no_grad():
-        for k in own:
-            if k in state:
-                own[k].copy_(state[k])
+        for k, param in own.items():
+            if k not in state:
+                continue
+            value = state[k].to(device=param.device, dtype=param.dtype)
+            if _is_sharded(param):  # FSDP2: keep only this rank's shard of the full tensor
+                from torch.distributed.tensor import distribute_tensor
+
+                value = distribute_tensor(value, param.device_mesh, param.placements)
+            param.copy_(value)
     return model
 
 

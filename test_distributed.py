@@ -1,0 +1,175 @@
+"""LoRA under torch.distributed, on CPU: 2 processes, gloo backend.
+
+- DDP: adapters identical on every rank, base bit-for-bit unchanged, only the
+  adapter's numbers all-reduced, and the result equal to single-process training
+  on the concatenated batch. The adapter is saved by rank 0 and loaded on every rank.
+- FSDP2 (fully_shard): a frozen, sharded base; the adapter trained and gathered
+  with lora_state_dict as full tensors, equal to the single-process run; merging a
+  sharded weight raises a clear error.
+"""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+
+import lora_min as L
+
+WORLD = 2
+STEPS = 4
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available in this torch build")
+
+
+def make_model():
+    """The same LoRA model on every process: seeded base, A, and a nonzero B."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    L.add_lora(model, r=2)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, layer in L.lora_layers(model):
+            layer.lora_B.copy_(0.1 * torch.randn(layer.lora_B.shape, generator=g))
+    return model
+
+
+def global_batches():
+    g = torch.Generator().manual_seed(123)
+    return [(torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(STEPS)]
+
+
+def train(model, rank=0, world=1):
+    """SGD on the adapter; each rank takes rows rank::world of every global batch."""
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for x, y in global_batches():
+        loss = F.cross_entropy(model(x[rank::world]), y[rank::world])  # equal shards: mean of means = mean
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def single_process_adapter():
+    model = make_model()
+    train(model)
+    return L.lora_state_dict(model)
+
+
+def base_state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" not in k}
+
+
+def init(rank, tmp):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=WORLD)
+
+
+# --- DDP -------------------------------------------------------------------------------------
+
+
+def ddp_worker(rank, tmp):
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    init(rank, tmp)
+    model = make_model()
+    base = base_state(model)
+    ddp = DDP(model)
+    reduced = []  # numbers all-reduced, per bucket
+
+    def counting_allreduce(state, bucket):
+        reduced.append(bucket.buffer().numel())
+        return default_hooks.allreduce_hook(state, bucket)
+
+    ddp.register_comm_hook(None, counting_allreduce)
+    train(ddp, rank, WORLD)
+
+    # Rank 0 saves the adapter; every rank loads it into a fresh model.
+    path = f"{tmp}/adapter.pt"
+    if rank == 0:
+        L.save_adapter(model, path)
+    dist.barrier()
+    fresh = L.add_lora(nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)), r=2)
+    fresh.load_state_dict(model.state_dict())  # same base
+    with torch.no_grad():
+        for _, layer in L.lora_layers(fresh):
+            layer.lora_B.zero_()
+    L.load_adapter(fresh, path)
+    probe = torch.randn(5, 6)
+    torch.save({
+        "lora": L.lora_state_dict(model),
+        "base_unchanged": all(torch.equal(v, base[k]) for k, v in base_state(model).items()),
+        "reduced_per_step": sum(reduced) / STEPS,
+        "adapter_loaded": torch.equal(fresh(probe), model(probe)),
+    }, f"{tmp}/ddp_rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_trains_only_the_adapter_and_matches_single_process(tmp_path):
+    mp.spawn(ddp_worker, args=(str(tmp_path),), nprocs=WORLD)
+    ranks = [torch.load(tmp_path / f"ddp_rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    adapter_numel = sum(v.numel() for v in ranks[0]["lora"].values())
+    assert adapter_numel == 2 * ((6 + 16) + (16 + 16) + (16 + 3))
+    for r in ranks:
+        assert r["base_unchanged"] and r["adapter_loaded"]
+        assert r["reduced_per_step"] == adapter_numel  # the adapter's gradients, nothing else
+        for k, v in r["lora"].items():
+            assert torch.equal(v, ranks[0]["lora"][k])  # identical on every rank
+    reference = single_process_adapter()
+    initial = L.lora_state_dict(make_model())
+    for k, v in reference.items():
+        assert not torch.equal(v, initial[k])  # training moved it
+        torch.testing.assert_close(ranks[0]["lora"][k], v, rtol=1e-5, atol=1e-6)
+
+
+# --- FSDP2 -------------------------------------------------------------------------------------
+
+
+def fsdp_worker(rank, tmp):
+    from torch.distributed.fsdp import fully_shard
+
+    init(rank, tmp)
+    model = make_model()
+    base = base_state(model)
+    for _, layer in L.lora_layers(model):
+        fully_shard(layer)
+    fully_shard(model)
+    train(model, rank, WORLD)
+    adapter = L.lora_state_dict(model)  # a collective: full tensors gathered from the shards
+    layer = model[0]
+    try:
+        layer.merge()
+        merge_error = ""
+    except RuntimeError as e:
+        merge_error = str(e)
+    full_base = {k: v.full_tensor() for k, v in model.state_dict().items() if "lora_" not in k}
+    adapter = {k: v.clone() for k, v in adapter.items()}
+    L.load_lora_state_dict(model, {k: torch.zeros_like(v) for k, v in adapter.items()})  # into the shards
+    zeroed = all(torch.count_nonzero(v) == 0 for v in L.lora_state_dict(model).values())
+    L.load_lora_state_dict(model, adapter)
+    reloaded = all(torch.equal(v, adapter[k]) for k, v in L.lora_state_dict(model).items())
+    torch.save({
+        "lora": adapter,
+        "load_into_shards": zeroed and reloaded,
+        "is_plain_tensor": all(type(v) is torch.Tensor for v in adapter.values()),
+        "base_unchanged": all(torch.equal(full_base[k], base[k]) for k in base),
+        "merge_error": merge_error,
+    }, f"{tmp}/fsdp_rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp2_sharded_frozen_base_trains_adapter(tmp_path):
+    mp.spawn(fsdp_worker, args=(str(tmp_path),), nprocs=WORLD)
+    ranks = [torch.load(tmp_path / f"fsdp_rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    reference = single_process_adapter()
+    for r in ranks:
+        assert r["is_plain_tensor"] and r["base_unchanged"] and r["load_into_shards"]
+        assert "sharded" in r["merge_error"]
+        assert set(r["lora"]) == set(reference)
+        for k, v in reference.items():
+            torch.testing.assert_close(r["lora"][k], v, rtol=1e-5, atol=1e-6)
