@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -112,13 +113,44 @@ def progress(total, desc, quiet):
     return tqdm(total=total, desc=desc, disable=quiet, file=sys.stderr, leave=False, mininterval=0.5)
 
 
+def world():
+    """(rank, number of processes): (0, 1) unless running under torchrun."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def count_allreduced(ddp_model):
+    """Make DDP record how many numbers it all-reduces; returns the list it appends to."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    counts = []
+
+    def hook(state, bucket):
+        counts.append(bucket.buffer().numel())
+        return default_hooks.allreduce_hook(state, bucket)
+
+    ddp_model.register_comm_hook(None, hook)
+    return counts
+
+
 def train(model, images, labels, *, batch_size, lr, epochs=1, steps=None, desc="train", quiet=False):
     """Adam + cross-entropy on the parameters that require grad, for `epochs` passes
     or, if given, exactly `steps` batches (as many passes as that takes).
 
-    Batches are shuffled from the global RNG (seed it with torch.manual_seed).
+    Batches are shuffled from the global RNG (seed it with torch.manual_seed). Under
+    torchrun every process draws the same batches and takes its shard of each one,
+    and DDP averages the gradients: the same global batch as one process.
+    Returns (steps run, numbers DDP all-reduced per step or None).
     """
     device = images.device
+    rank, n_procs = world()
+    counts = None
+    if n_procs > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        counts = count_allreduced(model)
     params = [p for p in model.parameters() if p.requires_grad]
     # fused Adam updates all tensors in one kernel: on a small MLP on CPU the
     # default per-op Adam costs more than the matrix products (see README).
@@ -130,14 +162,16 @@ def train(model, images, labels, *, batch_size, lr, epochs=1, steps=None, desc="
     with progress(total, desc, quiet) as bar:
         while step < total:
             for idx in shuffled_batches(len(labels), batch_size)[:total - step]:
-                idx = idx.to(device)
-                loss = F.cross_entropy(model(images[idx]), labels[idx])
+                mine = idx[rank::n_procs].to(device)
+                # Sum over this shard / (global batch / processes): after DDP's average over
+                # processes, exactly the global batch's mean (bit-for-bit the mean with one process).
+                loss = F.cross_entropy(model(images[mine]), labels[mine], reduction="sum") / (len(idx) / n_procs)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 step += 1
                 bar.update()
-    return step
+    return step, (sum(counts) / step if counts else None)
 
 
 @torch.no_grad()
@@ -170,19 +204,25 @@ def pretrained_base(cfg, train_x, train_y, log):
     torch.manual_seed(cfg.seed)
     model = RichBoyNet().to(train_x.device)
     path = base_cache_path(cfg, train_x) if cfg.cache_dir else None
-    if path is not None and path.exists():
+    cached = path is not None and path.exists()
+    rank, n_procs = world()
+    if n_procs > 1:  # every process must take the same branch, or DDP waits forever
+        flag = torch.tensor(int(cached), device=train_x.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        cached = bool(flag)
+    if cached:
         model.load_state_dict(torch.load(path, map_location=train_x.device, weights_only=True))
         log(f"Loaded the pretrained base from the cache: {path}")
-        return model, True
-    train(model, train_x, train_y, batch_size=cfg.batch_size, lr=cfg.lr, epochs=cfg.epochs,
-          desc="pretraining", quiet=cfg.quiet)
-    if path is not None:
+        return model, True, None
+    _, allreduced = train(model, train_x, train_y, batch_size=cfg.batch_size, lr=cfg.lr, epochs=cfg.epochs,
+                          desc="pretraining", quiet=cfg.quiet)
+    if path is not None and rank == 0:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.save(model.state_dict(), path)
         except OSError as e:
             log(f"(could not cache the base model in {path}: {e})")
-    return model, False
+    return model, False, allreduced
 
 
 # --- the experiment ----------------------------------------------------------------------------
@@ -202,7 +242,7 @@ def run_experiment(cfg, data, log=print):
         timings[name] = round(now - clock, 3)
         clock = now
 
-    model, cached = pretrained_base(cfg, train_x, train_y, log)
+    model, cached, allreduced_pretraining = pretrained_base(cfg, train_x, train_y, log)
     lap("pretraining")
     before = evaluate(model, test_x, test_y)
     base_copy = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -219,12 +259,12 @@ def run_experiment(cfg, data, log=print):
 
     if cfg.load_adapter:
         lora_min.load_adapter(model, cfg.load_adapter)
-        steps = 0
+        steps, allreduced_lora = 0, None
         log(f"Loaded the adapter {cfg.load_adapter}; fine-tuning skipped.")
     else:
         digit = train_y == target
-        steps = train(model, train_x[digit], train_y[digit], batch_size=cfg.batch_size, lr=cfg.lr,
-                      steps=cfg.lora_steps, desc=f"LoRA on digit {target}", quiet=cfg.quiet)
+        steps, allreduced_lora = train(model, train_x[digit], train_y[digit], batch_size=cfg.batch_size, lr=cfg.lr,
+                                       steps=cfg.lora_steps, desc=f"LoRA on digit {target}", quiet=cfg.quiet)
     lap("fine-tuning")
 
     enabled = evaluate(model, test_x, test_y)
@@ -251,6 +291,8 @@ def run_experiment(cfg, data, log=print):
         "target_digit": target,
         "base_from_cache": cached,
         "lora_steps_run": steps,
+        "processes": world()[1],
+        "ddp_allreduced_numbers_per_step": {"pretraining": allreduced_pretraining, "fine-tuning": allreduced_lora},
         "parameters": {"base": params_before, "with_lora": params_after, "lora": lora_params,
                        "increment_percent": 100.0 * lora_params / params_before},
         "results": {name: {"accuracy": s["accuracy"], "errors_on_target": s["errors_per_digit"][target],
@@ -340,6 +382,36 @@ def parse_args(argv=None):
     return cfg
 
 
+def start_distributed(device):
+    """Under torchrun (WORLD_SIZE > 1), join the process group; returns this process's device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def print_report(cfg, report):
+    p, ddp = report["parameters"], report["ddp_allreduced_numbers_per_step"]
+    print(f"Device: {report['device']} x {report['processes']} process(es), torch {torch.__version__}")
+    print(f"Parameters: {p['base']:,} before LoRA, {p['with_lora']:,} with LoRA "
+          f"(+{p['lora']:,} = {p['increment_percent']:.3f}% increment)")
+    print(f"Fine-tuned only LoRA (rank {cfg.rank}, alpha {cfg.alpha:g}) on digit {report['target_digit']} "
+          f"for {report['lora_steps_run']} batches of {cfg.batch_size}.")
+    if report["processes"] > 1:
+        fmt = lambda n: "n/a (base from the cache)" if n is None else f"{n:,.0f}"  # noqa: E731
+        print(f"DDP all-reduced numbers per step: pretraining {fmt(ddp['pretraining'])}, "
+              f"LoRA fine-tuning {fmt(ddp['fine-tuning'])}")
+    print("\n" + results_table(report))
+    print("\nProofs:")
+    for claim, ok in report["proofs"].items():
+        print(f"  [{'ok' if ok else 'FAILED'}] {claim}")
+    print(f"  max |logit difference| merged vs LoRA enabled: {report['max_logit_difference_merged_vs_enabled']:.2e}")
+    print("\nTimings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report["timings_s"].items()))
+
+
 def main(argv=None):
     cfg = parse_args(argv)
     if cfg.plot:
@@ -353,7 +425,18 @@ def main(argv=None):
     # made the optimizer step 3x slower on x86. Flushing them to zero changes
     # nothing visible. Set before the first parallel op so worker threads inherit it.
     torch.set_flush_denormal(True)
-    device = pick_device(cfg.device)
+    device = start_distributed(pick_device(cfg.device))
+    try:
+        return run_and_report(cfg, device)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_and_report(cfg, device):
+    rank = world()[0]
+    cfg.quiet = cfg.quiet or rank != 0  # one progress bar, one report: rank 0's
+    log = print if rank == 0 else (lambda *args: None)
     start = time.perf_counter()
     try:
         data = load_mnist(cfg.data_dir, device)
@@ -362,27 +445,17 @@ def main(argv=None):
         return 2
     load_s = time.perf_counter() - start
     try:
-        report = run_experiment(cfg, data)
+        report = run_experiment(cfg, data, log)
     except (ValueError, KeyError, FileNotFoundError) as e:  # e.g. an adapter file that does not fit
         print(f"error: {e}", file=sys.stderr)
         return 2
     report["timings_s"] = {"data loading": round(load_s, 3), **report["timings_s"],
                            "total": round(time.perf_counter() - start, 3)}
     model = report.pop("model")
-    p = report["parameters"]
-
-    print(f"Device: {report['device']}, torch {torch.__version__}")
-    print(f"Parameters: {p['base']:,} before LoRA, {p['with_lora']:,} with LoRA "
-          f"(+{p['lora']:,} = {p['increment_percent']:.3f}% increment)")
-    print(f"Fine-tuned only LoRA (rank {cfg.rank}, alpha {cfg.alpha:g}) on digit {report['target_digit']} "
-          f"for {report['lora_steps_run']} batches of {cfg.batch_size}.\n")
-    print(results_table(report))
-    print("\nProofs:")
-    for claim, ok in report["proofs"].items():
-        print(f"  [{'ok' if ok else 'FAILED'}] {claim}")
-    print(f"  max |logit difference| merged vs LoRA enabled: {report['max_logit_difference_merged_vs_enabled']:.2e}")
-    print("\nTimings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report["timings_s"].items()))
-
+    status = 0 if all(report["proofs"].values()) else 1
+    if rank != 0:
+        return status
+    print_report(cfg, report)
     if cfg.save_adapter:
         lora_min.save_adapter(model, cfg.save_adapter)
         adapter_bytes = os.path.getsize(cfg.save_adapter)
@@ -395,7 +468,7 @@ def main(argv=None):
         print(f"Plot written to {cfg.plot}")
     if cfg.json:
         Path(cfg.json).write_text(json.dumps(report, indent=2))
-    return 0 if all(report["proofs"].values()) else 1
+    return status
 
 
 if __name__ == "__main__":

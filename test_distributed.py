@@ -173,3 +173,32 @@ def test_fsdp2_sharded_frozen_base_trains_adapter(tmp_path):
         assert set(r["lora"]) == set(reference)
         for k, v in reference.items():
             torch.testing.assert_close(r["lora"][k], v, rtol=1e-5, atol=1e-6)
+
+
+# --- the demo under torchrun ---------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_mnist_demo_under_torchrun_matches_single_process(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    import mnist_demo
+    from test_mnist_demo import synthetic_mnist
+
+    data = synthetic_mnist(tmp_path / "data")
+    args = ["--data-dir", str(data), "--no-cache", "--quiet", "--lora-steps", "10"]
+    single = tmp_path / "single.json"
+    assert mnist_demo.main(args + ["--json", str(single)]) == 0
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "mnist_demo.py", *args, "--json", str(tmp_path / "ddp.json")],
+                          capture_output=True, text=True, timeout=600, cwd=os.path.dirname(__file__),
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("Proofs:") == 1  # only rank 0 prints
+    ddp, one = json.loads((tmp_path / "ddp.json").read_text()), json.loads(single.read_text())
+    assert ddp["processes"] == 2 and all(ddp["proofs"].values())
+    assert ddp["ddp_allreduced_numbers_per_step"] == {"pretraining": 2_807_010, "fine-tuning": 6_794}
+    for state in mnist_demo.STATES:  # the same global batches: the same result, up to float rounding
+        assert abs(ddp["results"][state]["accuracy"] - one["results"][state]["accuracy"]) <= 0.03
