@@ -129,6 +129,67 @@ def test_equals_parametrize_outputs_and_gradients(case):
     assert layer.weight.grad is None and (layer.bias is None or layer.bias.grad is None)
 
 
+@given(cases(), st.booleans())
+def test_hand_written_backward_equals_autograd_of_the_core_math(case, transposed_input):
+    """All five gradients (x, W, b, A, B) with W and b unfrozen, on non-contiguous inputs
+    and the expanded gradient that y.sum() sends back, against autograd of lora_forward."""
+    _, layer, x = make(case)
+    layer.weight.requires_grad_(True)
+    if case.bias:
+        layer.bias.requires_grad_(True)
+    if transposed_input:  # same values, non-contiguous memory
+        x = x.movedim(-1, 0).contiguous().movedim(0, -1)
+    params = [layer.weight, layer.lora_A, layer.lora_B] + ([layer.bias] if case.bias else [])
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours = torch.autograd.grad(layer(x1).sum(), [x1] + params)
+    core = L.lora_forward(x2, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scale)
+    reference = torch.autograd.grad(core.sum(), [x2] + params)
+    for a, b in zip(ours, reference):
+        torch.testing.assert_close(a, b, **TOL[case.dtype])
+
+
+def test_dropout_gradients_equal_autograd_with_the_same_mask():
+    torch.manual_seed(0)
+    layer = L.LoRALinear(nn.Linear(12, 7), r=3, dropout=0.3)
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(2, 5, 12)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    torch.manual_seed(1)
+    y = layer.train()(x1)
+    torch.manual_seed(1)  # the same dropout mask
+    y_ref = nn.functional.linear(x2, layer.weight, layer.bias) + L.lora_update(
+        nn.functional.dropout(x2, 0.3, training=True), layer.lora_A, layer.lora_B, layer.scale)
+    torch.testing.assert_close(y, y_ref)
+    params = [layer.lora_A, layer.lora_B]
+    for a, b in zip(torch.autograd.grad((y * y).sum(), [x1] + params), torch.autograd.grad((y_ref * y_ref).sum(), [x2] + params)):
+        torch.testing.assert_close(a, b)
+
+
+def test_autocast_bfloat16_matches_autograd_under_autocast():
+    torch.manual_seed(0)
+    layer = L.LoRALinear(nn.Linear(32, 16), r=4)
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(8, 32)
+    params = [layer.lora_A, layer.lora_B]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        y_ref = nn.functional.linear(x, layer.weight, layer.bias) + (x @ layer.lora_A.T * layer.scale) @ layer.lora_B.T
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y, y_ref, rtol=2e-2, atol=2e-2)
+    grads, grads_ref = torch.autograd.grad(y.float().sum(), params), torch.autograd.grad(y_ref.float().sum(), params)
+    for a, b in zip(grads, grads_ref):
+        assert a.dtype == torch.float32  # gradients reach the float32 parameters
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=5e-2)
+
+
+def test_double_backward_raises():
+    layer = L.LoRALinear(nn.Linear(4, 3), r=2)
+    x = torch.randn(2, 4, requires_grad=True)
+    (gx,) = torch.autograd.grad((layer(x) ** 2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|differentiate twice"):
+        gx.sum().backward()
+
+
 @given(cases())
 def test_scale_rule(case):
     _, layer, _ = make(case)

@@ -162,8 +162,13 @@ def timed(fn, device):
     return time.perf_counter() - start
 
 
-def interleaved(fns, device, warmup, reps):
-    """Median seconds of each fn, measured one call of each in turn, the order rotated every round."""
+def interleaved(fns, device, warmup, reps, reference):
+    """Time each fn one call at a time in turn, the order rotated every round.
+
+    Returns {name: (median seconds, median over rounds of its time / reference's
+    time in the same round)}: pairing within a round cancels the slow drifts of a
+    shared machine, which medians of raw times do not.
+    """
     names = list(fns)
     for _ in range(warmup):
         for name in names:
@@ -173,7 +178,8 @@ def interleaved(fns, device, warmup, reps):
         order = names[rep % len(names):] + names[:rep % len(names)]
         for name in order:
             times[name].append(timed(fns[name], device))
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {name: (statistics.median(t), statistics.median(a / b for a, b in zip(t, times[reference])))
+            for name, t in times.items()}
 
 
 def peak_memory(fn, device):
@@ -197,12 +203,12 @@ def bench_setting(impls, d, r, tokens, device, dtype, warmup, reps):
     x = torch.randn(tokens, d, device=device, dtype=dtype, requires_grad=True)
     grad_out = torch.randn(tokens, d, device=device, dtype=dtype)
 
-    step_time = interleaved({n: (lambda layer=layer: train_step(layer, x, grad_out)) for n, layer in layers.items()},
-                            device, warmup, reps)
+    floor = "frozen nn.Linear (floor)"
+    step = interleaved({n: (lambda layer=layer: train_step(layer, x, grad_out)) for n, layer in layers.items()},
+                       device, warmup, reps, reference=floor)
     memory = {n: saved_bytes(layer, x) for n, layer in layers.items()}
     peaks = {n: peak_memory(lambda layer=layer: train_step(layer, x, grad_out), device) for n, layer in layers.items()}
 
-    floor = step_time["frozen nn.Linear (floor)"]
     fmt_mib = lambda b: f"{b / 2**20:.2f}"  # noqa: E731
     header = "| implementation | train step (ms) | x floor | saved for backward (MiB) | largest saved tensor |"
     align = "| --- | ---: | ---: | ---: | --- |"
@@ -211,11 +217,11 @@ def bench_setting(impls, d, r, tokens, device, dtype, warmup, reps):
     lines = [header, align]
     for n in layers:
         nbytes, largest = memory[n]
-        row = f"| {n} | {1e3 * step_time[n]:.1f} | {step_time[n] / floor:.3f} | {fmt_mib(nbytes)} | {largest or '-'} |"
+        row = f"| {n} | {1e3 * step[n][0]:.1f} | {step[n][1]:.3f} | {fmt_mib(nbytes)} | {largest or '-'} |"
         if device.type == "cuda":
             row += f" {fmt_mib(peaks[n])} |"
         lines.append(row)
-    return "\n".join(lines), {n: step_time[n] / floor for n in layers}, memory
+    return "\n".join(lines), {n: step[n][1] for n in layers}, memory
 
 
 def bench_inference(d, r, tokens, device, dtype, warmup, reps):
@@ -232,8 +238,8 @@ def bench_inference(d, r, tokens, device, dtype, warmup, reps):
             layer(x)
 
     t = interleaved({"plain": lambda: forward(plain), "unmerged": lambda: forward(unmerged),
-                     "merged": lambda: forward(merged)}, device, warmup, reps)
-    return {k: v / t["plain"] for k, v in t.items()}
+                     "merged": lambda: forward(merged)}, device, warmup, reps, reference="plain")
+    return {k: ratio for k, (_, ratio) in t.items()}
 
 
 def bench_compile(d, r, tokens, device, dtype, warmup, reps):
@@ -247,8 +253,8 @@ def bench_compile(d, r, tokens, device, dtype, warmup, reps):
     train_step(compiled, x, grad_out)
     compile_s = time.perf_counter() - start
     t = interleaved({"eager": lambda: train_step(eager, x, grad_out), "compiled": lambda: train_step(compiled, x, grad_out)},
-                    device, warmup, reps)
-    return t["compiled"] / t["eager"], compile_s
+                    device, warmup, reps, reference="eager")
+    return t["compiled"][1], compile_s
 
 
 def main(argv=None):
@@ -270,7 +276,8 @@ def main(argv=None):
     impls, notes = available(list(IMPLEMENTATIONS))
     hw = torch.cuda.get_device_name() if device.type == "cuda" else f"{device.type}, {torch.get_num_threads()} threads"
     print(f"# LoRA layer benchmark: in = out = {args.dim}, {tokens} tokens, {hw}, torch {torch.__version__}")
-    print(f"median of {args.reps} interleaved steps after {args.warmup} warm-up rounds\n")
+    print(f"{args.reps} interleaved rounds after {args.warmup} warm-up rounds; time: median; "
+          f"x floor: median of the per-round ratios\n")
     for note in notes:
         print(f"- {note}")
     for dtype_name in dtypes:
