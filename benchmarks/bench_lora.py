@@ -257,6 +257,30 @@ def bench_compile(d, r, tokens, device, dtype, warmup, reps):
     return t["compiled"][1], compile_s
 
 
+def profile_lora(d, r, tokens, device, dtype, steps=5):
+    """Where LoRALinear's extra time goes: ops by self time per step, with input shapes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    layers = {"floor": make_frozen(d, r, device, dtype)[0], "lora_min": make_lora_min(d, r, device, dtype)[0]}
+    randomize([layers["lora_min"].lora_B])
+    x = torch.randn(tokens, d, device=device, dtype=dtype, requires_grad=True)
+    grad_out = torch.randn(tokens, d, device=device, dtype=dtype)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    lines = ["| layer | op | input shapes | ms per step |", "| --- | --- | --- | ---: |"]
+    for name, layer in layers.items():
+        train_step(layer, x, grad_out)
+        with profile(activities=activities, record_shapes=True) as prof:
+            for _ in range(steps):
+                train_step(layer, x, grad_out)
+            sync(device)
+        events = sorted(prof.key_averages(group_by_input_shape=True), key=lambda e: -e.self_cpu_time_total)
+        for e in events:
+            ms = e.self_cpu_time_total / steps / 1e3
+            if ms >= 0.1 and e.key.startswith("aten::"):
+                lines.append(f"| {name} | {e.key} | {e.input_shapes} | {ms:.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dim", type=int, default=4096, help="in = out features")
@@ -267,6 +291,7 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--reps", type=int, default=9)
     p.add_argument("--compile", action="store_true", help="also time torch.compile(fullgraph=True) vs eager")
+    p.add_argument("--profile", action="store_true", help="also show where LoRALinear's extra time goes (torch.profiler)")
     args = p.parse_args(argv)
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
@@ -291,6 +316,8 @@ def main(argv=None):
             if args.compile:
                 ratio, compile_s = bench_compile(args.dim, r, tokens, device, dtype, args.warmup, args.reps)
                 print(f"torch.compile(fullgraph=True) training step: {ratio:.3f} x eager (compiling took {compile_s:.1f} s)")
+            if args.profile:
+                print(f"\nprofile of one training step (ops over 0.1 ms):\n\n{profile_lora(args.dim, r, tokens, device, dtype)}")
 
 
 if __name__ == "__main__":
