@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 
 def classic(data_dir, lora_steps=100, digit=9):
@@ -30,26 +31,14 @@ def classic(data_dir, lora_steps=100, digit=9):
     import torch.nn.utils.parametrize as parametrize
     from torchvision import datasets, transforms
 
+    from mnist_demo import RichBoyNet  # the notebook's MLP, the same class as the demo's
+
     torch.manual_seed(0)
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
     trainset = datasets.MNIST(root=data_dir, train=True, download=False, transform=transform)
     train_loader = torch.utils.data.DataLoader(trainset, batch_size=10, shuffle=True)
     testset = datasets.MNIST(root=data_dir, train=False, download=False, transform=transform)
     test_loader = torch.utils.data.DataLoader(testset, batch_size=10, shuffle=True)
-
-    class RichBoyNet(nn.Module):
-        def __init__(self, hidden_size_1=1000, hidden_size_2=2000):
-            super().__init__()
-            self.linear1 = nn.Linear(28 * 28, hidden_size_1)
-            self.linear2 = nn.Linear(hidden_size_1, hidden_size_2)
-            self.linear3 = nn.Linear(hidden_size_2, 10)
-            self.relu = nn.ReLU()
-
-        def forward(self, img):
-            x = img.view(-1, 28 * 28)
-            x = self.relu(self.linear1(x))
-            x = self.relu(self.linear2(x))
-            return self.linear3(x)
 
     net = RichBoyNet()
 
