@@ -175,10 +175,15 @@ def train(model, images, labels, *, batch_size, lr, epochs=1, steps=None, desc="
 
 
 @torch.no_grad()
-def evaluate(model, images, labels, batch_size=1000, desc="evaluate", quiet=True):
+def evaluate(model, images, labels, desc="evaluate", quiet=True, batch_size=1000):
     """Logits for every test image, and the figures of the results table."""
     model.eval()
-    logits = torch.cat([model(images[i:i + batch_size]) for i in range(0, len(labels), batch_size)])
+    chunks = []
+    with progress(-(-len(labels) // batch_size), desc, quiet) as bar:
+        for i in range(0, len(labels), batch_size):
+            chunks.append(model(images[i:i + batch_size]))
+            bar.update()
+    logits = torch.cat(chunks)
     wrong = logits.argmax(1) != labels
     return {
         "logits": logits,
@@ -244,7 +249,7 @@ def run_experiment(cfg, data, log=print):
 
     model, cached, allreduced_pretraining = pretrained_base(cfg, train_x, train_y, log)
     lap("pretraining")
-    before = evaluate(model, test_x, test_y)
+    before = evaluate(model, test_x, test_y, "evaluate: before", cfg.quiet)
     base_copy = {k: v.detach().clone() for k, v in model.state_dict().items()}
     target = cfg.target_digit
     if target == "auto":
@@ -267,11 +272,11 @@ def run_experiment(cfg, data, log=print):
                                        steps=cfg.lora_steps, desc=f"LoRA on digit {target}", quiet=cfg.quiet)
     lap("fine-tuning")
 
-    enabled = evaluate(model, test_x, test_y)
+    enabled = evaluate(model, test_x, test_y, "evaluate: LoRA enabled", cfg.quiet)
     with lora_min.lora_disabled(model):
-        disabled = evaluate(model, test_x, test_y)
+        disabled = evaluate(model, test_x, test_y, "evaluate: LoRA disabled", cfg.quiet)
     merged_model = lora_min.merge_and_unload(model)
-    merged = evaluate(merged_model, test_x, test_y)
+    merged = evaluate(merged_model, test_x, test_y, "evaluate: merged", cfg.quiet)
     lap("evaluation after")
 
     base_now = {k: v for k, v in model.state_dict().items() if k in base_copy}
