@@ -419,6 +419,8 @@ def merge_and_unload(model, inplace=False):
     result has the original model's state_dict keys and needs no LoRA code.
     The input model is left untouched unless inplace=True.
     """
+    for _, layer in lora_layers(model):
+        layer._check_not_sharded("merge_and_unload")
     if not inplace:
         model = copy.deepcopy(model)
     for name, layer in list(lora_layers(model)):
