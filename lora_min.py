@@ -31,6 +31,7 @@ Copy this file into your project; it needs only torch and the standard library.
 import contextlib
 import copy
 import math
+import warnings
 from typing import Iterator, NamedTuple
 
 import torch
@@ -346,8 +347,11 @@ def add_lora(model, r=8, alpha=None, dropout=0.0, target_modules=None, use_rslor
         if isinstance(module, nn.MultiheadAttention):
             mha_out = f"{name}.out_proj" if name else "out_proj"
             if target_modules is not None and _matches(mha_out, target_modules):
-                raise ValueError(f"{mha_out!r} is nn.MultiheadAttention's out_proj, which bypasses forward(); LoRA cannot adapt it")
-            linears.pop(mha_out, None)
+                raise ValueError(f"{mha_out!r} is nn.MultiheadAttention's out_proj, whose weight is read directly, "
+                                 "bypassing forward(): LoRA cannot adapt it")
+            if linears.pop(mha_out, None) is not None:
+                warnings.warn(f"add_lora: skipping {mha_out!r}: nn.MultiheadAttention reads its weight directly, "
+                              "so LoRA there would be ignored", stacklevel=2)
     if target_modules is not None:
         if isinstance(target_modules, str):
             target_modules = [target_modules]
@@ -488,7 +492,7 @@ def load_lora_state_dict(model, state, strict=True):
 
 def _lora_config(model):
     """The settings that give the adapter tensors meaning, as plain Python values."""
-    return {name: {"r": l.r, "alpha": l.alpha, "use_rslora": l.use_rslora} for name, l in lora_layers(model)}
+    return {name: {"r": layer.r, "alpha": layer.alpha, "use_rslora": layer.use_rslora} for name, layer in lora_layers(model)}
 
 
 def save_adapter(model, path):

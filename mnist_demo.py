@@ -1,7 +1,8 @@
 """LoRA on MNIST, end to end: `python mnist_demo.py`.
 
 1. Pretrain an oversized MLP (784 -> 1000 -> 2000 -> 10) for one epoch on MNIST.
-2. Find the digit it gets wrong most (the classic run: 9).
+2. Evaluate it: the classic run finds it weak on 9 (--target-digit auto picks
+   the digit with the most errors).
 3. Attach rank-1 LoRA to its three linear layers and fine-tune ONLY LoRA on that
    digit for 100 batches.
 4. Compare: before, LoRA enabled, LoRA disabled (must equal before), LoRA merged
@@ -9,14 +10,13 @@
 
 Speed: the whole dataset is loaded once as normalised tensors on the device and
 batches are sliced from it, instead of a per-sample PIL transform pipeline. The
-batch order is drawn exactly as DataLoader(shuffle=True, generator=g) draws it.
+batch order is drawn from the global RNG exactly as DataLoader(shuffle=True) draws it.
 The pretrained base is cached (keyed by everything that determines it), so runs
 that change only LoRA settings skip pretraining.
 """
 
 import argparse
 import contextlib
-import copy
 import hashlib
 import io
 import json
