@@ -127,6 +127,9 @@ def test_equals_parametrize_outputs_and_gradients(case):
     torch.testing.assert_close(layer.lora_B.grad, ref_lora.lora_B.grad, **TOL[case.dtype])
     torch.testing.assert_close(x1.grad, x2.grad, **TOL[case.dtype])
     assert layer.weight.grad is None and (layer.bias is None or layer.bias.grad is None)
+    # The raw gradients (as DDP's hooks see them, before .grad's layout fix-up) are contiguous like the params.
+    raw = torch.autograd.grad((layer(x) * w).sum(), [layer.lora_A, layer.lora_B])
+    assert all(g.is_contiguous() for g in raw)
 
 
 @given(cases(), st.booleans())
