@@ -403,8 +403,9 @@ def lora_disabled(model):
 def merge_lora(model):
     """Fold ΔW into W in every LoRA layer (for inference at plain-linear cost)."""
     already = [name for name, layer in lora_layers(model) if layer.merged]
-    if already:
-        raise RuntimeError(f"merge_lora: layers already merged: {already}")
+    disabled = [name for name, layer in lora_layers(model) if not layer.enabled]
+    if already or disabled:  # checked first, so a refusal leaves no layer half-done
+        raise RuntimeError(f"merge_lora: layers already merged: {already}; disabled (enable first): {disabled}")
     for _, layer in lora_layers(model):
         layer.merge()
 

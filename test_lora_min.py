@@ -557,6 +557,11 @@ def test_model_level_invalid_use_raises():
     assert [n for n, _ in L.lora_layers(mha)] == ["1"]
     with pytest.raises(RuntimeError, match="not merged"):
         L.unmerge_lora(model)
+    model[3].enabled = False
+    with pytest.raises(RuntimeError, match=r"disabled \(enable first\): \['3'\]"):
+        L.merge_lora(model)
+    assert not any(layer.merged for _, layer in L.lora_layers(model))  # nothing half-done
+    model[3].enabled = True
     L.merge_lora(model)
     with pytest.raises(RuntimeError, match="already merged"):
         L.merge_lora(model)
