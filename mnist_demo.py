@@ -430,7 +430,12 @@ def main(argv=None):
     # made the optimizer step 3x slower on x86. Flushing them to zero changes
     # nothing visible. Set before the first parallel op so worker threads inherit it.
     torch.set_flush_denormal(True)
-    device = start_distributed(pick_device(cfg.device))
+    device = pick_device(cfg.device)
+    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
+    if not available.get(device.type, lambda: True)():
+        print(f"error: --device {cfg.device}: no {device.type} device is available here (try --device auto)", file=sys.stderr)
+        return 2
+    device = start_distributed(device)
     try:
         return run_and_report(cfg, device)
     finally:

@@ -126,6 +126,12 @@ def test_missing_data_without_network_exits_2_with_a_message(tmp_path):
     assert "Traceback" not in result.stderr + result.stdout
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_unavailable_device_exits_2_with_a_message(tiny_data, capsys):
+    assert mnist_demo.main(["--data-dir", str(tiny_data), "--device", "cuda", "--quiet"]) == 2
+    assert "no cuda device is available" in capsys.readouterr().err
+
+
 def test_corrupt_data_exits_2_with_a_message(tmp_path):
     root = synthetic_mnist(tmp_path / "data", n_train=50, n_test=20)
     images = root / "MNIST" / "raw" / "train-images-idx3-ubyte"
