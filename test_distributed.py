@@ -67,6 +67,18 @@ def init(rank, tmp):
     dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=WORLD)
 
 
+def finish(rank, tmp, name, results):
+    """Leave this rank's results where the test collects them, and leave the group."""
+    torch.save(results, f"{tmp}/{name}_rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def run_workers(worker, tmp_path, name):
+    """Run worker on WORLD processes; returns each rank's results."""
+    mp.spawn(worker, args=(str(tmp_path),), nprocs=WORLD)
+    return [torch.load(tmp_path / f"{name}_rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
 # --- DDP -------------------------------------------------------------------------------------
 
 
@@ -99,19 +111,17 @@ def ddp_worker(rank, tmp):
             layer.lora_B.zero_()
     L.load_adapter(fresh, path)
     probe = torch.randn(5, 6)
-    torch.save({
+    finish(rank, tmp, "ddp", {
         "lora": L.lora_state_dict(model),
         "base_unchanged": all(torch.equal(v, base[k]) for k, v in base_state(model).items()),
         "reduced_per_step": sum(reduced) / STEPS,
         "adapter_loaded": torch.equal(fresh(probe), model(probe)),
-    }, f"{tmp}/ddp_rank{rank}.pt")
-    dist.destroy_process_group()
+    })
 
 
 @pytest.mark.slow
 def test_ddp_trains_only_the_adapter_and_matches_single_process(tmp_path):
-    mp.spawn(ddp_worker, args=(str(tmp_path),), nprocs=WORLD)
-    ranks = [torch.load(tmp_path / f"ddp_rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    ranks = run_workers(ddp_worker, tmp_path, "ddp")
     adapter_numel = sum(v.numel() for v in ranks[0]["lora"].values())
     assert adapter_numel == 2 * ((6 + 16) + (16 + 16) + (16 + 3))
     for r in ranks:
@@ -156,20 +166,18 @@ def fsdp_worker(rank, tmp):
     zeroed = all(torch.count_nonzero(v) == 0 for v in L.lora_state_dict(model).values())
     L.load_lora_state_dict(model, adapter)
     reloaded = all(torch.equal(v, adapter[k]) for k, v in L.lora_state_dict(model).items())
-    torch.save({
+    finish(rank, tmp, "fsdp", {
         "lora": adapter,
         "load_into_shards": zeroed and reloaded,
         "is_plain_tensor": all(type(v) is torch.Tensor for v in adapter.values()),
         "base_unchanged": all(torch.equal(full_base[k], base[k]) for k in base),
         "merge_error": merge_error,
-    }, f"{tmp}/fsdp_rank{rank}.pt")
-    dist.destroy_process_group()
+    })
 
 
 @pytest.mark.slow
 def test_fsdp2_sharded_frozen_base_trains_adapter(tmp_path):
-    mp.spawn(fsdp_worker, args=(str(tmp_path),), nprocs=WORLD)
-    ranks = [torch.load(tmp_path / f"fsdp_rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    ranks = run_workers(fsdp_worker, tmp_path, "fsdp")
     reference = single_process_adapter()
     for r in ranks:
         assert r["is_plain_tensor"] and r["base_unchanged"] and r["load_into_shards"]
