@@ -19,28 +19,39 @@ costs two thin matrix products, and backward needs no (out, in) gradient. For
 inference, `merge()` folds ΔW into W once, so the layer costs exactly what a
 plain nn.Linear costs.
 
-Copy this file into your project; it needs only torch and the standard library.
+Copy this file into your project; it needs only torch (tested with torch 2.4
+to 2.14) and the standard library.
 
     model = add_lora(model, r=8, target_modules=["q_proj", "v_proj"])
     optimizer = torch.optim.AdamW(p for p in model.parameters() if p.requires_grad)
     ...train as usual...
     save_adapter(model, "adapter.pt")          # a few KB or MB, not the whole model
+    save_peft_adapter(model, "adapter/")       # the same, in PEFT's format (PEFT, vLLM, ...)
     plain = merge_and_unload(model)            # an ordinary model with W + ΔW
+
+Reading order: the math, the layer, the model-level helpers, adapter files
+(ours and PEFT's), and last the hand-written backward that makes the layer fast.
 """
 
+import collections
 import contextlib
 import copy
+import json
 import math
+import os
+import re
 import warnings
 from typing import Iterator, NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 
 # ---------------------------------------------------------------------------
-# The math: plain tensor algebra (@, *, +, .T only), so the same two functions
-# run on torch tensors and on NumPy arrays, and read as the equations above.
+# The math: plain tensor algebra (@, *, +, .T only), so the same functions run
+# on torch tensors, NumPy arrays or any Python array API library, and read as
+# the equations above.
 # ---------------------------------------------------------------------------
 
 
@@ -75,62 +86,6 @@ def lora_forward(x, W, b, A, B, scale):
     return y + lora_update(x, A, B, scale)
 
 
-class _LoRALinearFunction(torch.autograd.Function):
-    """y = x W^T + b + ((x_l A^T) s) B^T, with its gradients written out by hand.
-
-    x: (N, in) (leading dimensions flattened), x_l: the LoRA branch's input
-    (dropout(x), or None for x itself), h = x_l A^T s: (N, r), g = dL/dy: (N, out). Then
-
-        dL/dB   = g^T h                  (out, r)
-        dL/dA   = s (g B)^T x_l          (r, in)
-        dL/dx_l = s (g B) A              (N, in)
-        dL/dx   = g W                    (N, in), plus dL/dx_l when x_l is x
-        dL/dW   = g^T x,  dL/db = sum_N g     (only if W, b are being trained)
-
-    Autograd finds the same gradients (test_lora_min.py checks it against a
-    parametrize LoRA); writing them out lets every thin product run in the layout
-    BLAS is fastest at and adds s (g B) A into g W in place. Measured at
-    in = out = 4096, r = 8: 1.02-1.04x a frozen nn.Linear's training step, against
-    1.05-1.07x with autograd (README, Benchmarks). Double backward is not supported.
-    """
-
-    @staticmethod
-    def forward(ctx, x, x_lora, W, b, A, B, scale):
-        x2 = x.reshape(-1, x.shape[-1])
-        xl2 = x2 if x_lora is None else x_lora.reshape(-1, x.shape[-1])
-        h = (xl2 @ A.T) * scale  # (N, r)
-        y = x2 @ W.T if b is None else torch.addmm(b, x2, W.T)
-        y.addmm_(h, B.T)  # y += h B^T without an (N, out) temporary
-        ctx.save_for_backward(x2, xl2, W, A, B, h)
-        ctx.scale, ctx.same_input, ctx.x_shape = scale, x_lora is None, x.shape
-        return y.view(*x.shape[:-1], W.shape[0])
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        x2, xl2, W, A, B, h = ctx.saved_tensors
-        need_x, need_xl, need_W, need_b, need_A, need_B, _ = ctx.needs_input_grad
-        g = g.reshape(-1, W.shape[0])
-        gB = (g @ B) * ctx.scale  # (N, r)
-        dx = dxl = dW = db = dA = dB = None
-        if ctx.same_input and need_x:
-            dx = (g @ W).addmm_(gB, A).view(ctx.x_shape)  # both paths into x, in one buffer
-        else:
-            dx = (g @ W).view(ctx.x_shape) if need_x else None
-            dxl = (gB @ A).view(ctx.x_shape) if need_xl else None
-        if need_W:
-            dW = g.T @ x2
-        if need_b:
-            db = g.sum(0)
-        if need_A:
-            dA = gB.T @ xl2
-        if need_B:
-            # (r, out) then transposed is ~3x faster than g^T h; contiguous like lora_B
-            # itself (the gradient layout DDP and optimizers expect; the copy is tiny)
-            dB = (h.T @ g).T.contiguous()
-        return dx, dxl, dW, db, dA, dB, None
-
-
 # ---------------------------------------------------------------------------
 # The layer
 # ---------------------------------------------------------------------------
@@ -163,6 +118,11 @@ class LoRALinear(nn.Module):
     States: `enabled` (False: exactly the original linear) and `merged` (ΔW is
     folded into `weight`; see merge). Merging is explicit: train() and eval()
     never touch the weights.
+
+    Shared weights: merge() writes into `weight`, so it must not be merged if
+    that Parameter is also used elsewhere (tied embeddings). add_lora finds such
+    sharing and records it in `shared_with`, which makes merge() refuse; for a
+    LoRALinear you build yourself, set `shared_with` or use merge_and_unload.
     """
 
     def __init__(self, linear, r=8, alpha=None, dropout=0.0, use_rslora=False, init_std=None):
@@ -186,12 +146,13 @@ class LoRALinear(nn.Module):
         if self.bias is not None:
             self.bias.requires_grad_(False)
 
-        self.r, self.alpha, self.use_rslora = r, float(alpha), use_rslora
+        self.r, self.alpha, self.use_rslora, self.dropout = r, float(alpha), use_rslora, float(dropout)
         self.scale = self.alpha / (math.sqrt(r) if use_rslora else r)
         factory = dict(device=self.weight.device, dtype=self.weight.dtype)
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.shared_with = ()  # names of other modules' parameters that are this layer's weight or bias
         self._enabled = True
         self.merged = False
         self.reset_lora_parameters(init_std)
@@ -235,14 +196,16 @@ class LoRALinear(nn.Module):
             return F.linear(x, self.weight, self.bias)
         x_lora = self.lora_dropout(x)
         x_lora = None if x_lora is x else x_lora  # None: the same tensor (no dropout, or eval)
+        # lora_forward's math, with the gradients written out by hand for speed
+        # (see _LoRALinearFunction at the end of this file).
         tensors = (x, x_lora, self.weight, self.bias, self.lora_A, self.lora_B)
         device = x.device.type
         if torch.is_autocast_enabled(device):  # autocast does not reach inside an autograd.Function:
             dtype = torch.get_autocast_dtype(device)  # cast as it would cast F.linear's inputs
             tensors = tuple(None if t is None else t.to(dtype) for t in tensors)
             with torch.autocast(device, enabled=False):
-                return _LoRALinearFunction.apply(*tensors, self.scale)
-        return _LoRALinearFunction.apply(*tensors, self.scale)
+                return _lora_linear(*tensors, self.scale)
+        return _lora_linear(*tensors, self.scale)
 
     # --- merge / unmerge -----------------------------------------------------
     # W is rewritten in place, computed in at least float32 and rounded once to
@@ -265,10 +228,16 @@ class LoRALinear(nn.Module):
                                "e.g. load get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)) "
                                "into an unsharded model, then merge that")
 
+    def _check_can_write_weight(self, what):
+        self._check_not_sharded(what)
+        if self.shared_with:
+            raise RuntimeError(f"{what}() would write W + ΔW into a weight that is shared with {list(self.shared_with)} "
+                               "(tied weights): those would change too. Use merge_and_unload(model), which copies it.")
+
     @torch.no_grad()
     def merge(self):
         """Fold ΔW into weight in place: forward becomes a plain F.linear."""
-        self._check_not_sharded("merge")
+        self._check_can_write_weight("merge")
         if self.merged:
             raise RuntimeError("merge() on a LoRA layer that is already merged")
         if not self.enabled:
@@ -279,7 +248,7 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def unmerge(self):
         """Take ΔW back out of weight (exact up to the rounding documented above)."""
-        self._check_not_sharded("unmerge")
+        self._check_can_write_weight("unmerge")
         if not self.merged:
             raise RuntimeError("unmerge() on a LoRA layer that is not merged")
         self.weight.copy_(self._shifted_weight(-1))
@@ -328,8 +297,90 @@ def _set_submodule(model, name, new):
 
 
 def _matches(name, targets):
-    """A target matches a module by its full name or by its last dotted components."""
+    """A target matches a module by its full name or by its last dotted components
+    ("q_proj" matches "layers.0.attn.q_proj", never "layers.0.attn.qq_proj")."""
     return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _cannot_adapt(module):
+    """Why LoRALinear cannot stand in for this module (None if it can)."""
+    kind = type(module).__name__
+    if not isinstance(module, nn.Linear):
+        return f"is a {kind}, not an nn.Linear"
+    if parametrize.is_parametrized(module):
+        return "is parametrized (torch.nn.utils.parametrize, e.g. weight_norm): its weight is computed, not stored"
+    if type(module).forward is not nn.Linear.forward:  # quantized linears, custom forwards
+        return f"is a {kind}, an nn.Linear subclass with its own forward(), which LoRALinear would not compute"
+    if not isinstance(module.weight, nn.Parameter):
+        return "has a weight that is not an nn.Parameter (old-style weight_norm?)"
+    if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks:
+        return "has hooks registered on it, which replacing the module would drop"
+    return None
+
+
+def _target_names(model, target_modules):
+    """The names add_lora adapts: every nn.Linear, or those that target_modules names."""
+    names = [n for n, _ in model.named_modules(remove_duplicate=False) if n]
+    linears = [n for n in names if isinstance(model.get_submodule(n), nn.Linear)]
+    # nn.MultiheadAttention reads out_proj.weight directly instead of calling
+    # out_proj(x): a LoRALinear there would be silently ignored.
+    mha_outs = {f"{n}.out_proj" if n else "out_proj" for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    if target_modules is None:
+        for name in sorted(mha_outs & set(linears)):
+            warnings.warn(f"add_lora: skipping {name!r}: nn.MultiheadAttention reads its weight directly, "
+                          "so LoRA there would be ignored", stacklevel=3)
+        return [n for n in linears if n not in mha_outs]
+    if isinstance(target_modules, str):
+        target_modules = [target_modules]
+    unmatched = [t for t in target_modules if not any(_matches(n, [t]) for n in names)]
+    if unmatched:
+        raise ValueError(f"target_modules {unmatched} match no module in the model; nn.Linear names: {sorted(set(linears))}")
+    chosen = [n for n in names if _matches(n, target_modules)]
+    for name in chosen:
+        if name in mha_outs:
+            raise ValueError(f"{name!r} is nn.MultiheadAttention's out_proj, whose weight is read directly, "
+                             "bypassing forward(): LoRA cannot adapt it")
+    return chosen
+
+
+def _owners(model):
+    """id(parameter) -> [(module, "module.param")] for every place a parameter is registered."""
+    owners = collections.defaultdict(list)
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for param_name, param in module.named_parameters(recurse=False):
+            owners[id(param)].append((module, f"{module_name}.{param_name}" if module_name else param_name))
+    return owners
+
+
+def _attach_lora(model, settings):
+    """Replace each named nn.Linear by a LoRALinear; settings: {name: LoRALinear kwargs}.
+
+    Checks everything before changing anything. A module registered under
+    several names gets one LoRALinear (still shared); a weight that another
+    module also uses is recorded in the layer's shared_with (merge() refuses).
+    """
+    if any(True for _ in lora_layers(model)):
+        raise ValueError("model already has LoRA layers; lora_min does not stack adapters")
+    if not settings:
+        raise ValueError("the model has no nn.Linear to adapt")
+    for name in settings:
+        reason = _cannot_adapt(model.get_submodule(name))
+        if reason:
+            raise ValueError(f"cannot add LoRA to {name!r}: it {reason}")
+    owners, replaced = _owners(model), {}
+    for name, kwargs in settings.items():
+        linear = model.get_submodule(name)
+        if id(linear) not in replaced:
+            layer = LoRALinear(linear, **kwargs)
+            params = [p for p in (linear.weight, linear.bias) if p is not None]
+            layer.shared_with = tuple(n for p in params for module, n in owners[id(p)] if module is not linear)
+            replaced[id(linear)] = (layer, kwargs)
+        layer, first_kwargs = replaced[id(linear)]
+        if kwargs != first_kwargs:
+            raise ValueError(f"{name!r} is the same module as another target but asks for other LoRA settings")
+        _set_submodule(model, name, layer)
+    mark_only_lora_as_trainable(model)
+    return model
 
 
 def add_lora(model, r=8, alpha=None, dropout=0.0, target_modules=None, use_rslora=False, init_std=None):
@@ -337,36 +388,13 @@ def add_lora(model, r=8, alpha=None, dropout=0.0, target_modules=None, use_rslor
 
     target_modules: None for every nn.Linear, or a list of module names, each the
     full name from model.named_modules() ("layers.0.attn.q_proj") or its end ("q_proj").
+    A named module that LoRALinear cannot replace exactly (not an nn.Linear, a
+    subclass with its own forward, parametrized, hooked) raises, naming it.
     """
     if isinstance(model, (nn.Linear, LoRALinear)):
         raise TypeError("add_lora adapts the linear layers inside a model; wrap a lone layer as LoRALinear(linear)")
-    if any(True for _ in lora_layers(model)):
-        raise ValueError("model already has LoRA layers; add_lora does not stack adapters")
-    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    # nn.MultiheadAttention reads out_proj.weight directly instead of calling
-    # out_proj(x): a LoRALinear there would be silently ignored.
-    for name, module in model.named_modules():
-        if isinstance(module, nn.MultiheadAttention):
-            mha_out = f"{name}.out_proj" if name else "out_proj"
-            if target_modules is not None and _matches(mha_out, target_modules):
-                raise ValueError(f"{mha_out!r} is nn.MultiheadAttention's out_proj, whose weight is read directly, "
-                                 "bypassing forward(): LoRA cannot adapt it")
-            if linears.pop(mha_out, None) is not None:
-                warnings.warn(f"add_lora: skipping {mha_out!r}: nn.MultiheadAttention reads its weight directly, "
-                              "so LoRA there would be ignored", stacklevel=2)
-    if target_modules is not None:
-        if isinstance(target_modules, str):
-            target_modules = [target_modules]
-        unmatched = [t for t in target_modules if not any(_matches(n, [t]) for n in linears)]
-        if unmatched:
-            raise ValueError(f"target_modules {unmatched} match no nn.Linear in the model; valid names: {sorted(linears)}")
-        linears = {n: m for n, m in linears.items() if _matches(n, target_modules)}
-    if not linears:
-        raise ValueError("the model has no nn.Linear to adapt")
-    for name, linear in linears.items():
-        _set_submodule(model, name, LoRALinear(linear, r, alpha, dropout, use_rslora, init_std))
-    mark_only_lora_as_trainable(model)
-    return model
+    kwargs = dict(r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init_std=init_std)
+    return _attach_lora(model, {name: kwargs for name in _target_names(model, target_modules)})
 
 
 def mark_only_lora_as_trainable(model):
@@ -402,11 +430,14 @@ def lora_disabled(model):
 
 def merge_lora(model):
     """Fold ΔW into W in every LoRA layer (for inference at plain-linear cost)."""
-    already = [name for name, layer in lora_layers(model) if layer.merged]
-    disabled = [name for name, layer in lora_layers(model) if not layer.enabled]
-    if already or disabled:  # checked first, so a refusal leaves no layer half-done
+    layers = list(lora_layers(model))
+    for _, layer in layers:  # checked first, so a refusal leaves no layer half-done
+        layer._check_can_write_weight("merge_lora")
+    already = [name for name, layer in layers if layer.merged]
+    disabled = [name for name, layer in layers if not layer.enabled]
+    if already or disabled:
         raise RuntimeError(f"merge_lora: layers already merged: {already}; disabled (enable first): {disabled}")
-    for _, layer in lora_layers(model):
+    for _, layer in layers:
         layer.merge()
 
 
@@ -424,12 +455,14 @@ def merge_and_unload(model, inplace=False):
 
     Enabled layers become nn.Linear with weight W + ΔW, disabled ones with W; the
     result has the original model's state_dict keys and needs no LoRA code.
-    The input model is left untouched unless inplace=True.
+    Weights are copied, so tied weights stay correct (they are untied: the other
+    owner keeps W). The input model is left untouched unless inplace=True.
     """
     for _, layer in lora_layers(model):
         layer._check_not_sharded("merge_and_unload")
     if not inplace:
         model = copy.deepcopy(model)
+    plain = {}  # one nn.Linear per LoRALinear, also where it is registered under several names
     for name, layer in list(lora_layers(model)):
         W = layer.weight
         if layer.enabled and not layer.merged:
@@ -440,13 +473,32 @@ def merge_and_unload(model, inplace=False):
             linear.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
         if name == "":
             return linear
-        _set_submodule(model, name, linear)
+        plain[id(layer)] = linear
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        if id(module) in plain:
+            _set_submodule(model, name, plain[id(module)])
     return model
 
 
 def _is_sharded(tensor):
     """A DTensor (FSDP2, tensor parallel), without importing torch.distributed."""
     return hasattr(tensor, "full_tensor") and hasattr(tensor, "placements")
+
+
+class ParameterCount(NamedTuple):
+    trainable: int
+    total: int
+
+
+def count_parameters(model):
+    """(trainable, total) parameter counts; shared parameters are counted once."""
+    params = list(model.parameters())  # .parameters() already skips duplicates
+    return ParameterCount(sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
+
+
+# ---------------------------------------------------------------------------
+# Adapter files: only lora_A / lora_B and the settings that give them meaning
+# ---------------------------------------------------------------------------
 
 
 def lora_state_dict(model):
@@ -464,19 +516,24 @@ def _adapter_tensors(model, keep_vars=False):
     return {k: v for k, v in state.items() if k.rsplit(".", 1)[-1] in ("lora_A", "lora_B")}
 
 
+def _check_adapter_keys(expected, state, strict=True):
+    """expected: {key: shape}. Missing / unexpected keys (if strict) raise KeyError, wrong shapes ValueError."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if strict and (missing or unexpected):
+        raise KeyError(f"adapter keys do not match the model: missing {missing}, unexpected {unexpected}")
+    bad = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(shape)}"
+           for k, shape in expected.items() if k in state and tuple(state[k].shape) != tuple(shape)]
+    if bad:
+        raise ValueError("adapter tensor shapes do not match the model (different r or layer sizes?): " + "; ".join(bad))
+
+
 def load_lora_state_dict(model, state, strict=True):
     """Copy adapter tensors into the model; wrong keys (if strict) or shapes raise."""
     own = _adapter_tensors(model, keep_vars=True)  # the Parameters, to copy into
     if not own:
         raise ValueError("the model has no LoRA layers; call add_lora(model, ...) first")
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if strict and (missing or unexpected):
-        raise KeyError(f"adapter keys do not match the model: missing {missing}, unexpected {unexpected}")
-    bad = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-           for k in own if k in state and state[k].shape != own[k].shape]
-    if bad:
-        raise ValueError("adapter tensor shapes do not match the model (different r or layer sizes?): " + "; ".join(bad))
+    _check_adapter_keys({k: p.shape for k, p in own.items()}, state, strict)
     merged = [name for name, layer in lora_layers(model) if layer.merged]
     if merged:
         raise RuntimeError(f"cannot load an adapter into merged layers {merged}; call unmerge_lora(model) first")
@@ -504,11 +561,32 @@ def save_adapter(model, path):
     torch.save({"format": "lora_min.adapter", "version": 1, "config": _lora_config(model), "state_dict": state}, path)
 
 
+def _safe_torch_load(path, what):
+    """torch.load(weights_only=True): tensors and plain containers only, never arbitrary
+    pickled objects. Anything else is a ValueError naming the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:  # missing file, a folder, no permission: torch's own message is right
+        raise
+    except Exception as e:  # not a torch file, truncated, or pickled objects a safe load refuses
+        raise ValueError(f"{path} is not {what}: it cannot be read as a file of tensors ({type(e).__name__}); "
+                         "files that hold other Python objects are refused, never unpickled") from None
+
+
+def read_adapter(path):
+    """The contents of a file written by save_adapter, checked: {"config": ..., "state_dict": ...}."""
+    what = "a lora_min adapter file (written by save_adapter)"
+    saved = _safe_torch_load(path, what)
+    if not (isinstance(saved, dict) and saved.get("format") == "lora_min.adapter"
+            and isinstance(saved.get("config"), dict) and isinstance(saved.get("state_dict"), dict)
+            and all(isinstance(v, torch.Tensor) for v in saved["state_dict"].values())):
+        raise ValueError(f"{path} is not {what}")
+    return saved
+
+
 def load_adapter(model, path):
     """Load a file written by save_adapter into a model with matching LoRA layers."""
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(saved, dict) or saved.get("format") != "lora_min.adapter":
-        raise ValueError(f"{path} is not a lora_min adapter file (written by save_adapter)")
+    saved = read_adapter(path)
     want, have = saved["config"], _lora_config(model)
     if want != have:
         def difference(n):
@@ -522,12 +600,272 @@ def load_adapter(model, path):
     return load_lora_state_dict(model, saved["state_dict"], strict=True)
 
 
-class ParameterCount(NamedTuple):
-    trainable: int
-    total: int
+# ---------------------------------------------------------------------------
+# PEFT's adapter format (adapter_config.json + adapter_model.safetensors), read
+# and written by Hugging Face PEFT, vLLM, TGI, ...: tensors are keyed
+# "base_model.model.<module name>.lora_A.weight"; the config says which modules
+# (target_modules) with which r and lora_alpha (rank_pattern / alpha_pattern
+# for the modules that differ).
+# ---------------------------------------------------------------------------
+
+_PEFT_PREFIX = "base_model.model."
+# Config fields that do not change what the adapted model computes.
+_PEFT_NO_EFFECT = {"task_type", "base_model_name_or_path", "revision", "inference_mode", "peft_version",
+                   "auto_mapping", "megatron_core", "qalora_group_size"}
+# Initialisations that differ only in the starting A and B, which the file replaces.
+_PEFT_PLAIN_INITS = (True, False, "gaussian")
 
 
-def count_parameters(model):
-    """(trainable, total) parameter counts; shared parameters are counted once."""
-    params = list(model.parameters())  # .parameters() already skips duplicates
-    return ParameterCount(sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
+def _peft_pattern_value(patterns, name, default):
+    """PEFT's rank_pattern / alpha_pattern rule: the first key that matches the end of name."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def _peft_targets(config, name):
+    """PEFT's target rule: a list matches a full name or its dotted end; a string is a
+    regex that must match the full name. exclude_modules removes names the same way."""
+    def matches(spec):
+        return bool(re.fullmatch(spec, name)) if isinstance(spec, str) else _matches(name, spec)
+
+    return matches(config["target_modules"]) and not (config.get("exclude_modules") and matches(config["exclude_modules"]))
+
+
+def _most_common(values):
+    return collections.Counter(values).most_common(1)[0][0]
+
+
+def save_peft_adapter(model, directory, base_model_name_or_path=None):
+    """Write the adapter as PEFT does: directory/adapter_config.json and
+    adapter_model.safetensors (adapter_model.bin when safetensors is not installed),
+    so that peft.PeftModel.from_pretrained(base, directory) computes what this model computes."""
+    names = [n for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, LoRALinear)]
+    layers = {n: model.get_submodule(n) for n in names}
+    if not layers or "" in layers:
+        raise ValueError("save_peft_adapter needs a model with LoRA layers inside it (see add_lora)")
+    for setting in ("use_rslora", "dropout"):
+        if len({getattr(layer, setting) for layer in layers.values()}) > 1:
+            raise ValueError(f"PEFT has one {setting} for all layers; these layers differ: "
+                             f"{ {n: getattr(layer, setting) for n, layer in layers.items()} }")
+    r = _most_common(layer.r for layer in layers.values())
+    alpha = _most_common(layer.alpha for layer in layers.values())
+    # Short names ("q_proj") when they select exactly these modules, else full names.
+    others = [n for n, _ in model.named_modules(remove_duplicate=False)
+              if n and not any(n.startswith(lora + ".") for lora in layers)]
+    short = sorted({n.rsplit(".", 1)[-1] for n in layers})
+    targets = short if {n for n in others if _matches(n, short)} == set(layers) else sorted(layers)
+    config = {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path,
+        "r": r, "lora_alpha": int(alpha) if alpha == int(alpha) else alpha, "target_modules": targets,
+        "rank_pattern": {n: layer.r for n, layer in layers.items() if layer.r != r},
+        "alpha_pattern": {n: layer.alpha for n, layer in layers.items() if layer.alpha != alpha},
+        "lora_dropout": next(iter(layers.values())).dropout, "use_rslora": next(iter(layers.values())).use_rslora,
+        "bias": "none", "fan_in_fan_out": False, "use_dora": False, "modules_to_save": None,
+        "layers_to_transform": None, "layers_pattern": None, "init_lora_weights": True, "inference_mode": True,
+    }
+    for n, layer in layers.items():  # PEFT's pattern rule must give every layer back its own r and alpha
+        if (_peft_pattern_value(config["rank_pattern"], n, r), _peft_pattern_value(config["alpha_pattern"], n, alpha)) \
+                != (layer.r, layer.alpha):
+            raise ValueError(f"cannot express the rank and alpha of {n!r} in PEFT's rank_pattern / alpha_pattern")
+    # Separate contiguous copies: safetensors refuses tensors that share memory.
+    tensors = {f"{_PEFT_PREFIX}{k}.weight": v.detach().cpu().clone().contiguous() for k, v in lora_state_dict(model).items()}
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        torch.save(tensors, os.path.join(directory, "adapter_model.bin"))
+    else:
+        save_file(tensors, os.path.join(directory, "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+def read_peft_config(directory):
+    """directory/adapter_config.json, checked: every PEFT feature lora_min does not
+    implement is refused, naming the field, instead of being ignored."""
+    path = os.path.join(directory, "adapter_config.json")
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} is not a PEFT adapter config (a JSON object)")
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{path}: peft_type is {config.get('peft_type')!r}; lora_min reads only 'LORA' adapters")
+    for field in ("r", "lora_alpha", "target_modules"):
+        if config.get(field) is None:
+            raise ValueError(f"{path}: the field {field!r} is missing")
+    if isinstance(config["target_modules"], str) and config["target_modules"].lower() == "all-linear":
+        raise ValueError(f"{path}: target_modules 'all-linear' is not supported; list the module names")
+    if config.get("bias", "none") != "none":
+        raise ValueError(f"{path}: bias {config['bias']!r} is not supported (lora_min trains no biases); only 'none'")
+    if config.get("init_lora_weights", True) not in _PEFT_PLAIN_INITS:
+        raise ValueError(f"{path}: init_lora_weights {config['init_lora_weights']!r} is not supported")
+    handled = {"peft_type", "r", "lora_alpha", "target_modules", "exclude_modules", "lora_dropout", "use_rslora",
+               "rank_pattern", "alpha_pattern", "bias", "init_lora_weights"}
+    for field, value in config.items():
+        if field not in handled | _PEFT_NO_EFFECT and value not in (None, False, "", [], {}):
+            raise ValueError(f"{path}: {field} = {value!r} is a PEFT feature lora_min does not implement")
+    return config
+
+
+def _read_peft_weights(directory):
+    """The adapter tensors of directory: adapter_model.safetensors, else adapter_model.bin."""
+    path = os.path.join(directory, "adapter_model.safetensors")
+    if os.path.exists(path):
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise ImportError(f"reading {path} needs the safetensors package: pip install safetensors") from None
+        try:
+            return load_file(path)
+        except Exception as e:  # a corrupt or truncated file
+            raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from None
+    path = os.path.join(directory, "adapter_model.bin")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{directory} holds neither adapter_model.safetensors nor adapter_model.bin")
+    state = _safe_torch_load(path, "a PEFT adapter file (adapter_model.bin)")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} is not a PEFT adapter file: not a dict of tensors")
+    return state
+
+
+def load_peft_adapter(model, directory):
+    """Add LoRA layers where a PEFT adapter says and load its weights; returns model.
+
+    model: the base model, without LoRA layers, as PEFT's base model would be
+    (module names must be those PEFT saw). Everything is checked before the model
+    is changed: unsupported config fields, targets that are not plain nn.Linear
+    modules, and tensors with missing, unexpected or wrongly shaped keys.
+    """
+    config = read_peft_config(directory)
+    state = _read_peft_weights(directory)
+    names = [n for n, _ in model.named_modules(remove_duplicate=False) if n and _peft_targets(config, n)]
+    if not names:
+        raise ValueError(f"target_modules {config['target_modules']!r} of {directory} match no module of the model")
+    settings = {}
+    for n in names:
+        settings[n] = dict(r=_peft_pattern_value(config.get("rank_pattern") or {}, n, config["r"]),
+                           alpha=_peft_pattern_value(config.get("alpha_pattern") or {}, n, config["lora_alpha"]),
+                           dropout=config.get("lora_dropout") or 0.0, use_rslora=bool(config.get("use_rslora")))
+        reason = _cannot_adapt(model.get_submodule(n))
+        if reason:
+            raise ValueError(f"{directory} targets {n!r}, which lora_min cannot adapt: it {reason}")
+    expected = {}
+    for n, s in settings.items():
+        linear = model.get_submodule(n)
+        expected[f"{_PEFT_PREFIX}{n}.lora_A.weight"] = (s["r"], linear.in_features)
+        expected[f"{_PEFT_PREFIX}{n}.lora_B.weight"] = (linear.out_features, s["r"])
+    _check_adapter_keys(expected, state)
+    _attach_lora(model, settings)
+    return load_lora_state_dict(model, {k[len(_PEFT_PREFIX):-len(".weight")]: v for k, v in state.items()})
+
+
+# ---------------------------------------------------------------------------
+# The fast path: LoRALinear's forward and backward written out by hand
+# ---------------------------------------------------------------------------
+
+
+class _LoRALinearFunction(torch.autograd.Function):
+    """y = x W^T + b + ((x_l A^T) s) B^T, with its gradients written out by hand.
+
+    x: (N, in) (leading dimensions flattened), x_l: the LoRA branch's input
+    (dropout(x), or None for x itself), h = x_l A^T s: (N, r), g = dL/dy: (N, out). Then
+
+        dL/dB   = g^T h                  (out, r)
+        dL/dA   = s (g B)^T x_l          (r, in)
+        dL/dx_l = s (g B) A              (N, in)
+        dL/dx   = g W                    (N, in), plus dL/dx_l when x_l is x
+        dL/dW   = g^T x,  dL/db = sum_N g     (only if W, b are being trained)
+
+    Autograd of lora_forward finds the same gradients (the tests check it);
+    writing them out lets every thin product run in the layout BLAS is fastest
+    at and accumulates the big product into the thin one's result in place
+    (addmm_) instead of adding two (N, out) or (N, in) tensors. Measured at
+    in = out = 4096, r = 8: 1.02-1.04x a frozen nn.Linear's training step,
+    against 1.05-1.07x with autograd (README, Benchmarks).
+
+    Everything else autograd offers still works, because backward is made of
+    differentiable torch ops: double backward (gradient penalties), torch.func
+    (grad, jacrev, vmap for per-sample gradients: generate_vmap_rule runs these
+    same ops on batched tensors) and, in the subclass below, forward mode (jvp,
+    jacfwd). Under vmap torch runs the in-place addmm_ one sample at a time (it
+    warns about it): correct, and 1.4x slower than out-of-place ops would be there
+    (per-sample gradients, batch 128), a price paid for the speed outside vmap.
+    The one vmap that raises is over the frozen W alone: an in-place add cannot
+    widen a tensor that vmap does not batch.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, x_lora, W, b, A, B, scale):
+        x2 = x.reshape(-1, x.shape[-1])
+        xl2 = x2 if x_lora is None else x_lora.reshape(-1, x.shape[-1])
+        h = (xl2 @ A.T) * scale  # (N, r)
+        y = h @ B.T if b is None else torch.addmm(b, h, B.T)  # the thin product first, then
+        y.addmm_(x2, W.T)  # the frozen product added in place: no second (N, out) tensor
+        return y.view(*x.shape[:-1], W.shape[0]), h  # h only for backward (not differentiable)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, x_lora, W, b, A, B, scale = inputs
+        _, h = output
+        ctx.mark_non_differentiable(h)
+        ctx.save_for_backward(x, x_lora, W, A, B, h)
+        ctx.save_for_forward(x, x_lora, W, A, B)
+        ctx.scale = scale
+
+    @staticmethod
+    def backward(ctx, g, _):
+        x, x_lora, W, A, B, h = ctx.saved_tensors
+        need_x, need_xl, need_W, need_b, need_A, need_B, _ = ctx.needs_input_grad
+        s = ctx.scale
+        x2 = x.reshape(-1, x.shape[-1])
+        xl2 = x2 if x_lora is None else x_lora.reshape(-1, x.shape[-1])
+        if torch.is_grad_enabled():  # create_graph=True: h must be a function of A and x_l for the
+            h = (xl2 @ A.T) * s  # second derivatives; the saved h is a constant
+        g = g.reshape(-1, W.shape[0])
+        gB = (g @ B) * s  # (N, r)
+        dx = dxl = dW = db = dA = dB = None
+        if x_lora is None and need_x:
+            dx = (gB @ A).addmm_(g, W).view(x.shape)  # both paths into x, in one buffer
+        else:
+            dx = (g @ W).view(x.shape) if need_x else None
+            dxl = (gB @ A).view(x.shape) if need_xl else None
+        if need_W:
+            dW = g.T @ x2  # the frozen path sees x itself, never the dropped-out x_l
+        if need_b:
+            db = g.sum(0)
+        if need_A:
+            dA = gB.T @ xl2
+        if need_B:
+            # (r, out) then transposed is ~3x faster than g^T h; contiguous like lora_B
+            # itself (the gradient layout DDP and optimizers expect; the copy is tiny)
+            dB = (h.T @ g).T.contiguous()
+        return dx, dxl, dW, db, dA, dB, None
+
+
+class _LoRALinearFunctionWithJvp(_LoRALinearFunction):
+    """The same, plus forward-mode derivatives (torch.func.jvp, jacfwd, hessian).
+    torch.compile cannot trace a custom jvp, so compiled code uses the class above."""
+
+    @staticmethod
+    def jvp(ctx, dx, dxl, dW, db, dA, dB, _):
+        """dy = dx W^T + x dW^T + db + s (dx_l A^T + x_l dA^T) B^T + s (x_l A^T) dB^T."""
+        x, x_lora, W, A, B = ctx.saved_tensors
+        s = ctx.scale
+        xl, dxl = (x, dx) if x_lora is None else (x_lora, dxl)
+        zero = torch.zeros_like  # inputs without a tangent
+        dx, dxl, dW, dA, dB = (zero(t) if d is None else d for t, d in ((x, dx), (xl, dxl), (W, dW), (A, dA), (B, dB)))
+        dy = dx @ W.T + x @ dW.T + ((dxl @ A.T + xl @ dA.T) * s) @ B.T + ((xl @ A.T) * s) @ dB.T
+        return (dy if db is None else dy + db), None
+
+
+def _lora_linear(x, x_lora, W, b, A, B, scale):
+    """y = x W^T + b + ((x_lora A^T) scale) B^T through the hand-written Function."""
+    function = _LoRALinearFunction if torch.compiler.is_compiling() else _LoRALinearFunctionWithJvp
+    return function.apply(x, x_lora, W, b, A, B, scale)[0]
