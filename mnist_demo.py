@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import os
 import sys
 import time
@@ -79,8 +80,9 @@ def load_mnist(data_dir, device):
         except Exception as e:
             raise DataError(
                 f"MNIST is not in {raw.resolve()} and could not be downloaded ({type(e).__name__}: {e}).\n"
-                f"Point --data-dir (or MNIST_DATA_DIR) at a folder that holds MNIST/raw/{MNIST_FILES[0]} "
-                f"and the other three files, e.g. --data-dir ../shared/data"
+                f"Run once with a network connection to download it, or copy the four MNIST files "
+                f"({', '.join(MNIST_FILES)}) into a folder's MNIST/raw/ and point --data-dir (or MNIST_DATA_DIR) "
+                f"at that folder."
             ) from None
     try:
         sets = [datasets.MNIST(data_dir, train=train, download=False) for train in (True, False)]
@@ -360,18 +362,40 @@ def pick_device(name):
     return torch.device("cpu")
 
 
+class UsageError(Exception):
+    """A bad command-line argument: main() prints it on one line and exits with status 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # argparse would print the usage and exit; we raise, so main() decides
+        raise UsageError(message)
+
+
+def positive(kind):
+    """An argparse type: a number of this kind that is > 0 (and finite)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not (value > 0 and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"must be a positive {kind.__name__}, got {text!r}")
+        return value
+    return parse
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data-dir", default=os.environ.get("MNIST_DATA_DIR", "./data"),
                    help="folder holding MNIST/raw/ (downloaded there if absent); default $MNIST_DATA_DIR or ./data")
     p.add_argument("--target-digit", default="9", choices=[str(d) for d in range(10)] + ["auto"],
                    help="digit to fine-tune on; auto = the one with the most test errors")
-    p.add_argument("--rank", type=int, default=1, help="LoRA rank r")
-    p.add_argument("--alpha", type=float, default=1.0, help="LoRA alpha (scale = alpha / r)")
-    p.add_argument("--lora-steps", type=int, default=100, help="fine-tuning batches")
-    p.add_argument("--epochs", type=int, default=1, help="pretraining epochs")
-    p.add_argument("--batch-size", type=int, default=10)
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (both phases)")
+    p.add_argument("--rank", type=positive(int), default=1, help="LoRA rank r")
+    p.add_argument("--alpha", type=positive(float), default=1.0, help="LoRA alpha (scale = alpha / r)")
+    p.add_argument("--lora-steps", type=positive(int), default=100, help="fine-tuning batches")
+    p.add_argument("--epochs", type=positive(int), default=1, help="pretraining epochs")
+    p.add_argument("--batch-size", type=positive(int), default=10)
+    p.add_argument("--lr", type=positive(float), default=1e-3, help="Adam learning rate (both phases)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, mps, ...")
     p.add_argument("--cache-dir", default=os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "lora_min"),
@@ -385,6 +409,46 @@ def parse_args(argv=None):
     cfg = p.parse_args(argv)
     cfg.cache_dir = None if cfg.no_cache else os.path.expanduser(cfg.cache_dir)
     return cfg
+
+
+def check_output_path(flag, path):
+    """An output file we can create: its folder exists and is writable, and it is not a folder."""
+    target = Path(path)
+    if target.is_dir():
+        raise UsageError(f"argument {flag}: {path} is a folder; give a file name")
+    folder = target.resolve().parent
+    if not folder.is_dir():
+        raise UsageError(f"argument {flag}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"argument {flag}: the folder {folder} is not writable")
+
+
+def validate(cfg):
+    """Every check that needs no data, before any work; raises UsageError naming the argument."""
+    for flag in ("--save-adapter", "--json", "--plot"):
+        path = getattr(cfg, flag[2:].replace("-", "_"))
+        if path:
+            check_output_path(flag, path)
+    if cfg.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UsageError("argument --plot: needs matplotlib (pip install matplotlib)") from None
+    if cfg.load_adapter:  # exists, is an adapter, and fits the model that --rank and --alpha describe
+        if not Path(cfg.load_adapter).is_file():
+            raise UsageError(f"argument --load-adapter: no such file: {cfg.load_adapter}")
+        try:
+            lora_min.load_adapter(lora_min.add_lora(RichBoyNet(), r=cfg.rank, alpha=cfg.alpha), cfg.load_adapter)
+        except (ValueError, KeyError, OSError) as e:
+            raise UsageError(f"argument --load-adapter: {e.args[0] if isinstance(e, KeyError) else e}") from None
+    try:
+        device = pick_device(cfg.device)
+    except RuntimeError:
+        raise UsageError(f"argument --device: {cfg.device!r} is not a device name (auto, cpu, cuda, cuda:1, mps, ...)") from None
+    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
+    if not available.get(device.type, lambda: True)():
+        raise UsageError(f"argument --device: no {device.type} device is available here (try --device auto)")
+    return device
 
 
 def start_distributed(device):
@@ -418,23 +482,17 @@ def print_report(cfg, report):
 
 
 def main(argv=None):
-    cfg = parse_args(argv)
-    if cfg.plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            print("--plot needs matplotlib: pip install matplotlib", file=sys.stderr)
-            return 2
+    try:
+        cfg = parse_args(argv)
+        device = validate(cfg)
+    except UsageError as e:
+        print(f"mnist_demo.py: error: {e}", file=sys.stderr)
+        return 2
     # Adam's running averages decay into denormal floats for weights that stop
     # getting gradient (dead ReLU units): ~1.4M of them by mid-epoch here, which
     # made the optimizer step 3x slower on x86. Flushing them to zero changes
     # nothing visible. Set before the first parallel op so worker threads inherit it.
     torch.set_flush_denormal(True)
-    device = pick_device(cfg.device)
-    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
-    if not available.get(device.type, lambda: True)():
-        print(f"error: --device {cfg.device}: no {device.type} device is available here (try --device auto)", file=sys.stderr)
-        return 2
     device = start_distributed(device)
     try:
         return run_and_report(cfg, device)
@@ -466,19 +524,40 @@ def run_and_report(cfg, device):
     if rank != 0:
         return status
     print_report(cfg, report)
+    # The figures are safe first (table above, JSON now); the extras after them may fail alone.
+    if cfg.json and not write_json(cfg.json, report):
+        status = 1
     if cfg.save_adapter:
-        lora_min.save_adapter(model, cfg.save_adapter)
-        adapter_bytes = os.path.getsize(cfg.save_adapter)
-        base_bytes = model_file_bytes(lora_min.merge_and_unload(model).state_dict())
-        report["adapter_file_bytes"], report["base_model_file_bytes"] = adapter_bytes, base_bytes
-        print(f"\nSaved the adapter to {cfg.save_adapter}: {adapter_bytes / 1024:.1f} KiB "
-              f"(the base model file is {base_bytes / 2**20:.1f} MiB)")
+        try:
+            lora_min.save_adapter(model, cfg.save_adapter)
+        except (OSError, RuntimeError) as e:
+            print(f"error: --save-adapter {cfg.save_adapter}: {e}", file=sys.stderr)
+            status = 1
+        else:
+            adapter_bytes = os.path.getsize(cfg.save_adapter)
+            base_bytes = model_file_bytes(lora_min.merge_and_unload(model).state_dict())
+            report["adapter_file_bytes"], report["base_model_file_bytes"] = adapter_bytes, base_bytes
+            print(f"\nSaved the adapter to {cfg.save_adapter}: {adapter_bytes / 1024:.1f} KiB "
+                  f"(the base model file is {base_bytes / 2**20:.1f} MiB)")
+            if cfg.json:
+                write_json(cfg.json, report)  # now with the file sizes
     if cfg.plot:
-        plot(report, cfg.plot)
-        print(f"Plot written to {cfg.plot}")
-    if cfg.json:
-        Path(cfg.json).write_text(json.dumps(report, indent=2))
+        try:
+            plot(report, cfg.plot)
+            print(f"Plot written to {cfg.plot}")
+        except Exception as e:  # an optional picture: report it, keep everything computed
+            print(f"error: --plot {cfg.plot}: {type(e).__name__}: {e}", file=sys.stderr)
+            status = 1
     return status
+
+
+def write_json(path, report):
+    try:
+        Path(path).write_text(json.dumps(report, indent=2))
+        return True
+    except OSError as e:
+        print(f"error: --json {path}: {e}", file=sys.stderr)
+        return False
 
 
 if __name__ == "__main__":

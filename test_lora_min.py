@@ -152,9 +152,12 @@ def test_hand_written_backward_equals_autograd_of_the_core_math(case, transposed
 
 
 def test_dropout_gradients_equal_autograd_with_the_same_mask():
+    """Dropout reaches only the LoRA branch: with W and b unfrozen, dW = g^T x uses x itself."""
     torch.manual_seed(0)
     layer = L.LoRALinear(nn.Linear(12, 7), r=3, dropout=0.3)
     nn.init.normal_(layer.lora_B)
+    layer.weight.requires_grad_(True)
+    layer.bias.requires_grad_(True)
     x = torch.randn(2, 5, 12)
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     torch.manual_seed(1)
@@ -163,7 +166,7 @@ def test_dropout_gradients_equal_autograd_with_the_same_mask():
     y_ref = nn.functional.linear(x2, layer.weight, layer.bias) + L.lora_update(
         nn.functional.dropout(x2, 0.3, training=True), layer.lora_A, layer.lora_B, layer.scale)
     torch.testing.assert_close(y, y_ref)
-    params = [layer.lora_A, layer.lora_B]
+    params = [layer.lora_A, layer.lora_B, layer.weight, layer.bias]
     for a, b in zip(torch.autograd.grad((y * y).sum(), [x1] + params), torch.autograd.grad((y_ref * y_ref).sum(), [x2] + params)):
         torch.testing.assert_close(a, b)
 
@@ -371,13 +374,26 @@ def test_lora_params_follow_weight_dtype_and_identity():
     assert layer.lora_A.requires_grad and layer.lora_B.requires_grad
 
 
-def test_init_distributions():
+@pytest.mark.parametrize("std", [1.0, 0.02, 3.0])
+def test_init_distributions(std):
     torch.manual_seed(0)
     layer = L.LoRALinear(nn.Linear(400, 300), r=64)  # kaiming-uniform(a=sqrt(5)): U(-1/sqrt(in), 1/sqrt(in))
     bound = 1 / 400**0.5
     assert layer.lora_A.abs().max() <= bound and layer.lora_A.abs().max() > 0.9 * bound
-    gauss = L.LoRALinear(nn.Linear(400, 300), r=64, init_std=1.0)
-    assert abs(gauss.lora_A.std().item() - 1.0) < 0.02 and abs(gauss.lora_A.mean().item()) < 0.02
+    gauss = L.LoRALinear(nn.Linear(400, 300), r=64, init_std=std)
+    assert abs(gauss.lora_A.std().item() / std - 1.0) < 0.02 and abs(gauss.lora_A.mean().item()) < 0.02 * std
+    gauss.lora_B.data.fill_(1.0)
+    gauss.reset_lora_parameters(init_std=std)  # re-initialising draws afresh and zeroes B
+    assert abs(gauss.lora_A.std().item() / std - 1.0) < 0.02 and torch.count_nonzero(gauss.lora_B) == 0
+
+
+def test_alpha_defaults_to_r():
+    """alpha = r unless given, so the scale is 1 (as loralib and the paper's default)."""
+    layer = L.LoRALinear(nn.Linear(4, 4), r=4)
+    assert layer.alpha == 4 and layer.scale == 1.0
+    assert L.LoRALinear(nn.Linear(4, 4), r=9, use_rslora=True).scale == pytest.approx(3.0)  # 9 / sqrt(9)
+    model = L.add_lora(mlp(), r=3)
+    assert all(layer.alpha == 3 and layer.scale == 1.0 for _, layer in L.lora_layers(model))
 
 
 def test_extra_repr():
@@ -623,6 +639,22 @@ def test_core_same_numbers_on_numpy_and_torch(case):
     torch.testing.assert_close(y_torch, layer(x).detach(), **TOL[case.dtype])  # the layer computes the core's math
 
 
+@given(cases(dtypes=[torch.float64]))
+def test_core_runs_unchanged_on_the_strict_array_api(case):
+    """lora_delta / lora_update / lora_forward use only the Python array API standard."""
+    xp = pytest.importorskip("array_api_strict")
+    linear, layer, x = make(case)
+    W, A, B = (t.detach() for t in (linear.weight, layer.lora_A, layer.lora_B))
+    b = linear.bias.detach() if case.bias else None
+    as_xp = lambda t: None if t is None else xp.asarray(t.numpy())  # noqa: E731
+    y = L.lora_forward(as_xp(x), as_xp(W), as_xp(b), as_xp(A), as_xp(B), layer.scale)
+    assert type(y).__module__.startswith("array_api_strict")
+    y_numpy = L.lora_forward(x.numpy(), W.numpy(), None if b is None else b.numpy(), A.numpy(), B.numpy(), layer.scale)
+    np.testing.assert_allclose(np.asarray(y), y_numpy, rtol=1e-15, atol=1e-15)
+    np.testing.assert_allclose(np.asarray(L.lora_delta(as_xp(A), as_xp(B), layer.scale)),
+                               L.lora_delta(A.numpy(), B.numpy(), layer.scale), rtol=1e-15, atol=1e-15)
+
+
 # --- invalid use fails loudly -------------------------------------------------------------------------
 
 
@@ -730,6 +762,130 @@ def test_merged_flag_survives_torch_save(tmp_path):
     fresh = randomize_B(L.add_lora(mlp(), r=2))
     with pytest.raises(RuntimeError, match="saved merged"):
         fresh.load_state_dict(torch.load(tmp_path / "full.pt", weights_only=True))
+
+
+# --- models as people bring them: linears that are not plain, shared modules, tied weights ------------
+
+
+class ScaledLinear(nn.Linear):
+    """An nn.Linear subclass that computes something else (as quantized linears do)."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+class Block(nn.Module):
+    def __init__(self, out_cls=nn.Linear):
+        super().__init__()
+        self.q_proj, self.qq_proj, self.out_proj = nn.Linear(4, 4), nn.Linear(4, 4), out_cls(4, 4)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.out_proj(self.act(self.q_proj(x) + self.qq_proj(x)))
+
+
+def test_targets_match_whole_dotted_names_never_substrings():
+    model = L.add_lora(nn.Sequential(Block()), r=2, target_modules=["q_proj"])
+    assert [n for n, _ in L.lora_layers(model)] == ["0.q_proj"]  # not 0.qq_proj
+    with pytest.raises(ValueError, match=r"\['proj'\] match no module"):
+        L.add_lora(nn.Sequential(Block()), target_modules=["proj"])
+    with pytest.raises(ValueError, match=r"\['_proj'\] match no module"):
+        L.add_lora(nn.Sequential(Block()), target_modules=["_proj"])
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: nn.Sequential(Block(out_cls=ScaledLinear)), r"'0.out_proj': it is a ScaledLinear, an nn.Linear subclass with its own forward"),
+    (lambda: nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(4, 4))), r"'0': it is parametrized"),
+    (lambda: nn.Sequential(nn.utils.weight_norm(nn.Linear(4, 4))), r"'0': it has a weight that is not an nn.Parameter"),
+    (lambda: nn.Sequential(nn.Linear(4, 4)).apply(lambda m: m.register_forward_hook(lambda *a: None)), r"'0': it has hooks"),
+])
+def test_add_lora_refuses_linears_it_cannot_replace_exactly(make, match):
+    model = make()
+    x = torch.randn(3, 4)
+    before = model(x)
+    with pytest.raises(ValueError, match=match):
+        L.add_lora(model, r=2)  # every nn.Linear, the odd one included
+    assert not list(L.lora_layers(model)) and torch.equal(model(x), before)  # refused before changing anything
+
+
+def test_add_lora_names_the_class_of_a_target_that_is_not_a_linear():
+    with pytest.raises(ValueError, match=r"'0.act': it is a ReLU, not an nn.Linear"):
+        L.add_lora(nn.Sequential(Block()), target_modules=["q_proj", "act"])
+
+
+def test_linear_subclasses_that_keep_linear_forward_are_adapted():
+    from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
+
+    model = L.add_lora(nn.Sequential(NonDynamicallyQuantizableLinear(4, 3)), r=2)
+    assert isinstance(model[0], L.LoRALinear)
+
+
+def test_a_module_registered_twice_gets_one_shared_lora_layer():
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(shared, nn.Tanh(), shared)  # the same layer used twice
+    L.add_lora(model, r=2)
+    assert model[0] is model[2] and isinstance(model[0], L.LoRALinear) and model[0].shared_with == ()
+    randomize_B(model)
+    x = torch.randn(3, 4)
+    y = model.eval()(x)
+    torch.testing.assert_close(L.merge_and_unload(model)(x), y)
+    L.merge_lora(model)  # one module, merged once: fine
+    torch.testing.assert_close(model(x), y)
+
+
+def test_tied_weights_refuse_in_place_merge_but_merge_and_unload_is_correct():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
+    model[2].weight = model[0].weight  # tied
+    L.add_lora(model, r=2, target_modules=["2"])
+    assert model[2].shared_with == ("0.weight",)
+    randomize_B(model)
+    x = torch.randn(3, 4)
+    y, W = model.eval()(x), model[0].weight.clone()
+    with pytest.raises(RuntimeError, match=r"shared with \['0.weight'\].*merge_and_unload"):
+        L.merge_lora(model)
+    with pytest.raises(RuntimeError, match="shared with"):
+        model[2].merge()
+    assert torch.equal(model[0].weight, W) and not model[2].merged
+    plain = L.merge_and_unload(model)
+    torch.testing.assert_close(plain(x), y)
+    assert torch.equal(plain[0].weight, W)
+    bare = L.LoRALinear(nn.Linear(4, 4))  # a layer built by hand: the caller says what it shares
+    bare.shared_with = ("embedding.weight",)
+    with pytest.raises(RuntimeError, match="embedding.weight"):
+        bare.merge()
+
+
+# --- adapter files that are not adapters are refused, never unpickled -------------------------------
+
+
+class Payload:
+    """Unpickling this runs code: the canary file appears."""
+
+    def __init__(self, canary):
+        self.canary = canary
+
+    def __reduce__(self):
+        return (open, (self.canary, "w"))
+
+
+def test_load_adapter_refuses_files_that_are_not_adapters(tmp_path):
+    model = L.add_lora(mlp(), r=2)
+    canary = tmp_path / "canary"
+    torch.save({"format": "lora_min.adapter", "payload": Payload(str(canary))}, tmp_path / "pickled.pt")
+    (tmp_path / "text.pt").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    L.save_adapter(model, tmp_path / "good.pt")
+    (tmp_path / "truncated.pt").write_bytes((tmp_path / "good.pt").read_bytes()[:300])
+    import pickle
+
+    (tmp_path / "pickle.pkl").write_bytes(pickle.dumps({"format": "lora_min.adapter"}))
+    torch.save({"format": "lora_min.adapter", "config": {}, "state_dict": {"0.lora_A": "not a tensor"}}, tmp_path / "odd.pt")
+    for name in ("pickled.pt", "text.pt", "truncated.pt", "pickle.pkl", "odd.pt"):
+        with pytest.raises(ValueError, match=f"{name} is not a lora_min adapter file") as error:
+            L.load_adapter(model, tmp_path / name)
+        assert "weights_only" not in str(error.value)
+    assert not canary.exists()  # the pickled payload never ran
+    with pytest.raises(FileNotFoundError):
+        L.load_adapter(model, tmp_path / "missing.pt")
 
 
 # --- torch.compile -----------------------------------------------------------------------------------

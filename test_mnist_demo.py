@@ -123,6 +123,7 @@ def test_missing_data_without_network_exits_2_with_a_message(tmp_path):
     result = run_cli("--data-dir", tmp_path / "nothing-here", "--quiet", env=env)
     assert result.returncode == 2
     assert "could not be downloaded" in result.stderr and "--data-dir" in result.stderr
+    assert "../shared" not in result.stderr  # a hint that fits users, not this repository's CI layout
     assert "Traceback" not in result.stderr + result.stdout
 
 
@@ -130,6 +131,61 @@ def test_missing_data_without_network_exits_2_with_a_message(tmp_path):
 def test_unavailable_device_exits_2_with_a_message(tiny_data, capsys):
     assert mnist_demo.main(["--data-dir", str(tiny_data), "--device", "cuda", "--quiet"]) == 2
     assert "no cuda device is available" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    """A real adapter file of rank 2, and a file that is not an adapter."""
+    import lora_min
+
+    folder = tmp_path_factory.mktemp("adapters")
+    lora_min.save_adapter(lora_min.add_lora(mnist_demo.RichBoyNet(), r=2, alpha=1.0), folder / "rank2.pt")
+    (folder / "text.pt").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    torch.save({"not": "an adapter"}, folder / "other.pt")
+    return folder
+
+
+BAD_ARGUMENTS = [
+    (["--batch-size", "0"], "--batch-size"), (["--batch-size", "ten"], "--batch-size"),
+    (["--lora-steps", "-5"], "--lora-steps"), (["--epochs", "0"], "--epochs"), (["--rank", "0"], "--rank"),
+    (["--alpha", "0"], "--alpha"), (["--alpha", "nan"], "--alpha"), (["--lr", "-1e-3"], "--lr"), (["--lr", "inf"], "--lr"),
+    (["--save-adapter", "/no/such/dir/a.pt"], "--save-adapter"), (["--json", "/no/such/dir/r.json"], "--json"),
+    (["--json", "{adapters}"], "--json"), (["--load-adapter", "/no/such/file.pt"], "--load-adapter"),
+    (["--load-adapter", "{adapters}/text.pt"], "--load-adapter"), (["--load-adapter", "{adapters}/other.pt"], "--load-adapter"),
+    (["--load-adapter", "{adapters}/rank2.pt"], "--load-adapter"),  # rank 2, and --rank is 1
+    (["--device", "foo"], "--device"), (["--target-digit", "11"], "--target-digit"), (["--no-such-flag"], "--no-such-flag"),
+]
+
+
+@pytest.mark.parametrize("argv, flag", BAD_ARGUMENTS, ids=[" ".join(a) for a, _ in BAD_ARGUMENTS])
+def test_bad_arguments_exit_2_with_one_line_before_any_work(argv, flag, adapters, tmp_path):
+    """Through the CLI. MNIST is absent and cannot be downloaded, so an argument checked
+    only after data loading would end in the data error instead of naming the argument."""
+    env = {**os.environ, "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
+           "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}
+    env.pop("MNIST_DATA_DIR", None)
+    argv = [a.format(adapters=adapters) for a in argv]
+    result = run_cli("--data-dir", tmp_path / "no-mnist-here", "--quiet", *argv, env=env)
+    assert result.returncode == 2
+    assert result.stderr.startswith("mnist_demo.py: error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert flag in result.stderr and "MNIST" not in result.stderr and "Traceback" not in result.stderr
+    assert result.stdout == ""
+
+
+def test_a_failing_extra_keeps_the_table_and_the_json(tiny_data, tmp_path, capsys, monkeypatch):
+    def disk_full(model, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(mnist_demo.lora_min, "save_adapter", disk_full)
+    report_path = tmp_path / "r.json"
+    status = mnist_demo.main([str(a) for a in ["--data-dir", tiny_data, "--no-cache", "--quiet", "--lora-steps", 2,
+                                                 "--json", report_path, "--save-adapter", tmp_path / "a.pt"]])
+    captured = capsys.readouterr()
+    assert status == 1
+    assert "| LoRA merged into W |" in captured.out  # the table was printed
+    assert "error: --save-adapter" in captured.err and "No space left" in captured.err
+    report = json.loads(report_path.read_text())  # and every figure saved
+    assert report["proofs"] and "adapter_file_bytes" not in report
 
 
 def test_corrupt_data_exits_2_with_a_message(tmp_path):
