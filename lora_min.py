@@ -543,8 +543,10 @@ def load_lora_state_dict(model, state, strict=True):
                 continue
             value = state[k].to(device=param.device, dtype=param.dtype)
             if _is_sharded(param):  # FSDP2: keep only this rank's shard of the full tensor
-                from torch.distributed.tensor import distribute_tensor
-
+                try:
+                    from torch.distributed.tensor import distribute_tensor
+                except ImportError:  # torch < 2.5 keeps it here
+                    from torch.distributed._tensor import distribute_tensor
                 value = distribute_tensor(value, param.device_mesh, param.placements)
             param.copy_(value)
     return model
@@ -791,8 +793,7 @@ class _LoRALinearFunction(torch.autograd.Function):
     Everything else autograd offers still works, because backward is made of
     differentiable torch ops: double backward (gradient penalties), torch.func
     (grad, jacrev, vmap for per-sample gradients: generate_vmap_rule runs these
-    same ops on batched tensors) and, in the subclass below, forward mode (jvp,
-    jacfwd). Under vmap torch runs the in-place addmm_ one sample at a time (it
+    same ops on batched tensors) and forward mode (jvp, jacfwd). Under vmap torch runs the in-place addmm_ one sample at a time (it
     warns about it): correct, and 1.4x slower than out-of-place ops would be there
     (per-sample gradients, batch 128), a price paid for the speed outside vmap.
     The one vmap that raises is over the frozen W alone: an in-place add cannot
@@ -848,14 +849,9 @@ class _LoRALinearFunction(torch.autograd.Function):
             dB = (h.T @ g).T.contiguous()
         return dx, dxl, dW, db, dA, dB, None
 
-
-class _LoRALinearFunctionWithJvp(_LoRALinearFunction):
-    """The same, plus forward-mode derivatives (torch.func.jvp, jacfwd, hessian).
-    torch.compile cannot trace a custom jvp, so compiled code uses the class above."""
-
     @staticmethod
     def jvp(ctx, dx, dxl, dW, db, dA, dB, _):
-        """dy = dx W^T + x dW^T + db + s (dx_l A^T + x_l dA^T) B^T + s (x_l A^T) dB^T."""
+        """Forward mode: dy = dx W^T + x dW^T + db + s (dx_l A^T + x_l dA^T) B^T + s (x_l A^T) dB^T."""
         x, x_lora, W, A, B = ctx.saved_tensors
         s = ctx.scale
         xl, dxl = (x, dx) if x_lora is None else (x_lora, dxl)
@@ -866,6 +862,9 @@ class _LoRALinearFunctionWithJvp(_LoRALinearFunction):
 
 
 def _lora_linear(x, x_lora, W, b, A, B, scale):
-    """y = x W^T + b + ((x_lora A^T) scale) B^T through the hand-written Function."""
-    function = _LoRALinearFunction if torch.compiler.is_compiling() else _LoRALinearFunctionWithJvp
-    return function.apply(x, x_lora, W, b, A, B, scale)[0]
+    """y = x W^T + b + ((x_lora A^T) scale) B^T: the hand-written Function in eager mode.
+    Under torch.compile the plain math instead: the compiler differentiates and fuses it
+    itself, and it cannot trace a custom jvp (nor, before torch 2.5, this kind of Function)."""
+    if torch.compiler.is_compiling():
+        return F.linear(x, W, b) + lora_update(x if x_lora is None else x_lora, A, B, scale)
+    return _LoRALinearFunction.apply(x, x_lora, W, b, A, B, scale)[0]

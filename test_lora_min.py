@@ -794,7 +794,8 @@ def test_targets_match_whole_dotted_names_never_substrings():
 
 
 @pytest.mark.parametrize("make, match", [
-    (lambda: nn.Sequential(Block(out_cls=ScaledLinear)), r"'0.out_proj': it is a ScaledLinear, an nn.Linear subclass with its own forward"),
+    (lambda: nn.Sequential(Block(out_cls=ScaledLinear)),
+     r"'0.out_proj': it is a ScaledLinear, an nn.Linear subclass with its own forward"),
     (lambda: nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(4, 4))), r"'0': it is parametrized"),
     (lambda: nn.Sequential(nn.utils.weight_norm(nn.Linear(4, 4))), r"'0': it has a weight that is not an nn.Parameter"),
     (lambda: nn.Sequential(nn.Linear(4, 4)).apply(lambda m: m.register_forward_hook(lambda *a: None)), r"'0': it has hooks"),
@@ -888,6 +889,17 @@ def test_load_adapter_refuses_files_that_are_not_adapters(tmp_path):
         L.load_adapter(model, tmp_path / "missing.pt")
 
 
+def test_load_peft_adapter_refuses_a_pickled_bin_file(tmp_path):
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["0"], "bias": "none"}
+    (tmp_path / "adapter_config.json").write_text(__import__("json").dumps(config))
+    canary = tmp_path / "canary"
+    torch.save({"base_model.model.0.lora_A.weight": Payload(str(canary))}, tmp_path / "adapter_model.bin")
+    model = mlp()
+    with pytest.raises(ValueError, match="adapter_model.bin is not a PEFT adapter file") as error:
+        L.load_peft_adapter(model, tmp_path)
+    assert "weights_only" not in str(error.value) and not canary.exists() and not list(L.lora_layers(model))
+
+
 # --- torch.compile -----------------------------------------------------------------------------------
 
 
@@ -907,14 +919,18 @@ def test_torch_compile_fullgraph_matches_eager_and_sees_state_changes():
     for a, b in zip(eager_grads, compiled_grads):
         torch.testing.assert_close(a, b)
 
-    # State changes must take effect on the very next call, never a stale graph.
+    # State changes must take effect on the very next call, never a stale graph. A stale
+    # graph would be off by the whole LoRA update; compiled kernels may round differently
+    # from eager by an ulp or two (torch 2.4 does), which exactness does not promise.
+    eps = torch.finfo(torch.float32).eps
+    close_to_eager = lambda a, b: torch.testing.assert_close(a, b, rtol=4 * eps, atol=4 * eps)  # noqa: E731
     with torch.no_grad():
         L.set_lora_enabled(model, False)
-        assert torch.equal(compiled(x), base(x))
+        close_to_eager(compiled(x), base(x))
         L.set_lora_enabled(model, True)
         torch.testing.assert_close(compiled(x), y_eager)
         with L.lora_disabled(model):
-            assert torch.equal(compiled(x), base(x))
+            close_to_eager(compiled(x), base(x))
         model.eval()
         L.merge_lora(model)
         torch.testing.assert_close(compiled(x), y_eager)

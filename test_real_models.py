@@ -243,7 +243,8 @@ def test_load_peft_adapter_of_a_trained_peft_model_equals_peft(tmp_path):
         optimizer.step()
     theirs.save_pretrained(tmp_path)
     ours = L.load_peft_adapter(copy.deepcopy(base), tmp_path)
-    assert [n for n, _ in L.lora_layers(ours)] == [f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "o_proj")]
+    expected_names = [f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "o_proj")]
+    assert [n for n, _ in L.lora_layers(ours)] == expected_names
     assert all(torch.count_nonzero(layer.lora_B) for _, layer in L.lora_layers(ours))  # trained, not the init
     ids = tokens()
     expected = peft_from_pretrained(base, tmp_path)(input_ids=ids).logits
