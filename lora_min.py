@@ -575,7 +575,7 @@ def _safe_torch_load(path, what):
                          "files that hold other Python objects are refused, never unpickled") from None
 
 
-def read_adapter(path):
+def _read_adapter(path):
     """The contents of a file written by save_adapter, checked: {"config": ..., "state_dict": ...}."""
     what = "a lora_min adapter file (written by save_adapter)"
     saved = _safe_torch_load(path, what)
@@ -588,7 +588,7 @@ def read_adapter(path):
 
 def load_adapter(model, path):
     """Load a file written by save_adapter into a model with matching LoRA layers."""
-    saved = read_adapter(path)
+    saved = _read_adapter(path)
     want, have = saved["config"], _lora_config(model)
     if want != have:
         def difference(n):
@@ -639,18 +639,13 @@ def _most_common(values):
     return collections.Counter(values).most_common(1)[0][0]
 
 
-def save_peft_adapter(model, directory, base_model_name_or_path=None):
-    """Write the adapter as PEFT does: directory/adapter_config.json and
-    adapter_model.safetensors (adapter_model.bin when safetensors is not installed),
-    so that peft.PeftModel.from_pretrained(base, directory) computes what this model computes."""
-    names = [n for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, LoRALinear)]
-    layers = {n: model.get_submodule(n) for n in names}
-    if not layers or "" in layers:
-        raise ValueError("save_peft_adapter needs a model with LoRA layers inside it (see add_lora)")
+def _peft_config(model, layers, base_model_name_or_path):
+    """adapter_config.json's content for these {name: LoRALinear} layers of model."""
     for setting in ("use_rslora", "dropout"):
         if len({getattr(layer, setting) for layer in layers.values()}) > 1:
             raise ValueError(f"PEFT has one {setting} for all layers; these layers differ: "
                              f"{ {n: getattr(layer, setting) for n, layer in layers.items()} }")
+    first = next(iter(layers.values()))
     r = _most_common(layer.r for layer in layers.values())
     alpha = _most_common(layer.alpha for layer in layers.values())
     # Short names ("q_proj") when they select exactly these modules, else full names.
@@ -663,14 +658,29 @@ def save_peft_adapter(model, directory, base_model_name_or_path=None):
         "r": r, "lora_alpha": int(alpha) if alpha == int(alpha) else alpha, "target_modules": targets,
         "rank_pattern": {n: layer.r for n, layer in layers.items() if layer.r != r},
         "alpha_pattern": {n: layer.alpha for n, layer in layers.items() if layer.alpha != alpha},
-        "lora_dropout": next(iter(layers.values())).dropout, "use_rslora": next(iter(layers.values())).use_rslora,
+        "lora_dropout": first.dropout, "use_rslora": first.use_rslora,
         "bias": "none", "fan_in_fan_out": False, "use_dora": False, "modules_to_save": None,
         "layers_to_transform": None, "layers_pattern": None, "init_lora_weights": True, "inference_mode": True,
     }
     for n, layer in layers.items():  # PEFT's pattern rule must give every layer back its own r and alpha
-        if (_peft_pattern_value(config["rank_pattern"], n, r), _peft_pattern_value(config["alpha_pattern"], n, alpha)) \
-                != (layer.r, layer.alpha):
+        r_n, alpha_n = (_peft_pattern_value(config[key], n, default) for key, default in
+                        (("rank_pattern", r), ("alpha_pattern", alpha)))
+        if (r_n, alpha_n) != (layer.r, layer.alpha):
             raise ValueError(f"cannot express the rank and alpha of {n!r} in PEFT's rank_pattern / alpha_pattern")
+    return config
+
+
+def save_peft_adapter(model, directory, base_model_name_or_path=None):
+    """Write the adapter as PEFT does: directory/adapter_config.json and
+    adapter_model.safetensors (adapter_model.bin when safetensors is not installed),
+    so that peft.PeftModel.from_pretrained(base, directory) computes what this model
+    computes with every LoRA layer enabled (the adapter's weights, whatever the
+    layers' enabled / merged state now)."""
+    names = [n for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, LoRALinear)]
+    layers = {n: model.get_submodule(n) for n in names}
+    if not layers or "" in layers:
+        raise ValueError("save_peft_adapter needs a model with LoRA layers inside it (see add_lora)")
+    config = _peft_config(model, layers, base_model_name_or_path)
     # Separate contiguous copies: safetensors refuses tensors that share memory.
     tensors = {f"{_PEFT_PREFIX}{k}.weight": v.detach().cpu().clone().contiguous() for k, v in lora_state_dict(model).items()}
     os.makedirs(directory, exist_ok=True)
@@ -679,12 +689,16 @@ def save_peft_adapter(model, directory, base_model_name_or_path=None):
     try:
         from safetensors.torch import save_file
     except ImportError:
-        torch.save(tensors, os.path.join(directory, "adapter_model.bin"))
+        written, stale = "adapter_model.bin", "adapter_model.safetensors"
+        torch.save(tensors, os.path.join(directory, written))
     else:
-        save_file(tensors, os.path.join(directory, "adapter_model.safetensors"), metadata={"format": "pt"})
+        written, stale = "adapter_model.safetensors", "adapter_model.bin"
+        save_file(tensors, os.path.join(directory, written), metadata={"format": "pt"})
+    if os.path.exists(os.path.join(directory, stale)):  # an older adapter in the other format would
+        os.remove(os.path.join(directory, stale))  # be read instead of (or beside) this one
 
 
-def read_peft_config(directory):
+def _read_peft_config(directory):
     """directory/adapter_config.json, checked: every PEFT feature lora_min does not
     implement is refused, naming the field, instead of being ignored."""
     path = os.path.join(directory, "adapter_config.json")
@@ -743,7 +757,7 @@ def load_peft_adapter(model, directory):
     is changed: unsupported config fields, targets that are not plain nn.Linear
     modules, and tensors with missing, unexpected or wrongly shaped keys.
     """
-    config = read_peft_config(directory)
+    config = _read_peft_config(directory)
     state = _read_peft_weights(directory)
     names = [n for n, _ in model.named_modules(remove_duplicate=False) if n and _peft_targets(config, n)]
     if not names:
@@ -793,11 +807,11 @@ class _LoRALinearFunction(torch.autograd.Function):
     Everything else autograd offers still works, because backward is made of
     differentiable torch ops: double backward (gradient penalties), torch.func
     (grad, jacrev, vmap for per-sample gradients: generate_vmap_rule runs these
-    same ops on batched tensors) and forward mode (jvp, jacfwd). Under vmap torch runs the in-place addmm_ one sample at a time (it
-    warns about it): correct, and 1.4x slower than out-of-place ops would be there
-    (per-sample gradients, batch 128), a price paid for the speed outside vmap.
-    The one vmap that raises is over the frozen W alone: an in-place add cannot
-    widen a tensor that vmap does not batch.
+    same ops on batched tensors) and forward mode (jvp, jacfwd). Under vmap, torch
+    runs the in-place addmm_ one sample at a time (and warns): correct, and 1.4x
+    slower there than out-of-place ops (per-sample gradients, batch 128), the price
+    of the speed outside vmap. The one vmap that raises is over the frozen W alone:
+    an in-place add cannot widen a tensor that vmap does not batch.
     """
 
     generate_vmap_rule = True

@@ -285,6 +285,8 @@ def test_save_peft_adapter_without_safetensors_writes_bin(tmp_path, monkeypatch)
     import sys
 
     base, model = lora_llama()
+    L.save_peft_adapter(randomize_adapter(L.add_lora(copy.deepcopy(base), r=4, alpha=8, target_modules=["q_proj", "v_proj"]),
+                                          seed=99), tmp_path)  # an older adapter, in the other format
     monkeypatch.setitem(sys.modules, "safetensors.torch", None)  # as if safetensors were not installed
     L.save_peft_adapter(model, tmp_path)
     assert (tmp_path / "adapter_model.bin").exists() and not (tmp_path / "adapter_model.safetensors").exists()
