@@ -488,6 +488,15 @@ def test_merge_and_unload_exports_what_the_model_computes_now():
 # --- training, trainable parameters ---------------------------------------------------------
 
 
+def test_defaults_and_chaining():
+    """r = 8 by default (as PEFT), and the helpers that change a model return it."""
+    assert L.LoRALinear(nn.Linear(16, 16)).r == 8
+    model = mlp()
+    assert L.add_lora(model) is model and all(layer.r == 8 for _, layer in L.lora_layers(model))
+    assert L.mark_only_lora_as_trainable(model) is model
+    assert L.load_lora_state_dict(model, L.lora_state_dict(model)) is model
+
+
 def test_training_changes_only_lora_parameters():
     model = L.add_lora(mlp(), r=3)
     base = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
@@ -575,6 +584,7 @@ def test_lora_disabled_restores_state_nested_and_on_exception():
 def test_lora_state_dict_round_trip():
     model = randomize_B(L.add_lora(mlp(), r=2))
     state = L.lora_state_dict(model)
+    assert not any(isinstance(v, nn.Parameter) or v.requires_grad for v in state.values())  # like state_dict()
     assert set(state) == {f"{n}.{p}" for n, _ in L.lora_layers(model) for p in ("lora_A", "lora_B")}
     fresh = L.add_lora(mlp(), r=2)
     x = torch.randn(4, 6)
@@ -717,6 +727,12 @@ def test_model_level_invalid_use_raises():
     assert [n for n, _ in L.lora_layers(mha)] == ["1"]
     with pytest.raises(RuntimeError, match="not merged"):
         L.unmerge_lora(model)
+    model[0].merge()  # one layer merged, the others not: unmerge_lora refuses before touching any
+    W = model[0].weight.clone()
+    with pytest.raises(RuntimeError, match=r"unmerge_lora: layers not merged: \['2.0', '3'\]"):
+        L.unmerge_lora(model)
+    assert model[0].merged and torch.equal(model[0].weight, W)
+    model[0].unmerge()
     model[3].enabled = False
     with pytest.raises(RuntimeError, match=r"disabled \(enable first\): \['3'\]"):
         L.merge_lora(model)
