@@ -100,11 +100,13 @@ def mutants(source):
         yield number, node.lineno, description, ast.unparse(ast.fix_missing_locations(fresh))
 
 
-def scratch_copy():
+def snapshot(source_dir):
+    """A copy of the code and tests as they are now, so that edits made during a long run
+    cannot change what later mutants are tested against."""
     work = Path(tempfile.mkdtemp(prefix="mutant-"))
-    for name in os.listdir(ROOT):
+    for name in os.listdir(source_dir):
         if name.endswith(".py") or name in ("pytest.ini", "benchmarks"):
-            src = ROOT / name
+            src = Path(source_dir) / name
             (shutil.copytree if src.is_dir() else shutil.copy)(src, work / name)
     return work
 
@@ -125,8 +127,8 @@ def run_tests(work, timeout, tests):
 
 
 def check_one(args):
-    number, line, description, source, timeout, tests = args
-    work = scratch_copy()
+    number, line, description, source, timeout, tests, frozen = args
+    work = snapshot(frozen)
     try:
         (work / TARGET).write_text(source)
         return number, line, description, run_tests(work, timeout, tests)
@@ -142,8 +144,9 @@ def main(argv=None):
     p.add_argument("--tests", nargs="+", default=TESTS)
     p.add_argument("--report", help="also write the table to this file")
     args = p.parse_args(argv)
-    source = (ROOT / TARGET).read_text()
-    baseline = check_one((-1, 0, "unmutated (ast.unparse)", ast.unparse(ast.parse(source)), args.timeout, args.tests))
+    frozen = snapshot(ROOT)
+    source = (frozen / TARGET).read_text()
+    baseline = check_one((-1, 0, "unmutated (ast.unparse)", ast.unparse(ast.parse(source)), args.timeout, args.tests, frozen))
     if baseline[3] != "SURVIVED":
         sys.exit(f"the unmutated file fails its tests ({baseline[3]}): fix that first")
     todo = list(mutants(source))
@@ -153,7 +156,7 @@ def main(argv=None):
     lines = source.splitlines()
     rows, start = [], time.time()
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        jobs = [pool.submit(check_one, (*m, args.timeout, args.tests)) for m in todo]
+        jobs = [pool.submit(check_one, (*m, args.timeout, args.tests, frozen)) for m in todo]
         for job in concurrent.futures.as_completed(jobs):
             number, line, description, verdict = job.result()
             rows.append((number, line, description, verdict))
@@ -167,6 +170,7 @@ def main(argv=None):
     print("\n".join(table))
     if args.report:
         Path(args.report).write_text("\n".join(table) + "\n")
+    shutil.rmtree(frozen, ignore_errors=True)
 
 
 if __name__ == "__main__":
