@@ -1,7 +1,7 @@
 """Plant bugs in lora_min.py one at a time and check that the test suite catches each.
 
-    python tools/mutation_test.py                     # every mutant, report to stdout
-    python tools/mutation_test.py --jobs 2 --only 120-140 --report mutants.md
+    python tools/mutants.py                     # every mutant, report to stdout
+    python tools/mutants.py --jobs 2 --only 120-140 --report mutants.md
 
 Each mutant is one small edit of the syntax tree (a flipped operator or comparison,
 True <-> False, a number changed, `not` dropped, and/or swapped, a `raise` turned
