@@ -473,6 +473,14 @@ def test_merge_and_unload(case):
     torch.testing.assert_close(original(x), y, **TOL[case.dtype])
 
 
+def test_merge_and_unload_of_a_bare_layer_is_an_nn_linear():
+    layer = randomize_B(nn.Sequential(L.LoRALinear(nn.Linear(4, 3), r=2)))[0]
+    x = torch.randn(5, 4)
+    plain = L.merge_and_unload(layer)
+    assert type(plain) is nn.Linear
+    torch.testing.assert_close(plain(x), layer(x))
+
+
 def test_merge_and_unload_exports_what_the_model_computes_now():
     model = randomize_B(L.add_lora(mlp(torch.float64), r=2))
     x = torch.randn(5, 6, dtype=torch.float64)
@@ -703,6 +711,8 @@ def test_invalid_layer_states_raise():
     with torch.no_grad():
         layer(torch.randn(2, 3))  # inference while merged is fine
     layer.eval()(torch.randn(2, 3))
+    with pytest.raises(RuntimeError, match="reset_lora_parameters.*merged"):
+        layer.reset_lora_parameters()  # would change ΔW while W still holds the old one
     layer.unmerge()
     layer.enabled = False
     with pytest.raises(RuntimeError, match="disabled"):
@@ -900,14 +910,79 @@ def test_load_adapter_refuses_files_that_are_not_adapters(tmp_path):
         with pytest.raises(ValueError, match=f"{name} is not a lora_min adapter file") as error:
             L.load_adapter(model, tmp_path / name)
         assert "weights_only" not in str(error.value)
+        if name == "pickled.pt":
+            assert "never unpickled" in str(error.value)
     assert not canary.exists()  # the pickled payload never ran
     with pytest.raises(FileNotFoundError):
         L.load_adapter(model, tmp_path / "missing.pt")
 
 
+def test_save_peft_adapter_needs_lora_layers_inside_a_model(tmp_path):
+    with pytest.raises(ValueError, match="needs a model with LoRA layers inside it"):
+        L.save_peft_adapter(mlp(), tmp_path)  # no LoRA layers at all
+    with pytest.raises(ValueError, match="needs a model with LoRA layers inside it"):
+        L.save_peft_adapter(L.LoRALinear(nn.Linear(4, 4)), tmp_path)  # a bare layer has no module name for PEFT
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def write_peft_config(folder, **fields):
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["0"], "bias": "none", **fields}
+    (folder / "adapter_config.json").write_text(__import__("json").dumps(config))
+
+
+@pytest.mark.parametrize("config_text, weights, error, match", [
+    ("[1, 2]", None, ValueError, "adapter_config.json is not a PEFT adapter config"),
+    (None, None, FileNotFoundError, "holds neither adapter_model.safetensors nor adapter_model.bin"),
+    (None, [1, 2], ValueError, "adapter_model.bin is not a PEFT adapter file: not a dict of tensors"),
+    (None, {"base_model.model.0.lora_A.weight": "text"}, ValueError, "adapter_model.bin is not a PEFT adapter file"),
+    ('{"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": "all-linear"}', None, ValueError,
+     "'all-linear' is not supported; list the module names"),
+    ('{"peft_type": "LORA", "r": 2, "target_modules": ["0"]}', None, ValueError, "the field 'lora_alpha' is missing"),
+])
+def test_load_peft_adapter_refuses_files_that_are_not_peft_adapters(tmp_path, config_text, weights, error, match):
+    if config_text is None:
+        write_peft_config(tmp_path)
+    else:
+        (tmp_path / "adapter_config.json").write_text(config_text)
+    if weights is not None:
+        torch.save(weights, tmp_path / "adapter_model.bin")
+    model = mlp()
+    with pytest.raises(error, match=match):
+        L.load_peft_adapter(model, tmp_path)
+    assert not list(L.lora_layers(model))
+
+
+def test_save_peft_adapter_refuses_what_peft_cannot_express(tmp_path):
+    def model_of(**layers):
+        model = nn.Module()
+        for name, layer in layers.items():
+            setattr(model, name, layer)
+        return model
+
+    for setting, odd in (("use_rslora", dict(use_rslora=True)), ("dropout", dict(dropout=0.1))):
+        model = model_of(a=L.LoRALinear(nn.Linear(4, 4), **odd), b=L.LoRALinear(nn.Linear(4, 4)))
+        with pytest.raises(ValueError, match=f"PEFT has one {setting} for all layers"):
+            L.save_peft_adapter(model, tmp_path)
+    # rank_pattern keys match the end of a name: "q" would also give "inner.q" rank 2
+    model = model_of(q=L.LoRALinear(nn.Linear(4, 4), r=2), inner=model_of(q=L.LoRALinear(nn.Linear(4, 4), r=4)),
+                     other=L.LoRALinear(nn.Linear(4, 4), r=4))
+    with pytest.raises(ValueError, match="cannot express the rank and alpha of 'inner.q'"):
+        L.save_peft_adapter(model, tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
+def test_load_peft_adapter_refuses_other_settings_for_a_module_registered_twice(tmp_path):
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(shared, nn.Tanh(), shared)
+    write_peft_config(tmp_path, target_modules=["0", "2"], rank_pattern={"2": 3})
+    torch.save({f"base_model.model.{name}.lora_{AB}.weight": torch.zeros(shape) for name, r in (("0", 2), ("2", 3))
+                for AB, shape in (("A", (r, 4)), ("B", (4, r)))}, tmp_path / "adapter_model.bin")
+    with pytest.raises(ValueError, match="'2' is the same module as another target but asks for other LoRA settings"):
+        L.load_peft_adapter(model, tmp_path)
+
+
 def test_load_peft_adapter_refuses_a_pickled_bin_file(tmp_path):
-    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["0"], "bias": "none"}
-    (tmp_path / "adapter_config.json").write_text(__import__("json").dumps(config))
+    write_peft_config(tmp_path)
     canary = tmp_path / "canary"
     torch.save({"base_model.model.0.lora_A.weight": Payload(str(canary))}, tmp_path / "adapter_model.bin")
     model = mlp()
