@@ -583,6 +583,8 @@ def _read_adapter(path):
             and isinstance(saved.get("config"), dict) and isinstance(saved.get("state_dict"), dict)
             and all(isinstance(v, torch.Tensor) for v in saved["state_dict"].values())):
         raise ValueError(f"{path} is not {what}")
+    if saved.get("version") != 1:
+        raise ValueError(f"{path} is a lora_min adapter of format version {saved.get('version')!r}; this file reads version 1")
     return saved
 
 

@@ -364,6 +364,12 @@ def test_dropout_changes_training_outputs_only():
     assert torch.equal(dropped.eval()(x), plain.eval()(x))
 
 
+def test_without_dropout_the_lora_branch_reads_x_itself():
+    """No dropout module at all (not Dropout(0)): the branch shares x, and backward its one buffer."""
+    assert isinstance(L.LoRALinear(nn.Linear(4, 4)).lora_dropout, nn.Identity)
+    assert isinstance(L.LoRALinear(nn.Linear(4, 4), dropout=0.1).lora_dropout, nn.Dropout)
+
+
 def test_lora_params_follow_weight_dtype_and_identity():
     linear = nn.Linear(5, 7, dtype=torch.float64)
     layer = L.LoRALinear(linear, r=3)
@@ -634,6 +640,13 @@ def test_adapter_wrong_keys_shapes_and_settings_raise(tmp_path):
         L.load_adapter(L.add_lora(mlp(), r=2, use_rslora=True), path)
     with pytest.raises(ValueError, match="'0': in the file, not a LoRA layer"):
         L.load_adapter(L.add_lora(mlp(), r=2, target_modules=["2.0", "3"]), path)
+    L.save_adapter(L.add_lora(mlp(), r=2, target_modules=["2.0", "3"]), tmp_path / "two.pt")
+    with pytest.raises(ValueError, match="'0': a LoRA layer of the model, not in the file"):
+        L.load_adapter(L.add_lora(mlp(), r=2), tmp_path / "two.pt")
+    future = torch.load(path, weights_only=True)
+    torch.save({**future, "version": 2}, tmp_path / "future.pt")
+    with pytest.raises(ValueError, match="format version 2; this file reads version 1"):
+        L.load_adapter(L.add_lora(mlp(), r=2), tmp_path / "future.pt")
     torch.save(L.lora_state_dict(model), tmp_path / "plain.pt")
     with pytest.raises(ValueError, match="not a lora_min adapter file"):
         L.load_adapter(L.add_lora(mlp(), r=2), tmp_path / "plain.pt")
