@@ -651,10 +651,9 @@ def _peft_config(model, layers, base_model_name_or_path):
     r = _most_common(layer.r for layer in layers.values())
     alpha = _most_common(layer.alpha for layer in layers.values())
     # Short names ("q_proj") when they select exactly these modules, else full names.
-    others = [n for n, _ in model.named_modules(remove_duplicate=False)
-              if n and not any(n.startswith(lora + ".") for lora in layers)]
     short = sorted({n.rsplit(".", 1)[-1] for n in layers})
-    targets = short if {n for n in others if _matches(n, short)} == set(layers) else sorted(layers)
+    selected = {n for n, _ in model.named_modules(remove_duplicate=False) if _matches(n, short)}
+    targets = short if selected == set(layers) else sorted(layers)
     config = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path,
         "r": r, "lora_alpha": int(alpha) if alpha == int(alpha) else alpha, "target_modules": targets,

@@ -984,6 +984,14 @@ def test_save_peft_adapter_refuses_what_peft_cannot_express(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("alpha, written", [(2.5, 2.5), (3.0, 3)])
+def test_save_peft_adapter_writes_alpha_exactly(tmp_path, alpha, written):
+    L.save_peft_adapter(L.add_lora(mlp(), r=2, alpha=alpha), tmp_path)
+    config = __import__("json").loads((tmp_path / "adapter_config.json").read_text())
+    assert config["lora_alpha"] == written and type(config["lora_alpha"]) is type(written)
+    assert config["target_modules"] == ["0", "3"]  # short names: "0" also selects "2.0", as it should here
+
+
 def test_load_peft_adapter_refuses_other_settings_for_a_module_registered_twice(tmp_path):
     shared = nn.Linear(4, 4)
     model = nn.Sequential(shared, nn.Tanh(), shared)

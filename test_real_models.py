@@ -296,6 +296,16 @@ def test_save_peft_adapter_without_safetensors_writes_bin(tmp_path, monkeypatch)
     torch.testing.assert_close(L.load_peft_adapter(copy.deepcopy(base), tmp_path)(ids).logits, model(ids).logits, **EXACT)
 
 
+def test_reading_safetensors_without_the_package_says_what_to_install(tmp_path, monkeypatch):
+    import sys
+
+    base, model = lora_llama()
+    L.save_peft_adapter(model, tmp_path)
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    with pytest.raises(ImportError, match="needs the safetensors package: pip install safetensors"):
+        L.load_peft_adapter(copy.deepcopy(base), tmp_path)
+
+
 # --- PEFT adapters lora_min does not implement are refused, naming the field ---------------------------
 
 
