@@ -721,6 +721,10 @@ def test_invalid_layer_states_raise():
         layer.enabled = False
     with pytest.raises(RuntimeError, match="would get no gradient"):
         layer.train()(torch.randn(2, 3))
+    layer.lora_A.requires_grad_(False)  # only B trained (as in LoRA-FA): still refused
+    with pytest.raises(RuntimeError, match="would get no gradient"):
+        layer.train()(torch.randn(2, 3))
+    layer.lora_A.requires_grad_(True)
     with torch.no_grad():
         layer(torch.randn(2, 3))  # inference while merged is fine
     layer.eval()(torch.randn(2, 3))
