@@ -404,7 +404,8 @@ def test_alpha_defaults_to_r():
 
 def test_extra_repr():
     text = repr(L.LoRALinear(nn.Linear(4, 3), r=2, alpha=4))
-    for part in ("in_features=4", "out_features=3", "r=2", "alpha=4", "scale=2", "merged=False"):
+    assert "bias=False" in repr(L.LoRALinear(nn.Linear(4, 3, bias=False), r=2))
+    for part in ("in_features=4", "out_features=3", "bias=True", "r=2", "alpha=4", "scale=2", "merged=False"):
         assert part in text
 
 
@@ -472,6 +473,7 @@ def test_merge_and_unload(case):
     y = model(x)
     plain = L.merge_and_unload(model)
     assert not any(isinstance(m, L.LoRALinear) for m in plain.modules())
+    assert not any(p.requires_grad for p in plain.parameters())  # the exported base stays frozen
     assert isinstance(model[0], L.LoRALinear) and not model[0].merged  # input left untouched
     torch.testing.assert_close(plain(x), y, **TOL[case.dtype])
     assert set(plain.state_dict()) == set(original.state_dict())
@@ -749,8 +751,9 @@ def test_model_level_invalid_use_raises():
     with pytest.raises(ValueError, match="out_proj"):
         L.add_lora(nn.MultiheadAttention(8, 2), target_modules=["out_proj"])
     mha = nn.Sequential(nn.MultiheadAttention(8, 2), nn.Linear(8, 8))
-    with pytest.warns(UserWarning, match="skipping '0.out_proj'"):
+    with pytest.warns(UserWarning, match="skipping '0.out_proj'") as warned:
         L.add_lora(mha)  # the default (every nn.Linear) skips the bypassed out_proj, and says so
+    assert warned[0].filename == __file__  # attributed to the caller's line
     assert [n for n, _ in L.lora_layers(mha)] == ["1"]
     with pytest.raises(RuntimeError, match="not merged"):
         L.unmerge_lora(model)
@@ -872,7 +875,9 @@ def test_a_module_registered_twice_gets_one_shared_lora_layer():
     randomize_B(model)
     x = torch.randn(3, 4)
     y = model.eval()(x)
-    torch.testing.assert_close(L.merge_and_unload(model)(x), y)
+    plain = L.merge_and_unload(model)
+    assert type(plain[0]) is nn.Linear and plain[0] is plain[2]  # replaced under both names, still shared
+    torch.testing.assert_close(plain(x), y)
     L.merge_lora(model)  # one module, merged once: fine
     torch.testing.assert_close(model(x), y)
 

@@ -2,6 +2,7 @@
 
     python tools/mutants.py                     # every mutant, report to stdout
     python tools/mutants.py --jobs 2 --only 120-140 --report mutants.md
+    python tools/mutants.py --lines 154,380 --tests test_lora_min.py   # re-check a few lines
 
 Each mutant is one small edit of the syntax tree (a flipped operator or comparison,
 True <-> False, a number changed, `not` dropped, and/or swapped, a `raise` turned
@@ -140,6 +141,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--only", help="a range of mutant numbers, e.g. 10-20")
+    p.add_argument("--lines", help="only mutants on these lines of lora_min.py, e.g. 120,245,310")
     p.add_argument("--timeout", type=int, default=600, help="seconds per mutant")
     p.add_argument("--tests", nargs="+", default=TESTS)
     p.add_argument("--report", help="also write the table to this file")
@@ -153,6 +155,9 @@ def main(argv=None):
     if args.only:
         lo, hi = map(int, args.only.split("-"))
         todo = [m for m in todo if lo <= m[0] <= hi]
+    if args.lines:
+        lines_wanted = {int(n) for n in args.lines.split(",")}
+        todo = [m for m in todo if m[1] in lines_wanted]
     lines = source.splitlines()
     rows, start = [], time.time()
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
