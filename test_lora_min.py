@@ -801,6 +801,15 @@ def test_merged_checkpoint_never_loads_into_unmerged_model():
     model.load_state_dict(unmerged_state)
 
 
+def test_a_bare_layer_names_itself_in_the_merged_checkpoint_error():
+    layer = L.LoRALinear(nn.Linear(4, 4), r=2)
+    layer.merge()
+    merged_state = layer.state_dict()
+    layer.unmerge()
+    with pytest.raises(RuntimeError, match="LoRALinear: the checkpoint was saved merged"):
+        layer.load_state_dict(merged_state)
+
+
 def test_merged_flag_survives_torch_save(tmp_path):
     model = randomize_B(L.add_lora(mlp(), r=2))
     L.merge_lora(model)
@@ -999,6 +1008,20 @@ def test_save_peft_adapter_writes_alpha_exactly(tmp_path, alpha, written):
     config = __import__("json").loads((tmp_path / "adapter_config.json").read_text())
     assert config["lora_alpha"] == written and type(config["lora_alpha"]) is type(written)
     assert config["target_modules"] == ["0", "3"]  # short names: "0" also selects "2.0", as it should here
+
+
+def test_peft_round_trip_keeps_a_module_registered_twice_shared(tmp_path):
+    shared = nn.Linear(4, 4)
+    model = randomize_B(L.add_lora(nn.Sequential(shared, nn.Tanh(), shared), r=2))
+    L.save_peft_adapter(model, tmp_path)
+    assert __import__("json").loads((tmp_path / "adapter_config.json").read_text())["target_modules"] == ["0", "2"]
+    fresh = nn.Sequential(nn.Linear(4, 4), nn.Tanh())
+    fresh.append(fresh[0])
+    fresh.load_state_dict({k: v for k, v in model.state_dict().items() if "lora_" not in k})
+    L.load_peft_adapter(fresh, tmp_path)
+    assert fresh[0] is fresh[2] and isinstance(fresh[0], L.LoRALinear)
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(fresh(x), model(x))
 
 
 def test_load_peft_adapter_refuses_other_settings_for_a_module_registered_twice(tmp_path):
