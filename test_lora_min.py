@@ -385,7 +385,7 @@ def test_init_distributions(std):
     torch.manual_seed(0)
     layer = L.LoRALinear(nn.Linear(400, 300), r=64)  # kaiming-uniform(a=sqrt(5)): U(-1/sqrt(in), 1/sqrt(in))
     bound = 1 / 400**0.5
-    assert layer.lora_A.abs().max() <= bound and layer.lora_A.abs().max() > 0.9 * bound
+    assert layer.lora_A.abs().max() <= bound and layer.lora_A.abs().max() > 0.99 * bound  # 25,600 draws reach the bound
     gauss = L.LoRALinear(nn.Linear(400, 300), r=64, init_std=std)
     assert abs(gauss.lora_A.std().item() / std - 1.0) < 0.02 and abs(gauss.lora_A.mean().item()) < 0.02 * std
     gauss.lora_B.data.fill_(1.0)
