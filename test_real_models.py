@@ -44,6 +44,17 @@ def randomize_adapter(model, seed=2):
     return model
 
 
+def train_language_model(model, first_seed, steps=3):
+    """A few AdamW steps of next-token prediction on random tokens, on what requires grad."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(steps):
+        ids = tokens(seed=first_seed + step)
+        loss = model(input_ids=ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
 def peft_layer(peft_model, name):
     return peft_model.base_model.model.get_submodule(name)
 
@@ -82,13 +93,7 @@ def test_llama_training_save_load_merge_and_generate(tmp_path):
     base, model = lora_llama()
     model.train()
     frozen = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for step in range(3):
-        ids = tokens(seed=10 + step)
-        loss = model(input_ids=ids, labels=ids).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    train_language_model(model, first_seed=10)
     model.eval()
     assert all(torch.equal(v, frozen[k]) for k, v in model.state_dict().items() if "lora_" not in k)
     ids = tokens()
@@ -234,13 +239,7 @@ def test_peft_rank_alpha_patterns_and_rslora_round_trip(tmp_path):
 def test_load_peft_adapter_of_a_trained_peft_model_equals_peft(tmp_path):
     base = tiny_llama()
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "o_proj"]))
-    optimizer = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=1e-2)
-    for step in range(3):
-        ids = tokens(seed=20 + step)
-        loss = theirs(input_ids=ids, labels=ids).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    train_language_model(theirs, first_seed=20)
     theirs.save_pretrained(tmp_path)
     ours = L.load_peft_adapter(copy.deepcopy(base), tmp_path)
     expected_names = [f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "o_proj")]
