@@ -879,7 +879,7 @@ class _LoRALinearFunction(torch.autograd.Function):
 def _lora_linear(x, x_lora, W, b, A, B, scale):
     """y = x W^T + b + ((x_lora A^T) scale) B^T: the hand-written Function in eager mode.
     Under torch.compile the plain math instead: the compiler differentiates and fuses it
-    itself, and it cannot trace a custom jvp (nor, before torch 2.5, this kind of Function)."""
+    itself, and it cannot trace a custom jvp (nor, in torch 2.4, this kind of Function)."""
     if torch.compiler.is_compiling():
         return F.linear(x, W, b) + lora_update(x if x_lora is None else x_lora, A, B, scale)
     return _LoRALinearFunction.apply(x, x_lora, W, b, A, B, scale)[0]
