@@ -1,7 +1,7 @@
-"""lora_min: Low-Rank Adaptation (LoRA) of nn.Linear layers, in one readable file.
+"""lora_min: Low-Rank Adaptation (LoRA) in one readable file.
 
 LoRA (Hu et al., 2021, https://arxiv.org/abs/2106.09685) fine-tunes a frozen
-pretrained linear layer y = x W^T + b by learning a low-rank update of W:
+pretrained layer with weight W by learning a low-rank update of W:
 
     W' = W + ΔW,    ΔW = (B @ A) * scale,    scale = alpha / r
 
@@ -9,15 +9,18 @@ pretrained linear layer y = x W^T + b by learning a low-rank update of W:
     A: (r, in)     trained, random at the start
     B: (out, r)    trained, zero at the start, so ΔW = 0 and W' = W at first
 
-Only r * (in + out) numbers are trained per layer instead of in * out.
-
-In training we never form ΔW: the factored forward
+Only r * (in + out) numbers are trained per layer instead of in * out. For a
+linear layer y = x W^T + b we never form ΔW in training: the factored forward
 
     y = x W^T + b + ((x A^T) B^T) * scale
 
 costs two thin matrix products, and backward needs no (out, in) gradient. For
-inference, `merge()` folds ΔW into W once, so the layer costs exactly what a
-plain nn.Linear costs.
+inference, `merge()` folds ΔW into W once, so the layer costs exactly what the
+plain layer costs.
+
+The idea is about the weight, not about nn.Linear: an nn.Embedding is a linear
+map of one-hot rows, a convolution a linear map of image patches, and each gets
+the same A, B and ΔW (LoRAEmbedding, LoRAConv below).
 
 Copy this file into your project; it needs only torch (tested with torch 2.4
 to 2.14) and the standard library.
@@ -29,19 +32,24 @@ to 2.14) and the standard library.
     save_peft_adapter(model, "adapter/")       # the same, in PEFT's format (PEFT, vLLM, ...)
     plain = merge_and_unload(model)            # an ordinary model with W + ΔW
 
-Reading order: the math, the layer, the model-level helpers, adapter files
-(ours and PEFT's), and last the hand-written backward that makes the layer fast.
+Reading order: the math; the layer (LoRALayer and LoRALinear: all of LoRA);
+embeddings and convolutions; the model-level helpers; adapter files (ours and
+PEFT's); last, the hand-written backward that makes LoRALinear fast.
 """
 
+import ast
 import collections
 import contextlib
 import copy
+import functools
+import inspect
 import json
 import math
 import os
 import re
+import textwrap
 import warnings
-from typing import Iterator, NamedTuple
+from typing import Iterator, NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -51,7 +59,7 @@ from torch.nn.utils import parametrize
 # ---------------------------------------------------------------------------
 # The math: plain tensor algebra (@, *, +, .T only), so the same functions run
 # on torch tensors, NumPy arrays or any Python array API library, and read as
-# the equations above.
+# the equations above. (That is why these three take no type hints.)
 # ---------------------------------------------------------------------------
 
 
@@ -87,78 +95,95 @@ def lora_forward(x, W, b, A, B, scale):
 
 
 # ---------------------------------------------------------------------------
-# The layer
+# The layer: what every LoRA layer shares (LoRALayer), then LoRALinear
 # ---------------------------------------------------------------------------
 
-# Key added to a LoRALinear's state_dict only while it is merged, so that a
+# Key added to a LoRA layer's state_dict only while it is merged, so that a
 # checkpoint whose `weight` already holds W + ΔW can never be loaded as if it
 # held W (ΔW would then count twice).
 _MERGED_KEY = "lora_merged"
 
 
-class LoRALinear(nn.Module):
-    """A frozen nn.Linear plus a trainable low-rank update.
+class LoRALayer(nn.Module):
+    """A frozen base layer's weight W plus a trainable low-rank update ΔW = (B @ A) * scale.
 
-        y = x W^T + b + dropout(x) A^T B^T * scale
+    This base holds what every adapted layer shares: lora_A, lora_B, the scale,
+    the `enabled` and `merged` states, merge / unmerge and the checkpoint flag.
+    A subclass (LoRALinear, LoRAEmbedding, LoRAConv) adds only what differs:
+    the shapes of A and B, ΔW laid out in W's shape (`_as_weight`), the plain
+    forward and the factored one, and the plain module that merge_and_unload makes.
 
-    Args:
-        linear: the nn.Linear to adapt. Its `weight` and `bias` Parameters are
-            reused (not copied) and frozen, so the state_dict keys are those of
-            the linear plus `lora_A` and `lora_B`.
+    Args (every subclass):
+        base: the layer to adapt. Its `weight` and `bias` Parameters are reused
+            (not copied) and frozen, so the state_dict keys are the base's plus
+            `lora_A` and `lora_B`.
         r: rank of the update, a positive int.
-        alpha: scaling numerator; defaults to r (scale 1).
+        alpha: scaling numerator, a positive number; defaults to r (scale 1).
         dropout: dropout probability on the input of the LoRA branch only.
         use_rslora: scale = alpha / sqrt(r) (rank-stabilised LoRA) instead of alpha / r.
-        init_std: None for the usual kaiming-uniform init of A (as nn.Linear,
-            loralib and PEFT); a float for A ~ N(0, init_std^2).
+        init_std: None for the layer type's usual init of A; a float for A ~ N(0, init_std^2).
 
-    Shapes: weight (out, in), bias (out,), lora_A (r, in), lora_B (out, r);
-    input (..., in) -> output (..., out).
-
-    States: `enabled` (False: exactly the original linear) and `merged` (ΔW is
-    folded into `weight`; see merge). Merging is explicit: train() and eval()
-    never touch the weights.
+    States: `enabled` (False: exactly the base layer) and `merged` (ΔW is folded
+    into `weight`; see merge). Merging is explicit: train() and eval() never
+    touch the weights.
 
     Shared weights: merge() writes into `weight`, so it must not be merged if
     that Parameter is also used elsewhere (tied embeddings). add_lora finds such
     sharing and records it in `shared_with`, which makes merge() refuse; for a
-    LoRALinear you build yourself, set `shared_with` or use merge_and_unload.
+    layer you build yourself, set `shared_with` or use merge_and_unload.
     """
 
-    def __init__(self, linear, r=8, alpha=None, dropout=0.0, use_rslora=False, init_std=None):
+    base_types: tuple = ()  # the nn.Module classes a subclass adapts
+    # and, in each subclass: lora_shapes(base, r) -> (A's shape, B's shape)
+
+    def __init__(self, base, a_shape, b_shape, r=8, alpha=None, dropout=0.0, use_rslora=False):
         super().__init__()
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"LoRALinear adapts an nn.Linear, got {type(linear).__name__}")
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise ValueError(f"r (the LoRA rank) must be a positive int, got {r!r}")
-        alpha = r if alpha is None else alpha
-        if not alpha > 0:
-            raise ValueError(f"alpha must be > 0, got {alpha!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-        if init_std is not None and not init_std > 0:
-            raise ValueError(f"init_std must be > 0 or None, got {init_std!r}")
-
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = linear.weight  # the same Parameter objects: no copy, and frozen
-        self.bias = linear.bias
-        self.weight.requires_grad_(False)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
-
-        self.r, self.alpha, self.use_rslora, self.dropout = r, float(alpha), use_rslora, float(dropout)
+        self.weight = base.weight  # the same Parameter objects: no copy, and frozen
+        self.bias = getattr(base, "bias", None)
+        for p in (self.weight, self.bias):
+            if p is not None:
+                p.requires_grad_(False)
+        self.r, self.alpha, self.use_rslora = r, float(r if alpha is None else alpha), bool(use_rslora)
+        self.dropout = float(dropout)
         self.scale = self.alpha / (math.sqrt(r) if use_rslora else r)
         factory = dict(device=self.weight.device, dtype=self.weight.dtype)
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
-        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))
+        self.lora_A = nn.Parameter(torch.empty(a_shape, **factory))
+        self.lora_B = nn.Parameter(torch.empty(b_shape, **factory))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.shared_with = ()  # names of other modules' parameters that are this layer's weight or bias
         self._enabled = True
         self.merged = False
-        self.reset_lora_parameters(init_std)
+        self.ran = False  # set by every forward; see _BypassCheck
+        self.train(base.training)  # a new layer behaves as the one it replaces (eval stays eval)
+
+    @classmethod
+    def check(cls, base, r=8, alpha=None, dropout=0.0, use_rslora=False, init_std=None):
+        """Raise ValueError if this layer type cannot adapt `base` with these settings.
+        The constructor runs it first; add_lora runs it on every target before changing any."""
+        if not isinstance(base, cls.base_types):
+            raise TypeError(f"{cls.__name__} adapts {' / '.join('nn.' + t.__name__ for t in cls.base_types)}, "
+                            f"got {type(base).__name__}")
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"r (the LoRA rank) must be a positive int, got {r!r}")
+        for name, value in (("alpha", alpha), ("init_std", init_std)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+                raise ValueError(f"{name} must be a positive number or None, got {value!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+        if not isinstance(use_rslora, bool):
+            raise ValueError(f"use_rslora must be True or False, got {use_rslora!r}")
+        reason = cls.unsupported(base, dropout=dropout)
+        if reason:
+            raise ValueError(f"{cls.__name__} cannot adapt this {type(base).__name__}: {reason}")
+
+    @classmethod
+    def unsupported(cls, base, dropout=0.0):
+        """Why this layer type cannot compute `base` exactly (None if it can)."""
+        return None
 
     def reset_lora_parameters(self, init_std=None):
-        """A random (kaiming-uniform, or N(0, init_std^2)), B = 0, so ΔW = 0."""
+        """A random (kaiming-uniform as the base layer's own init, or N(0, init_std^2)),
+        B = 0, so ΔW = 0."""
         if self.merged:
             raise RuntimeError("reset_lora_parameters() on a merged layer; call unmerge() first")
         with torch.no_grad():
@@ -169,89 +194,82 @@ class LoRALinear(nn.Module):
             nn.init.zeros_(self.lora_B)
 
     @property
-    def enabled(self):
+    def enabled(self) -> bool:
         return self._enabled
 
     @enabled.setter
-    def enabled(self, value):
+    def enabled(self, value: bool):
         if self.merged and not value:
             raise RuntimeError("cannot disable a merged LoRA layer: its weight holds W + ΔW; call unmerge() first")
         self._enabled = bool(value)
 
-    def delta_weight(self):
-        """ΔW = (lora_B @ lora_A) * scale, shape (out, in), in the weight's dtype."""
-        return lora_delta(self.lora_A, self.lora_B, self.scale)
+    def delta_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """ΔW = (lora_B @ lora_A) * scale in the weight's shape (in `dtype` if given)."""
+        A, B = (self.lora_A, self.lora_B) if dtype is None else (self.lora_A.to(dtype), self.lora_B.to(dtype))
+        return self._as_weight(lora_delta(A.flatten(1), B, self.scale))
 
-    def forward(self, x):
-        """x: (..., in) -> (..., out)."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling():
+            self.ran = True
         if self.merged:
             if self.training and torch.is_grad_enabled() and (self.lora_A.requires_grad or self.lora_B.requires_grad):
                 raise RuntimeError(
                     "forward in training mode on a merged LoRA layer: lora_A and lora_B would get no "
                     "gradient. Call unmerge() to train, or use eval() / torch.no_grad() for inference."
                 )
-            return F.linear(x, self.weight, self.bias)
-        # Disabled: F.linear is exactly what nn.Linear computes, bit for bit.
-        if not self.enabled:
-            return F.linear(x, self.weight, self.bias)
-        x_lora = self.lora_dropout(x)
-        x_lora = None if x_lora is x else x_lora  # None: the same tensor (no dropout, or eval)
-        # lora_forward's math, with the gradients written out by hand for speed
-        # (see _LoRALinearFunction at the end of this file).
-        tensors = (x, x_lora, self.weight, self.bias, self.lora_A, self.lora_B)
-        device = x.device.type
-        if torch.is_autocast_enabled(device):  # autocast does not reach inside an autograd.Function:
-            dtype = torch.get_autocast_dtype(device)  # cast as it would cast F.linear's inputs
-            tensors = tuple(None if t is None else t.to(dtype) for t in tensors)
-            with torch.autocast(device, enabled=False):
-                return _lora_linear(*tensors, self.scale)
-        return _lora_linear(*tensors, self.scale)
+            return self.plain_forward(x)
+        if not self.enabled:  # exactly what the base layer computes, bit for bit
+            return self.plain_forward(x)
+        return self.adapted_forward(x)
 
     # --- merge / unmerge -----------------------------------------------------
     # W is rewritten in place, computed in at least float32 and rounded once to
     # the weight's dtype. unmerge() therefore restores W only up to rounding:
     # elementwise |W_unmerged - W| <= eps * (|W| + |ΔW|), eps = torch.finfo(W.dtype).eps
     # (exact in float64 for practical purposes; about 1e-7 relative in float32,
-    # 8e-3 in bfloat16). Keep a copy of W if you need it bit for bit.
+    # 8e-3 in bfloat16). Keep a copy of W if you need it bit for bit, or use
+    # merged_state_dict(model), which never writes into W.
 
-    def _shifted_weight(self, sign):
-        """W + sign * ΔW, computed in at least float32, rounded once to W's dtype."""
+    def merged_weight(self, sign: int = +1) -> torch.Tensor:
+        """W + sign * ΔW, computed in at least float32, rounded once to W's dtype.
+        Raises if the result is not finite (e.g. float16 overflow): nothing is written."""
         dtype = torch.promote_types(self.weight.dtype, torch.float32)
-        delta = lora_delta(self.lora_A.to(dtype), self.lora_B.to(dtype), self.scale)
-        return (self.weight.to(dtype) + sign * delta).to(self.weight.dtype)
+        result = (self.weight.to(dtype) + sign * self.delta_weight(dtype)).to(self.weight.dtype)
+        if result.device.type != "meta" and not torch.isfinite(result).all():
+            raise RuntimeError(f"W {'+' if sign > 0 else '-'} ΔW has inf or NaN entries in {self.weight.dtype} "
+                               "(overflow?); the weight was left unchanged")
+        return result
 
-    def _check_not_sharded(self, what):
+    def check_can_write_weight(self, what: str):
+        """Refuse merge / unmerge where writing into `weight` would be wrong."""
         # Under FSDP2 the parameters are DTensor shards between forwards: ΔW needs
         # all of A and B, and each rank holds only a slice of W.
         if any(_is_sharded(p) for p in (self.weight, self.lora_A, self.lora_B)):
             raise RuntimeError(f"{what}() on sharded (FSDP2 / DTensor) parameters: gather a full copy first, "
                                "e.g. load get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)) "
                                "into an unsharded model, then merge that")
-
-    def _check_can_write_weight(self, what):
-        self._check_not_sharded(what)
         if self.shared_with:
             raise RuntimeError(f"{what}() would write W + ΔW into a weight that is shared with {list(self.shared_with)} "
                                "(tied weights): those would change too. Use merge_and_unload(model), which copies it.")
 
     @torch.no_grad()
     def merge(self):
-        """Fold ΔW into weight in place: forward becomes a plain F.linear."""
-        self._check_can_write_weight("merge")
+        """Fold ΔW into weight in place: forward becomes the plain layer's."""
+        self.check_can_write_weight("merge")
         if self.merged:
             raise RuntimeError("merge() on a LoRA layer that is already merged")
         if not self.enabled:
             raise RuntimeError("merge() on a disabled LoRA layer would change its output; enable it first")
-        self.weight.copy_(self._shifted_weight(+1))
+        self.weight.copy_(self.merged_weight(+1))
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self):
         """Take ΔW back out of weight (exact up to the rounding documented above)."""
-        self._check_can_write_weight("unmerge")
+        self.check_can_write_weight("unmerge")
         if not self.merged:
             raise RuntimeError("unmerge() on a LoRA layer that is not merged")
-        self.weight.copy_(self._shifted_weight(-1))
+        self.weight.copy_(self.merged_weight(-1))
         self.merged = False
 
     # --- checkpoints remember whether `weight` holds W or W + ΔW ---------------
@@ -263,20 +281,258 @@ class LoRALinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         saved_merged = bool(state_dict.pop(prefix + _MERGED_KEY, False))
-        if saved_merged != self.merged:
+        holds_this_layer = any(k.startswith(prefix) and "." not in k[len(prefix):] for k in state_dict)
+        if saved_merged != self.merged and (saved_merged or holds_this_layer):
             what = {True: "merged (weight = W + ΔW)", False: "unmerged (weight = W)"}
             error_msgs.append(
-                f"{prefix.rstrip('.') or 'LoRALinear'}: the checkpoint was saved {what[saved_merged]} but this layer is "
-                f"{what[self.merged]}; call {'merge' if saved_merged else 'unmerge'}() on it before loading."
+                f"{prefix.rstrip('.') or type(self).__name__}: the checkpoint was saved {what[saved_merged]} but this "
+                f"layer is {what[self.merged]}; call {'merge' if saved_merged else 'unmerge'}() on it before loading."
             )
             return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
-    def extra_repr(self):
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"r={self.r}, alpha={self.alpha:g}, scale={self.scale:.4g}, enabled={self.enabled}, merged={self.merged}"
-        )
+    def extra_repr(self) -> str:
+        return (f"{self.base_repr()}, r={self.r}, alpha={self.alpha:g}, scale={self.scale:.4g}, "
+                f"enabled={self.enabled}, merged={self.merged}")
+
+    # --- what each layer type says for itself ----------------------------------
+
+    def _as_weight(self, delta):
+        """(out, in) ΔW -> the weight's shape."""
+        raise NotImplementedError
+
+    def plain_forward(self, x):
+        """The base layer with the current `weight` (W, or W + ΔW when merged)."""
+        raise NotImplementedError
+
+    def adapted_forward(self, x):
+        """The base layer plus the LoRA branch, never forming ΔW."""
+        raise NotImplementedError
+
+    def plain_module(self, weight, bias):
+        """An ordinary layer (the base's class) with these Parameters, for merge_and_unload."""
+        raise NotImplementedError
+
+    def base_repr(self):
+        raise NotImplementedError
+
+
+class LoRALinear(LoRALayer):
+    """A frozen nn.Linear plus a trainable low-rank update:
+
+        y = x W^T + b + ((dropout(x) A^T) B^T) * scale
+
+    Shapes: weight (out, in), bias (out,), lora_A (r, in), lora_B (out, r);
+    input (..., in) -> output (..., out). Args: see LoRALayer.
+    """
+
+    base_types = (nn.Linear,)
+
+    def __init__(self, linear: nn.Linear, r: int = 8, alpha: Optional[float] = None, dropout: float = 0.0,
+                 use_rslora: bool = False, init_std: Optional[float] = None):
+        self.check(linear, r, alpha, dropout, use_rslora, init_std)
+        super().__init__(linear, *self.lora_shapes(linear, r), r, alpha, dropout, use_rslora)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.reset_lora_parameters(init_std)
+
+    @staticmethod
+    def lora_shapes(linear, r):
+        return (r, linear.in_features), (linear.out_features, r)
+
+    def _as_weight(self, delta):
+        return delta
+
+    def plain_forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+    def adapted_forward(self, x):
+        x_lora = self.lora_dropout(x)
+        x_lora = None if x_lora is x else x_lora  # None: the same tensor (no dropout, or eval)
+        # lora_forward's math, with the gradients written out by hand for speed
+        # (see _LoRALinearFunction at the end of this file).
+        tensors = (x, x_lora, self.weight, self.bias, self.lora_A, self.lora_B)
+        dtype = _autocast_dtype(x.device.type)
+        if dtype is not None:  # autocast does not reach inside an autograd.Function:
+            tensors = tuple(_autocast_cast(t, dtype) for t in tensors)  # cast as it casts F.linear's inputs
+            with torch.autocast(x.device.type, enabled=False):
+                return _lora_linear(*tensors, self.scale)
+        return _lora_linear(*tensors, self.scale)
+
+    def plain_module(self, weight, bias):
+        linear = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device="meta")
+        linear.weight, linear.bias = weight, bias
+        return linear
+
+    def base_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def _autocast_dtype(device_type):
+    """The dtype autocast casts F.linear's inputs to on this device now, or None."""
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know, such as "meta"
+        return None
+    return torch.get_autocast_dtype(device_type) if enabled else None
+
+
+def _autocast_cast(tensor, dtype):
+    """What autocast does to one input: floating tensors go to dtype, except float64
+    (autocast leaves double precision alone) and anything that is not floating."""
+    if tensor is None or not tensor.is_floating_point() or tensor.dtype == torch.float64:
+        return tensor
+    return tensor.to(dtype)
+
+
+# ---------------------------------------------------------------------------
+# The same idea on other layers: an embedding is a linear map of one-hot rows,
+# a convolution a linear map of image patches. Each gets the same A, B and ΔW.
+# ---------------------------------------------------------------------------
+
+
+class LoRAEmbedding(LoRALayer):
+    """A frozen nn.Embedding plus a trainable low-rank update.
+
+    Seen as a linear map of one-hot rows (in = num_embeddings, out = embedding_dim),
+    the table is W^T, so with A (r, num_embeddings), B (embedding_dim, r):
+
+        ΔW_table = (B @ A)^T * scale                       (num_embeddings, embedding_dim)
+        y = W[idx] + (A^T[idx] B^T) * scale                 idx: (...) -> y: (..., embedding_dim)
+
+    A^T[idx] is just a lookup of A's columns, so the forward never forms ΔW.
+    Init: B = 0 as in the paper (not PEFT's / loralib's reverse), A ~ N(0, 1):
+    a one-hot input has one active entry, so the fan-in of kaiming's rule is 1.
+    padding_idx: A's column for it starts at zero and, like the base's pad row,
+    gets no gradient, so the pad vector stays fixed as nn.Embedding promises.
+    No dropout (an index cannot be dropped out; PEFT applies none either).
+    """
+
+    base_types = (nn.Embedding,)
+
+    def __init__(self, embedding: nn.Embedding, r: int = 8, alpha: Optional[float] = None, dropout: float = 0.0,
+                 use_rslora: bool = False, init_std: Optional[float] = None):
+        self.check(embedding, r, alpha, dropout, use_rslora, init_std)
+        super().__init__(embedding, *self.lora_shapes(embedding, r), r, alpha, 0.0, use_rslora)
+        self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
+        self.padding_idx, self.sparse = embedding.padding_idx, embedding.sparse
+        self.reset_lora_parameters(init_std)
+
+    @classmethod
+    def unsupported(cls, base, dropout=0.0):
+        if base.max_norm is not None:  # F.embedding renormalises W's rows in place: W + ΔW would need it
+            return f"max_norm={base.max_norm} renormalises the stored table, which LoRA's factored lookup cannot do"
+        if base.scale_grad_by_freq:  # the B gradient would not be scaled as the merged table's is
+            return "scale_grad_by_freq=True has no exact factored form"
+        if dropout:
+            return "dropout does not apply to an embedding's indices; use dropout=0 (add_lora does so itself)"
+        return None
+
+    def reset_lora_parameters(self, init_std=None):
+        """A ~ N(0, init_std^2) (std 1 by default), B = 0, A's padding_idx column = 0."""
+        if self.merged:
+            raise RuntimeError("reset_lora_parameters() on a merged layer; call unmerge() first")
+        with torch.no_grad():
+            nn.init.normal_(self.lora_A, mean=0.0, std=1.0 if init_std is None else init_std)
+            nn.init.zeros_(self.lora_B)
+            if self.padding_idx is not None:
+                self.lora_A[:, self.padding_idx] = 0
+
+    @staticmethod
+    def lora_shapes(embedding, r):
+        return (r, embedding.num_embeddings), (embedding.embedding_dim, r)
+
+    def _as_weight(self, delta):
+        return delta.T
+
+    def plain_forward(self, idx):
+        return F.embedding(idx, self.weight, self.padding_idx, sparse=self.sparse)
+
+    def adapted_forward(self, idx):
+        h = F.embedding(idx, self.lora_A.T, self.padding_idx)  # (..., r): column idx of A
+        return self.plain_forward(idx) + (h * self.scale) @ self.lora_B.T
+
+    def plain_module(self, weight, bias):
+        embedding = nn.Embedding(self.num_embeddings, self.embedding_dim, self.padding_idx, sparse=self.sparse,
+                                 device="meta")
+        embedding.weight = weight
+        return embedding
+
+    def base_repr(self):
+        return f"{self.num_embeddings}, {self.embedding_dim}, padding_idx={self.padding_idx}"
+
+
+class LoRAConv(LoRALayer):
+    """A frozen nn.Conv1d / Conv2d / Conv3d plus a trainable low-rank update.
+
+    A convolution is a linear map of patches (in = in_channels * prod(kernel_size)),
+    so A is r filters of the base's own kernel and B mixes them pointwise:
+
+        lora_A (r, in_channels, *kernel), lora_B (out_channels, r)
+        ΔW = (B @ A.flatten(1)).view(W.shape) * scale
+        y = conv(x, W, b) + B · conv(dropout(x), A) * scale     (B applied per pixel)
+
+    Both convolutions run the base class's own code (_conv_forward) with the
+    base's stride, padding, dilation and padding_mode, copied onto this layer,
+    so the unmerged layer computes exactly what the merged one does.
+    Grouped convolutions (groups > 1) are refused: their ΔW is block-diagonal.
+    """
+
+    base_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    _SETTINGS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+                 "padding_mode", "_reversed_padding_repeated_twice")
+
+    def __init__(self, conv: nn.Module, r: int = 8, alpha: Optional[float] = None, dropout: float = 0.0,
+                 use_rslora: bool = False, init_std: Optional[float] = None):
+        self.check(conv, r, alpha, dropout, use_rslora, init_std)
+        super().__init__(conv, *self.lora_shapes(conv, r), r, alpha, dropout, use_rslora)
+        self.conv_class = next(t for t in self.base_types if isinstance(conv, t))
+        for name in self._SETTINGS:
+            setattr(self, name, getattr(conv, name))
+        self.reset_lora_parameters(init_std)
+
+    @classmethod
+    def unsupported(cls, base, dropout=0.0):
+        if base.groups != 1:
+            return f"groups={base.groups} (a grouped or depthwise convolution) is not supported"
+        return None
+
+    @staticmethod
+    def lora_shapes(conv, r):
+        return (r, conv.in_channels, *conv.kernel_size), (conv.out_channels, r)
+
+    def _as_weight(self, delta):
+        return delta.view(self.weight.shape)
+
+    def _conv(self, x, weight, bias):
+        return self.conv_class._conv_forward(self, x, weight, bias)
+
+    def plain_forward(self, x):
+        return self._conv(x, self.weight, self.bias)
+
+    def adapted_forward(self, x):
+        h = self._conv(self.lora_dropout(x), self.lora_A, None) * self.scale  # (N, r, *spatial) or (r, *spatial)
+        spatial = h.shape[h.dim() - len(self.kernel_size):]
+        update = (self.lora_B @ h.flatten(-len(spatial))).unflatten(-1, spatial)  # B per pixel: (N, out, *spatial)
+        return self.plain_forward(x) + update
+
+    def plain_module(self, weight, bias):
+        conv = self.conv_class(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                               self.dilation, self.groups, bias is not None, self.padding_mode, device="meta")
+        conv.weight, conv.bias = weight, bias
+        return conv
+
+    def base_repr(self):
+        return (f"{self.conv_class.__name__}({self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+                f"padding_mode={self.padding_mode!r}, bias={self.bias is not None})")
+
+
+LORA_CLASSES = (LoRALinear, LoRAEmbedding, LoRAConv)
+
+
+def lora_class_for(module: nn.Module):
+    """The LoRA layer type that adapts this module, or None."""
+    return next((cls for cls in LORA_CLASSES if isinstance(module, cls.base_types)), None)
 
 
 # ---------------------------------------------------------------------------
@@ -284,10 +540,11 @@ class LoRALinear(nn.Module):
 # ---------------------------------------------------------------------------
 
 
-def lora_layers(model) -> Iterator[tuple[str, LoRALinear]]:
-    """Yield (name, layer) for every LoRALinear in the model."""
-    for name, module in model.named_modules():
-        if isinstance(module, LoRALinear):
+def lora_layers(model: nn.Module, remove_duplicate: bool = True) -> Iterator[tuple[str, LoRALayer]]:
+    """Yield (name, layer) for every LoRA layer in the model. A layer registered under
+    several names is yielded once, or under each name if remove_duplicate=False."""
+    for name, module in model.named_modules(remove_duplicate=remove_duplicate):
+        if isinstance(module, LoRALayer):
             yield name, module
 
 
@@ -302,45 +559,168 @@ def _matches(name, targets):
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
+# Every kind of hook a module can hold; replacing the module would drop them all.
+_HOOK_KINDS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks",
+               "_state_dict_pre_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks",
+               "_load_state_dict_post_hooks")
+
+
 def _cannot_adapt(module):
-    """Why LoRALinear cannot stand in for this module (None if it can)."""
+    """Why no LoRA layer can stand in for this module exactly (None if one can)."""
     kind = type(module).__name__
-    if not isinstance(module, nn.Linear):
-        return f"is a {kind}, not an nn.Linear"
+    cls = lora_class_for(module)
+    if cls is None:
+        return f"is a {kind}, not an nn.Linear, nn.Embedding or nn.Conv1d/2d/3d"
     if parametrize.is_parametrized(module):
         return "is parametrized (torch.nn.utils.parametrize, e.g. weight_norm): its weight is computed, not stored"
-    if type(module).forward is not nn.Linear.forward:  # quantized linears, custom forwards
-        return f"is a {kind}, an nn.Linear subclass with its own forward(), which LoRALinear would not compute"
+    if all(type(module).forward is not t.forward for t in cls.base_types):  # quantized layers, custom forwards
+        return f"is a {kind}, a subclass with its own forward(), which {cls.__name__} would not compute"
     if not isinstance(module.weight, nn.Parameter):
         return "has a weight that is not an nn.Parameter (old-style weight_norm?)"
-    if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks:
-        return "has hooks registered on it, which replacing the module would drop"
+    hooks = [f"{kind_.strip('_').replace('_hooks', ' hook')} {getattr(h, '__qualname__', repr(h))}"
+             for kind_ in _HOOK_KINDS for h in getattr(module, kind_, {}).values()]
+    if hooks:
+        return f"has hooks that replacing the module would drop: {', '.join(hooks)}"
     return None
 
 
+# --- LoRA that the model never runs ----------------------------------------------
+# A parent whose code reads a child's weight itself, F.linear(x, self.out_proj.weight),
+# instead of calling self.out_proj(x), would skip a LoRA layer put there: no error, no
+# gradient. We read each parent class's source for such reads. A child that is read
+# and never called is refused; one that is also called (on other code paths) is
+# adapted, and _BypassCheck raises at run time when a forward skips it.
+
+_METADATA = {"dtype", "device", "shape", "ndim", "requires_grad", "is_cuda", "is_meta", "size", "dim", "numel"}
+
+
+def _self_path(node):
+    """("a", "b") for the expression self.a.b, else None."""
+    names = []
+    while isinstance(node, ast.Attribute):
+        names.append(node.attr)
+        node = node.value
+    return tuple(reversed(names)) if isinstance(node, ast.Name) and node.id == "self" and names else None
+
+
+def _methods(cls):
+    """{name: ast.FunctionDef} for the methods of cls and its bases below nn.Module
+    (the first definition in the MRO wins, as in Python)."""
+    methods = {}
+    for klass in cls.__mro__:
+        if klass.__module__.startswith("torch.nn.modules.module") or klass is object:
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError):  # no source: built-in, generated, or from a REPL
+            continue
+        for node in tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else ():
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                methods.setdefault(node.name, node)
+    return methods
+
+
+@functools.lru_cache(maxsize=None)
+def _weight_reads(cls):
+    """(read, called): the submodule paths whose .weight / .bias the forward of cls uses
+    as a tensor, and those it calls as self.<path>(...). "The forward" is forward() and
+    every method it reaches through self.<method>(...) calls (not __init__'s init code)."""
+    methods, read, called = _methods(cls), set(), set()
+    todo, seen = ["forward"], set()
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in methods:
+            continue
+        seen.add(name)
+        function = methods[name]
+        parent_of = {child: node for node in ast.walk(function) for child in ast.iter_child_nodes(node)}
+        for node in ast.walk(function):
+            if isinstance(node, ast.Call) and _self_path(node.func):
+                path = _self_path(node.func)
+                if len(path) == 1 and path[0] in methods:
+                    todo.append(path[0])  # self.helper(...): its code runs in this forward too
+                else:
+                    called.add(path)
+            if not (isinstance(node, ast.Attribute) and node.attr in ("weight", "bias") and _self_path(node.value)
+                    and isinstance(node.ctx, ast.Load)):
+                continue
+            parent = parent_of.get(node)
+            if isinstance(parent, ast.Attribute) and parent.attr in _METADATA:
+                continue  # self.fc.weight.dtype: a question about the weight, not a use of it
+            if isinstance(parent, ast.Call) and isinstance(parent.func, ast.Name) and parent.func.id in ("isinstance", "hasattr"):
+                continue
+            if isinstance(parent, ast.Compare) and all(isinstance(op, (ast.Is, ast.IsNot)) for op in parent.ops):
+                continue  # self.fc.bias is None
+            read.add(_self_path(node.value))
+    return frozenset(read), frozenset(called)
+
+
+def _direct_reads(model, targets):
+    """[(parent name, parent, child path, child)] where the parent's code reads the weight
+    of a target module (targets: {id: module}) directly."""
+    found = []
+    for parent_name, parent in model.named_modules(remove_duplicate=False):
+        read, called = _weight_reads(type(parent))
+        for path in sorted(read):
+            try:
+                child = parent.get_submodule(".".join(path))
+            except AttributeError:
+                continue
+            if id(child) in targets:
+                found.append((parent_name, parent, path, child, path in called))
+    return found
+
+
+class _BypassCheck:
+    """Forward hooks on a parent that reads a LoRA child's weight directly on some code
+    paths: after each forward of the parent, every enabled, unmerged LoRA child it
+    holds must have run, or the forward raises instead of silently ignoring LoRA."""
+
+    def __init__(self, paths):
+        self.paths = paths
+
+    def _children(self, parent):
+        children = ((p, parent.get_submodule(p)) for p in self.paths)
+        return [(p, c) for p, c in children if isinstance(c, LoRALayer) and c.enabled and not c.merged]
+
+    def before(self, parent, args):
+        for _, child in self._children(parent):
+            child.ran = False
+
+    def after(self, parent, args, output):
+        if torch.compiler.is_compiling():
+            return
+        skipped = [p for p, child in self._children(parent) if not child.ran]
+        if skipped:
+            raise RuntimeError(
+                f"LoRA on {skipped} did not run: this {type(parent).__name__}'s forward read their weight directly "
+                "instead of calling them, so it computed the model without LoRA. For inference, merge_lora(model) "
+                "first (the merged weight is what it reads); for nn.Transformer*Layer in eval mode, or disable its "
+                "fast path: torch.backends.mha.set_fastpath_enabled(False).")
+
+
+def _remove_bypass_checks(model):
+    for module in model.modules():
+        for hooks in (module._forward_pre_hooks, module._forward_hooks):
+            for key in [k for k, h in hooks.items() if isinstance(getattr(h, "__self__", None), _BypassCheck)]:
+                del hooks[key]
+
+
 def _target_names(model, target_modules):
-    """The names add_lora adapts: every nn.Linear, or those that target_modules names."""
+    """The names add_lora adapts: every nn.Linear, or the modules target_modules names."""
     names = [n for n, _ in model.named_modules(remove_duplicate=False) if n]
-    linears = [n for n in names if isinstance(model.get_submodule(n), nn.Linear)]
-    # nn.MultiheadAttention reads out_proj.weight directly instead of calling
-    # out_proj(x): a LoRALinear there would be silently ignored.
-    mha_outs = {f"{n}.out_proj" if n else "out_proj" for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
     if target_modules is None:
-        for name in sorted(mha_outs & set(linears)):
-            warnings.warn(f"add_lora: skipping {name!r}: nn.MultiheadAttention reads its weight directly, "
-                          "so LoRA there would be ignored", stacklevel=3)
-        return [n for n in linears if n not in mha_outs]
+        return [n for n in names if isinstance(model.get_submodule(n), nn.Linear)]
     if isinstance(target_modules, str):
         target_modules = [target_modules]
+    if not (isinstance(target_modules, (list, tuple)) and all(isinstance(t, str) for t in target_modules)):
+        raise ValueError(f"target_modules must be None, a module name or a list of names, got {target_modules!r}")
     unmatched = [t for t in target_modules if not any(_matches(n, [t]) for n in names)]
     if unmatched:
-        raise ValueError(f"target_modules {unmatched} match no module in the model; nn.Linear names: {sorted(set(linears))}")
-    chosen = [n for n in names if _matches(n, target_modules)]
-    for name in chosen:
-        if name in mha_outs:
-            raise ValueError(f"{name!r} is nn.MultiheadAttention's out_proj, whose weight is read directly, "
-                             "bypassing forward(): LoRA cannot adapt it")
-    return chosen
+        adaptable = sorted({n for n in names if lora_class_for(model.get_submodule(n))})
+        raise ValueError(f"target_modules {unmatched} match no module in the model; the modules LoRA can adapt: "
+                         f"{adaptable}")
+    return [n for n in names if _matches(n, target_modules)]
 
 
 def _owners(model):
@@ -352,52 +732,94 @@ def _owners(model):
     return owners
 
 
-def _attach_lora(model, settings):
-    """Replace each named nn.Linear by a LoRALinear; settings: {name: LoRALinear kwargs}.
+def _attach_lora(model, settings, skip_unused=False):
+    """Replace each named module by its LoRA layer; settings: {name: layer kwargs}.
 
-    Checks everything before changing anything. A module registered under
-    several names gets one LoRALinear (still shared); a weight that another
-    module also uses is recorded in the layer's shared_with (merge() refuses).
+    Everything is checked before anything changes, so a refusal leaves the model
+    as it was. A module registered under several names gets one LoRA layer (still
+    shared); a weight that another module also uses is recorded in the layer's
+    shared_with (merge() refuses). skip_unused: drop, with a warning, targets whose
+    parent never calls them (add_lora's default, every nn.Linear), instead of refusing.
     """
     if any(True for _ in lora_layers(model)):
         raise ValueError("model already has LoRA layers; lora_min does not stack adapters")
-    if not settings:
-        raise ValueError("the model has no nn.Linear to adapt")
-    for name in settings:
-        reason = _cannot_adapt(model.get_submodule(name))
+    modules = {name: model.get_submodule(name) for name in settings}  # all looked up before any change
+    for name, module in modules.items():
+        reason = _cannot_adapt(module)
         if reason:
             raise ValueError(f"cannot add LoRA to {name!r}: it {reason}")
-    owners, replaced = _owners(model), {}
-    for name, kwargs in settings.items():
-        linear = model.get_submodule(name)
-        if id(linear) not in replaced:
-            layer = LoRALinear(linear, **kwargs)
-            params = [p for p in (linear.weight, linear.bias) if p is not None]
-            layer.shared_with = tuple(n for p in params for module, n in owners[id(p)] if module is not linear)
-            replaced[id(linear)] = (layer, kwargs)
-        layer, first_kwargs = replaced[id(linear)]
-        if kwargs != first_kwargs:
-            raise ValueError(f"{name!r} is the same module as another target but asks for other LoRA settings")
-        _set_submodule(model, name, layer)
+        if isinstance(module, nn.Embedding):  # an embedding's input is indices: no dropout (as PEFT)
+            settings[name] = dict(settings[name], dropout=0.0)
+        try:
+            lora_class_for(module).check(module, **settings[name])
+        except ValueError as e:
+            raise ValueError(f"cannot add LoRA to {name!r}: {e}") from None
+    first = {}
+    for name, module in modules.items():
+        other = first.setdefault(id(module), name)
+        if settings[name] != settings[other]:
+            raise ValueError(f"{name!r} and {other!r} are the same module but are asked for different LoRA settings: "
+                             f"{settings[name]} vs {settings[other]}")
+
+    reads = _direct_reads(model, {id(m): m for m in modules.values()})
+    never_called = {id(child): (pname, parent) for pname, parent, _, child, called in reads if not called}
+    if never_called and not skip_unused:
+        name = next(n for n, m in modules.items() if id(m) in never_called)
+        pname, parent = never_called[id(modules[name])]
+        raise ValueError(f"cannot add LoRA to {name!r}: its parent {pname!r} ({type(parent).__name__}) reads its "
+                         "weight directly and never calls it, so LoRA there would be ignored")
+    for name in [n for n, m in modules.items() if id(m) in never_called]:
+        pname, parent = never_called[id(modules.pop(name))]
+        warnings.warn(f"add_lora: skipping {name!r}: its parent {type(parent).__name__} reads its weight directly "
+                      "and never calls it, so LoRA there would be ignored", stacklevel=3)
+    if not modules:
+        raise ValueError("the model has no nn.Linear that LoRA can adapt")
+
+    # --- checked: now change the model ---
+    owners, layers = _owners(model), {}
+    for name, module in modules.items():
+        if id(module) not in layers:
+            layer = lora_class_for(module)(module, **settings[name])
+            params = [p for p in (module.weight, getattr(module, "bias", None)) if p is not None]
+            layer.shared_with = tuple(n for p in params for m, n in owners[id(p)] if m is not module)
+            layers[id(module)] = layer
+        _set_submodule(model, name, layers[id(module)])
+    checked = collections.defaultdict(set)
+    for pname, parent, path, child, called in reads:
+        if id(child) in layers:
+            checked[id(parent)].add((parent, ".".join(path)))
+    for entries in checked.values():
+        parent = next(iter(entries))[0]
+        check = _BypassCheck(sorted(p for _, p in entries))
+        parent.register_forward_pre_hook(check.before)
+        parent.register_forward_hook(check.after)
+        warnings.warn(f"add_lora: {type(parent).__name__} reads the weight of {check.paths} directly on some code "
+                      "paths; a forward that skips their LoRA raises (see _BypassCheck)", stacklevel=3)
     mark_only_lora_as_trainable(model)
     return model
 
 
-def add_lora(model, r=8, alpha=None, dropout=0.0, target_modules=None, use_rslora=False, init_std=None):
-    """Replace nn.Linear submodules by LoRALinear in place, freeze all else; return model.
+def add_lora(model: nn.Module, r: int = 8, alpha: Optional[float] = None, dropout: float = 0.0,
+             target_modules: Optional[Union[str, Sequence[str]]] = None, use_rslora: bool = False,
+             init_std: Optional[float] = None) -> nn.Module:
+    """Replace submodules by LoRA layers in place, freeze all else; return model.
 
     target_modules: None for every nn.Linear, or a list of module names, each the
-    full name from model.named_modules() ("layers.0.attn.q_proj") or its end ("q_proj").
-    A named module that LoRALinear cannot replace exactly (not an nn.Linear, a
-    subclass with its own forward, parametrized, hooked) raises, naming it.
+    full name from model.named_modules() ("layers.0.attn.q_proj") or its end
+    ("q_proj"); named modules may be nn.Linear, nn.Embedding or nn.Conv1d/2d/3d.
+    dropout applies to linear and conv layers (an embedding's indices take none).
+    A named module no LoRA layer can replace exactly (another class, a subclass
+    with its own forward, parametrized, hooked, or one its parent reads directly
+    and never calls) raises, naming it; nothing is changed then.
     """
-    if isinstance(model, (nn.Linear, LoRALinear)):
-        raise TypeError("add_lora adapts the linear layers inside a model; wrap a lone layer as LoRALinear(linear)")
+    if isinstance(model, LORA_CLASSES + tuple(t for cls in LORA_CLASSES for t in cls.base_types)):
+        raise TypeError("add_lora adapts the layers inside a model; wrap a lone layer yourself, e.g. LoRALinear(linear)")
     kwargs = dict(r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init_std=init_std)
-    return _attach_lora(model, {name: kwargs for name in _target_names(model, target_modules)})
+    names = _target_names(model, target_modules)
+    return _attach_lora(model, {name: dict(kwargs) for name in names}, skip_unused=target_modules is None)
 
 
-def mark_only_lora_as_trainable(model):
+def mark_only_lora_as_trainable(model: nn.Module) -> nn.Module:
     """requires_grad = True for lora_A / lora_B, False for every other parameter."""
     for p in model.parameters():
         p.requires_grad_(False)
@@ -407,7 +829,7 @@ def mark_only_lora_as_trainable(model):
     return model
 
 
-def set_lora_enabled(model, enabled):
+def set_lora_enabled(model: nn.Module, enabled: bool):
     """Turn every LoRA layer on (the adapted model) or off (exactly the base model)."""
     layers = [layer for _, layer in lora_layers(model)]
     if not enabled and any(layer.merged for layer in layers):
@@ -417,7 +839,7 @@ def set_lora_enabled(model, enabled):
 
 
 @contextlib.contextmanager
-def lora_disabled(model):
+def lora_disabled(model: nn.Module):
     """Run the base model inside the block; restores each layer's previous state on exit."""
     previous = [(layer, layer.enabled) for _, layer in lora_layers(model)]
     set_lora_enabled(model, False)
@@ -428,56 +850,98 @@ def lora_disabled(model):
             layer.enabled = was_enabled
 
 
-def merge_lora(model):
-    """Fold ΔW into W in every LoRA layer (for inference at plain-linear cost)."""
+def merge_lora(model: nn.Module):
+    """Fold ΔW into W in every LoRA layer (for inference at the plain layers' cost).
+    Every layer is checked first (also that W + ΔW is finite), so a refusal changes nothing."""
     layers = list(lora_layers(model))
-    for _, layer in layers:  # checked first, so a refusal leaves no layer half-done
-        layer._check_can_write_weight("merge_lora")
+    for _, layer in layers:
+        layer.check_can_write_weight("merge_lora")
     already = [name for name, layer in layers if layer.merged]
     disabled = [name for name, layer in layers if not layer.enabled]
     if already or disabled:
         raise RuntimeError(f"merge_lora: layers already merged: {already}; disabled (enable first): {disabled}")
+    for name, layer in layers:
+        try:
+            layer.merged_weight(+1)  # computed once to check it, then again to write it: no second copy held
+        except RuntimeError as e:
+            raise RuntimeError(f"merge_lora: {name!r}: {e}") from None
     for _, layer in layers:
         layer.merge()
 
 
-def unmerge_lora(model):
+def unmerge_lora(model: nn.Module):
     """Take ΔW back out of W in every LoRA layer."""
-    not_merged = [name for name, layer in lora_layers(model) if not layer.merged]
+    layers = list(lora_layers(model))
+    not_merged = [name for name, layer in layers if not layer.merged]
     if not_merged:
         raise RuntimeError(f"unmerge_lora: layers not merged: {not_merged}")
-    for _, layer in lora_layers(model):
+    for _, layer in layers:
+        layer.check_can_write_weight("unmerge_lora")
+    for _, layer in layers:
         layer.unmerge()
 
 
-def merge_and_unload(model, inplace=False):
-    """A model whose every LoRALinear is a plain nn.Linear computing what it computes now.
+def _exported_weight(layer):
+    """The weight of the plain layer that computes what `layer` computes now."""
+    if layer.enabled and not layer.merged:
+        return layer.merged_weight(+1)
+    return layer.weight.detach()
 
-    Enabled layers become nn.Linear with weight W + ΔW, disabled ones with W; the
-    result has the original model's state_dict keys and needs no LoRA code.
-    Weights are copied, so tied weights stay correct (they are untied: the other
-    owner keeps W). The input model is left untouched unless inplace=True.
+
+def merge_and_unload(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """A model whose every LoRA layer is its plain layer, computing what it computes now.
+
+    Enabled layers get weight W + ΔW, disabled ones W; the result has the original
+    model's state_dict keys and needs no LoRA code. Weights are copied, so tied
+    weights stay correct (they are untied: the other owner keeps W). The input
+    model is left untouched unless inplace=True; inplace=False deep-copies the
+    whole model first (twice its memory for a moment): to push merged weights
+    somewhere without that copy, use merged_state_dict(model).
     """
     for _, layer in lora_layers(model):
-        layer._check_not_sharded("merge_and_unload")
+        if any(_is_sharded(p) for p in (layer.weight, layer.lora_A, layer.lora_B)):
+            layer.check_can_write_weight("merge_and_unload")
     if not inplace:
         model = copy.deepcopy(model)
-    plain = {}  # one nn.Linear per LoRALinear, also where it is registered under several names
+    plain = {}  # one plain layer per LoRA layer, also where it is registered under several names
     for name, layer in list(lora_layers(model)):
-        W = layer.weight
-        if layer.enabled and not layer.merged:
-            W = layer._shifted_weight(+1)
-        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
-        linear.weight = nn.Parameter(W.detach().clone(), requires_grad=False)
-        if layer.bias is not None:
-            linear.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+        weight = nn.Parameter(_exported_weight(layer).clone(), requires_grad=False)
+        bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+        module = layer.plain_module(weight, bias)
+        module.train(layer.training)
         if name == "":
-            return linear
-        plain[id(layer)] = linear
+            return module
+        plain[id(layer)] = module
     for name, module in list(model.named_modules(remove_duplicate=False)):
         if id(module) in plain:
             _set_submodule(model, name, plain[id(module)])
+    _remove_bypass_checks(model)
     return model
+
+
+def merged_state_dict(model: nn.Module) -> dict:
+    """The state_dict of merge_and_unload(model), without copying or changing the model.
+
+    Adapted layers' weights are W + ΔW (computed one layer at a time, in at least
+    float32, rounded once); every other tensor is model.state_dict()'s own (shared,
+    not copied); the lora_A / lora_B / merged-flag keys are left out. Use it to push
+    merged weights to an inference server every few steps: unlike merge() / unmerge()
+    cycles it never writes into W, so nothing drifts.
+    """
+    layers = dict(lora_layers(model, remove_duplicate=False))
+    for layer in layers.values():
+        if any(_is_sharded(p) for p in (layer.weight, layer.lora_A, layer.lora_B)):
+            layer.check_can_write_weight("merged_state_dict")
+    state, exported = model.state_dict(), {}
+    for name, layer in layers.items():
+        prefix = f"{name}." if name else ""
+        for key in ("lora_A", "lora_B", _MERGED_KEY):
+            state.pop(prefix + key, None)
+        if id(layer) not in exported:
+            with torch.no_grad():
+                exported[id(layer)] = _exported_weight(layer)
+        state[prefix + "weight"] = exported[id(layer)]
+    return state
 
 
 def _is_sharded(tensor):
@@ -490,7 +954,7 @@ class ParameterCount(NamedTuple):
     total: int
 
 
-def count_parameters(model):
+def count_parameters(model: nn.Module) -> ParameterCount:
     """(trainable, total) parameter counts; shared parameters are counted once."""
     params = list(model.parameters())  # .parameters() already skips duplicates
     return ParameterCount(sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
@@ -501,7 +965,7 @@ def count_parameters(model):
 # ---------------------------------------------------------------------------
 
 
-def lora_state_dict(model):
+def lora_state_dict(model: nn.Module) -> dict:
     """Only the adapter tensors (lora_A, lora_B), keyed as in model.state_dict().
 
     Sharded (FSDP2) tensors are gathered into full ones, so under FSDP2 every
@@ -516,24 +980,33 @@ def _adapter_tensors(model, keep_vars=False):
     return {k: v for k, v in state.items() if k.rsplit(".", 1)[-1] in ("lora_A", "lora_B")}
 
 
-def _check_adapter_keys(expected, state, strict=True):
-    """expected: {key: shape}. Missing / unexpected keys (if strict) raise KeyError, wrong shapes ValueError."""
+def _check_adapter_tensors(expected, state, strict=True, source="the adapter"):
+    """expected: {key: shape}. Missing / unexpected keys (if strict) raise KeyError; a value
+    that is not a real floating tensor holding data, or has the wrong shape, ValueError."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if strict and (missing or unexpected):
-        raise KeyError(f"adapter keys do not match the model: missing {missing}, unexpected {unexpected}")
-    bad = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(shape)}"
-           for k, shape in expected.items() if k in state and tuple(state[k].shape) != tuple(shape)]
-    if bad:
-        raise ValueError("adapter tensor shapes do not match the model (different r or layer sizes?): " + "; ".join(bad))
+        raise KeyError(f"{source}: keys do not match the model: missing {missing}, unexpected {unexpected}")
+    for k in sorted(set(expected) & set(state)):
+        value = state[k]
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{source}: {k} is a {type(value).__name__}, not a torch.Tensor")
+        if value.is_meta:
+            raise ValueError(f"{source}: {k} is a meta tensor: it holds no values")
+        if not value.is_floating_point():
+            raise ValueError(f"{source}: {k} has dtype {value.dtype}, not a floating-point dtype")
+        if tuple(value.shape) != tuple(expected[k]):
+            raise ValueError(f"{source}: {k} has shape {tuple(value.shape)}, the model's is {tuple(expected[k])} "
+                             "(a different r or layer size?)")
 
 
-def load_lora_state_dict(model, state, strict=True):
-    """Copy adapter tensors into the model; wrong keys (if strict) or shapes raise."""
+def load_lora_state_dict(model: nn.Module, state: dict, strict: bool = True) -> nn.Module:
+    """Copy adapter tensors into the model. Every key, type and shape is checked
+    (missing / unexpected keys only if strict) before any tensor is copied."""
     own = _adapter_tensors(model, keep_vars=True)  # the Parameters, to copy into
     if not own:
         raise ValueError("the model has no LoRA layers; call add_lora(model, ...) first")
-    _check_adapter_keys({k: p.shape for k, p in own.items()}, state, strict)
+    _check_adapter_tensors({k: p.shape for k, p in own.items()}, state, strict)
     merged = [name for name, layer in lora_layers(model) if layer.merged]
     if merged:
         raise RuntimeError(f"cannot load an adapter into merged layers {merged}; call unmerge_lora(model) first")
@@ -557,7 +1030,7 @@ def _lora_config(model):
     return {name: {"r": layer.r, "alpha": layer.alpha, "use_rslora": layer.use_rslora} for name, layer in lora_layers(model)}
 
 
-def save_adapter(model, path):
+def save_adapter(model: nn.Module, path) -> None:
     """Save only the adapter: its tensors plus r, alpha, scaling rule and target modules."""
     state = {k: v.detach().cpu() for k, v in lora_state_dict(model).items()}
     torch.save({"format": "lora_min.adapter", "version": 1, "config": _lora_config(model), "state_dict": state}, path)
@@ -588,7 +1061,7 @@ def _read_adapter(path):
     return saved
 
 
-def load_adapter(model, path):
+def load_adapter(model: nn.Module, path) -> nn.Module:
     """Load a file written by save_adapter into a model with matching LoRA layers."""
     saved = _read_adapter(path)
     want, have = saved["config"], _lora_config(model)
@@ -601,28 +1074,79 @@ def load_adapter(model, path):
             return f"{n!r}: file {want[n]} vs model {have[n]}"
         diffs = [difference(n) for n in sorted(set(want) | set(have)) if want.get(n) != have.get(n)]
         raise ValueError(f"adapter settings in {path} do not match the model's LoRA layers: " + "; ".join(diffs))
+    own = {k: p.shape for k, p in _adapter_tensors(model).items()}
+    _check_adapter_tensors(own, saved["state_dict"], source=str(path))
     return load_lora_state_dict(model, saved["state_dict"], strict=True)
 
 
 # ---------------------------------------------------------------------------
 # PEFT's adapter format (adapter_config.json + adapter_model.safetensors), read
 # and written by Hugging Face PEFT, vLLM, TGI, ...: tensors are keyed
-# "base_model.model.<module name>.lora_A.weight"; the config says which modules
-# (target_modules) with which r and lora_alpha (rank_pattern / alpha_pattern
-# for the modules that differ).
+# "base_model.model.<module name>.lora_A.weight" (embeddings: ".lora_embedding_A");
+# the config says which modules (target_modules) with which r and lora_alpha
+# (rank_pattern / alpha_pattern for the modules that differ).
 # ---------------------------------------------------------------------------
 
 _PEFT_PREFIX = "base_model.model."
-# Config fields that do not change what the adapted model computes.
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_regex(v):
+    try:
+        re.compile(v)
+        return True
+    except (re.error, TypeError):
+        return False
+
+
+def _is_names(v):
+    """A list of module names, or one regex string (PEFT's two forms of target_modules)."""
+    return _is_regex(v) if isinstance(v, str) else isinstance(v, list) and all(isinstance(t, str) for t in v)
+
+
+def _is_pattern_dict(check):
+    return lambda v: isinstance(v, dict) and all(_is_regex(k) and check(x) for k, x in v.items())
+
+
+# The one list of PEFT config fields lora_min reads: field -> (what its value must be,
+# the check). null means the default. Any other field must hold its default (null,
+# false, empty) or be one of _PEFT_NO_EFFECT; else it is a PEFT feature we refuse.
+_PEFT_FIELDS = {
+    "peft_type": ("'LORA' (lora_min reads only LoRA adapters)", lambda v: v == "LORA"),
+    "r": ("a positive int", lambda v: _is_int(v) and v > 0),
+    "lora_alpha": ("a positive number", lambda v: _is_number(v) and v > 0),
+    "target_modules": ("a list of module names or a regex string ('all-linear' is not supported: list the names)",
+                       lambda v: _is_names(v) and v != "all-linear"),
+    "exclude_modules": ("a list of module names or a regex string", _is_names),
+    "lora_dropout": ("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1),
+    "use_rslora": ("true or false", lambda v: isinstance(v, bool)),
+    "rank_pattern": ("an object {name regex: positive int}", _is_pattern_dict(lambda x: _is_int(x) and x > 0)),
+    "alpha_pattern": ("an object {name regex: positive number}", _is_pattern_dict(lambda x: _is_number(x) and x > 0)),
+    "bias": ("'none' (lora_min trains no biases)", lambda v: v == "none"),
+    # Initialisations that differ only in the starting A and B, which the file replaces:
+    "init_lora_weights": ("true, false or 'gaussian'", lambda v: v is True or v is False or v == "gaussian"),
+}
+_PEFT_REQUIRED = ("peft_type", "r", "lora_alpha", "target_modules")
+# Fields that do not change what the adapted model computes.
 _PEFT_NO_EFFECT = {"task_type", "base_model_name_or_path", "revision", "inference_mode", "peft_version",
                    "auto_mapping", "megatron_core", "qalora_group_size"}
-# Initialisations that differ only in the starting A and B, which the file replaces.
-_PEFT_PLAIN_INITS = (True, False, "gaussian")
+
+
+def _is_default(value):
+    """null, false or empty: how PEFT writes a feature that is off (0 is not false here)."""
+    return value is None or value is False or (isinstance(value, (str, list, dict)) and not value)
 
 
 def _peft_pattern_value(patterns, name, default):
     """PEFT's rank_pattern / alpha_pattern rule: the first key that matches the end of name."""
-    for key, value in patterns.items():
+    for key, value in (patterns or {}).items():
         if re.match(rf"(.*\.)?({key})$", name):
             return value
     return default
@@ -637,29 +1161,54 @@ def _peft_targets(config, name):
     return matches(config["target_modules"]) and not (config.get("exclude_modules") and matches(config["exclude_modules"]))
 
 
+def _peft_keys(name, layer_class):
+    """{"lora_A": PEFT's key, "lora_B": ...} for the layer at `name`."""
+    if layer_class is LoRAEmbedding:
+        return {ab: f"{_PEFT_PREFIX}{name}.lora_embedding_{ab[-1]}" for ab in ("lora_A", "lora_B")}
+    return {ab: f"{_PEFT_PREFIX}{name}.{ab}.weight" for ab in ("lora_A", "lora_B")}
+
+
+def _peft_shapes(base, r):
+    """{"lora_A": shape, "lora_B": shape} as PEFT stores them (a conv's B as a 1x1 conv)."""
+    a_shape, b_shape = lora_class_for(base).lora_shapes(base, r)
+    if isinstance(base, LoRAConv.base_types):
+        b_shape = (*b_shape, *[1] * len(base.kernel_size))
+    return {"lora_A": a_shape, "lora_B": b_shape}
+
+
 def _most_common(values):
     return collections.Counter(values).most_common(1)[0][0]
 
 
+def _exact_peft_targets(model, names):
+    """target_modules that select exactly `names` under PEFT's rule: short names
+    ("q_proj") where they do, else full names, else a regex of the full names (a list
+    entry also matches dotted ends: ["0"] would select "1.0" too)."""
+    every = [n for n, _ in model.named_modules(remove_duplicate=False) if n]
+    for targets in (sorted({n.rsplit(".", 1)[-1] for n in names}), sorted(names)):
+        if {n for n in every if _matches(n, targets)} == set(names):
+            return targets
+    return "|".join(re.escape(n) for n in sorted(names))
+
+
 def _peft_config(model, layers, base_model_name_or_path):
-    """adapter_config.json's content for these {name: LoRALinear} layers of model."""
-    for setting in ("use_rslora", "dropout"):
-        if len({getattr(layer, setting) for layer in layers.values()}) > 1:
-            raise ValueError(f"PEFT has one {setting} for all layers; these layers differ: "
-                             f"{ {n: getattr(layer, setting) for n, layer in layers.items()} }")
-    first = next(iter(layers.values()))
+    """adapter_config.json's content for these {name: LoRA layer} layers of model."""
+    with_dropout = {n: layer for n, layer in layers.items() if not isinstance(layer, LoRAEmbedding)}  # (see LoRAEmbedding)
+    for setting, group in (("use_rslora", layers), ("dropout", with_dropout)):
+        values = {n: getattr(layer, setting) for n, layer in group.items()}
+        if len(set(values.values())) > 1:
+            raise ValueError(f"PEFT has one {setting} for all layers; these layers differ: {values}")
+    use_rslora = next(iter(layers.values())).use_rslora
+    dropout = next(iter(with_dropout.values())).dropout if with_dropout else 0.0
     r = _most_common(layer.r for layer in layers.values())
     alpha = _most_common(layer.alpha for layer in layers.values())
-    # Short names ("q_proj") when they select exactly these modules, else full names.
-    short = sorted({n.rsplit(".", 1)[-1] for n in layers})
-    selected = {n for n, _ in model.named_modules(remove_duplicate=False) if _matches(n, short)}
-    targets = short if selected == set(layers) else sorted(layers)
     config = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path,
-        "r": r, "lora_alpha": int(alpha) if alpha == int(alpha) else alpha, "target_modules": targets,
+        "r": r, "lora_alpha": int(alpha) if alpha == int(alpha) else alpha,
+        "target_modules": _exact_peft_targets(model, layers),
         "rank_pattern": {n: layer.r for n, layer in layers.items() if layer.r != r},
         "alpha_pattern": {n: layer.alpha for n, layer in layers.items() if layer.alpha != alpha},
-        "lora_dropout": first.dropout, "use_rslora": first.use_rslora,
+        "lora_dropout": dropout, "use_rslora": use_rslora,
         "bias": "none", "fan_in_fan_out": False, "use_dora": False, "modules_to_save": None,
         "layers_to_transform": None, "layers_pattern": None, "init_lora_weights": True, "inference_mode": True,
     }
@@ -671,19 +1220,24 @@ def _peft_config(model, layers, base_model_name_or_path):
     return config
 
 
-def save_peft_adapter(model, directory, base_model_name_or_path=None):
+def save_peft_adapter(model: nn.Module, directory, base_model_name_or_path: Optional[str] = None) -> None:
     """Write the adapter as PEFT does: directory/adapter_config.json and
     adapter_model.safetensors (adapter_model.bin when safetensors is not installed),
     so that peft.PeftModel.from_pretrained(base, directory) computes what this model
     computes with every LoRA layer enabled (the adapter's weights, whatever the
     layers' enabled / merged state now)."""
-    names = [n for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, LoRALinear)]
-    layers = {n: model.get_submodule(n) for n in names}
+    layers = dict(lora_layers(model, remove_duplicate=False))
     if not layers or "" in layers:
         raise ValueError("save_peft_adapter needs a model with LoRA layers inside it (see add_lora)")
     config = _peft_config(model, layers, base_model_name_or_path)
-    # Separate contiguous copies: safetensors refuses tensors that share memory.
-    tensors = {f"{_PEFT_PREFIX}{k}.weight": v.detach().cpu().clone().contiguous() for k, v in lora_state_dict(model).items()}
+    tensors = {}
+    for key, value in lora_state_dict(model).items():
+        name, ab = key.rsplit(".", 1)
+        layer = layers[name]
+        if isinstance(layer, LoRAConv) and ab == "lora_B":  # PEFT's B is a 1x1 conv: (out, r, 1, ...)
+            value = value.view(*value.shape, *[1] * len(layer.kernel_size))
+        # Separate contiguous copies: safetensors refuses tensors that share memory.
+        tensors[_peft_keys(name, type(layer))[ab]] = value.detach().cpu().clone().contiguous()
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "adapter_config.json"), "w") as f:
         json.dump(config, f, indent=2)
@@ -700,8 +1254,9 @@ def save_peft_adapter(model, directory, base_model_name_or_path=None):
 
 
 def _read_peft_config(directory):
-    """directory/adapter_config.json, checked: every PEFT feature lora_min does not
-    implement is refused, naming the field, instead of being ignored."""
+    """directory/adapter_config.json, checked field by field (_PEFT_FIELDS): a bad value
+    is a ValueError naming the file, the field and the value, and every PEFT feature
+    lora_min does not implement is refused, naming the field, instead of being ignored."""
     path = os.path.join(directory, "adapter_config.json")
     try:
         with open(path) as f:
@@ -710,21 +1265,15 @@ def _read_peft_config(directory):
         raise ValueError(f"{path} is not valid JSON ({e})") from None
     if not isinstance(config, dict):
         raise ValueError(f"{path} is not a PEFT adapter config (a JSON object)")
-    if config.get("peft_type") != "LORA":
-        raise ValueError(f"{path}: peft_type is {config.get('peft_type')!r}; lora_min reads only 'LORA' adapters")
-    for field in ("r", "lora_alpha", "target_modules"):
+    for field in _PEFT_REQUIRED:
         if config.get(field) is None:
             raise ValueError(f"{path}: the field {field!r} is missing")
-    if isinstance(config["target_modules"], str) and config["target_modules"].lower() == "all-linear":
-        raise ValueError(f"{path}: target_modules 'all-linear' is not supported; list the module names")
-    if config.get("bias", "none") != "none":
-        raise ValueError(f"{path}: bias {config['bias']!r} is not supported (lora_min trains no biases); only 'none'")
-    if config.get("init_lora_weights", True) not in _PEFT_PLAIN_INITS:
-        raise ValueError(f"{path}: init_lora_weights {config['init_lora_weights']!r} is not supported")
-    handled = {"peft_type", "r", "lora_alpha", "target_modules", "exclude_modules", "lora_dropout", "use_rslora",
-               "rank_pattern", "alpha_pattern", "bias", "init_lora_weights"}
     for field, value in config.items():
-        if field not in handled | _PEFT_NO_EFFECT and value not in (None, False, "", [], {}):
+        if field in _PEFT_FIELDS:
+            what, check = _PEFT_FIELDS[field]
+            if value is not None and not check(value):
+                raise ValueError(f"{path}: {field} = {value!r}: lora_min reads {what} here")
+        elif field not in _PEFT_NO_EFFECT and not _is_default(value):
             raise ValueError(f"{path}: {field} = {value!r} is a PEFT feature lora_min does not implement")
     return config
 
@@ -738,7 +1287,7 @@ def _read_peft_weights(directory):
         except ImportError:
             raise ImportError(f"reading {path} needs the safetensors package: pip install safetensors") from None
         try:
-            return load_file(path)
+            return path, load_file(path)
         except Exception as e:  # a corrupt or truncated file
             raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from None
     path = os.path.join(directory, "adapter_model.bin")
@@ -747,38 +1296,64 @@ def _read_peft_weights(directory):
     state = _safe_torch_load(path, "a PEFT adapter file (adapter_model.bin)")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} is not a PEFT adapter file: not a dict of tensors")
-    return state
+    return path, state
 
 
-def load_peft_adapter(model, directory):
+def _check_peft_base_weights(model, state, path):
+    """PEFT also stores the base weights of targeted embeddings / heads (save_embedding_layers:
+    "<name>.base_layer.weight", or "<name>.weight" after a vocabulary resize). Accept them
+    where they equal the model's own; else refuse: lora_min never overwrites base weights."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    base_keys = {}
+    for key in state:
+        name = key[len(_PEFT_PREFIX):] if key.startswith(_PEFT_PREFIX) else None
+        if name is not None and name.rsplit(".", 1)[-1] in ("weight", "bias") and ".lora_" not in name:
+            base_keys[key] = name.replace(".base_layer.", ".")
+    for key, name in base_keys.items():
+        own = params.get(name)
+        same = own is not None and state[key].shape == own.shape and torch.equal(state[key].to(own), own.detach())
+        if not same:
+            raise ValueError(f"{path} carries its own base weight {key!r}, which differs from the model's "
+                             f"{name!r} (a resized vocabulary or other fine-tuned base weights?); lora_min loads "
+                             "adapters only and never overwrites base weights: load those weights into the model first")
+    return {k: v for k, v in state.items() if k not in base_keys}
+
+
+def load_peft_adapter(model: nn.Module, directory) -> nn.Module:
     """Add LoRA layers where a PEFT adapter says and load its weights; returns model.
 
     model: the base model, without LoRA layers, as PEFT's base model would be
     (module names must be those PEFT saw). Everything is checked before the model
-    is changed: unsupported config fields, targets that are not plain nn.Linear
-    modules, and tensors with missing, unexpected or wrongly shaped keys.
+    is changed: every config field, targets no LoRA layer can adapt, and every
+    tensor's key, type and shape. New layers take the train / eval mode of the
+    modules they replace (PeftModel.from_pretrained gives eval models).
     """
     config = _read_peft_config(directory)
-    state = _read_peft_weights(directory)
+    path, state = _read_peft_weights(directory)
     names = [n for n, _ in model.named_modules(remove_duplicate=False) if n and _peft_targets(config, n)]
     if not names:
         raise ValueError(f"target_modules {config['target_modules']!r} of {directory} match no module of the model")
-    settings = {}
+    settings, expected, keys = {}, {}, {}
     for n in names:
-        settings[n] = dict(r=_peft_pattern_value(config.get("rank_pattern") or {}, n, config["r"]),
-                           alpha=_peft_pattern_value(config.get("alpha_pattern") or {}, n, config["lora_alpha"]),
-                           dropout=config.get("lora_dropout") or 0.0, use_rslora=bool(config.get("use_rslora")))
-        reason = _cannot_adapt(model.get_submodule(n))
+        module = model.get_submodule(n)
+        reason = _cannot_adapt(module)
         if reason:
             raise ValueError(f"{directory} targets {n!r}, which lora_min cannot adapt: it {reason}")
-    expected = {}
-    for n, s in settings.items():
-        linear = model.get_submodule(n)
-        expected[f"{_PEFT_PREFIX}{n}.lora_A.weight"] = (s["r"], linear.in_features)
-        expected[f"{_PEFT_PREFIX}{n}.lora_B.weight"] = (linear.out_features, s["r"])
-    _check_adapter_keys(expected, state)
+        settings[n] = dict(r=_peft_pattern_value(config.get("rank_pattern"), n, config["r"]),
+                           alpha=_peft_pattern_value(config.get("alpha_pattern"), n, config["lora_alpha"]),
+                           dropout=config.get("lora_dropout") or 0.0, use_rslora=bool(config.get("use_rslora")))
+        try:
+            lora_class_for(module).check(module, **dict(settings[n], dropout=0.0))
+        except ValueError as e:
+            raise ValueError(f"{directory}: the settings for {n!r} are invalid: {e}") from None
+        for ab, key in _peft_keys(n, lora_class_for(module)).items():
+            expected[key] = _peft_shapes(module, settings[n]["r"])[ab]
+            keys[key] = f"{n}.{ab}"
+    state = _check_peft_base_weights(model, state, path)
+    _check_adapter_tensors(expected, state, source=path)
     _attach_lora(model, settings)
-    return load_lora_state_dict(model, {k[len(_PEFT_PREFIX):-len(".weight")]: v for k, v in state.items()})
+    own = {k: p.shape for k, p in _adapter_tensors(model).items()}
+    return load_lora_state_dict(model, {keys[k]: v.reshape(own[keys[k]]) for k, v in state.items()})
 
 
 # ---------------------------------------------------------------------------

@@ -346,7 +346,7 @@ def test_bad_peft_files_raise_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="adapter_config.json is not valid JSON"):
         L.load_peft_adapter(copy.deepcopy(base), tmp_path)
     write_peft(tmp_path, r=8)  # the tensors say r = 4
-    with pytest.raises(ValueError, match=r"q_proj.lora_A.weight: file \(4, 32\) vs model \(8, 32\)"):
+    with pytest.raises(ValueError, match=r"q_proj.lora_A.weight has shape \(4, 32\), the model.s is \(8, 32\)"):
         L.load_peft_adapter(copy.deepcopy(base), tmp_path)
     write_peft(tmp_path, target_modules=["q_proj", "k_proj", "v_proj"])  # no k_proj tensors in the file
     model = copy.deepcopy(base)
