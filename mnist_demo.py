@@ -289,7 +289,7 @@ def run_experiment(cfg, data, log=print):
         "LoRA-disabled predictions identical to before": torch.equal(disabled["predictions"], before["predictions"]),
         "merged predictions match LoRA-enabled": torch.equal(merged["predictions"], enabled["predictions"])
         and logit_diff < 1e-3,
-        "merged model has no LoRA layers": not any(isinstance(m, lora_min.LoRALinear) for m in merged_model.modules()),
+        "merged model has no LoRA layers": not any(isinstance(m, lora_min.LoRALayer) for m in merged_model.modules()),
     }
     states = dict(zip(STATES, (before, enabled, disabled, merged)))
     return {

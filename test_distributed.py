@@ -25,11 +25,25 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
                                 reason="torch.distributed with gloo is not available in this torch build")
 
 
-def make_model():
+class TokensConvHead(nn.Module):
+    """Every LoRA layer type in one model: an embedding, a 1-d convolution, a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.conv, self.head = nn.Embedding(10, 6), nn.Conv1d(6, 16, 3, padding=1), nn.Linear(16, 3)
+
+    def forward(self, tokens):  # (N, T) -> (N, 3)
+        h = torch.relu(self.conv(self.embed(tokens).transpose(1, 2)))  # (N, 16, T)
+        return self.head(h.mean(-1))
+
+
+def make_model(kind="linear"):
     """The same LoRA model on every process: seeded base, A, and a nonzero B."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
-    L.add_lora(model, r=2)
+    if kind == "linear":
+        model = L.add_lora(nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)), r=2)
+    else:
+        model = L.add_lora(TokensConvHead(), r=2, target_modules=["embed", "conv", "head"])
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for _, layer in L.lora_layers(model):
@@ -37,24 +51,25 @@ def make_model():
     return model
 
 
-def global_batches():
+def global_batches(kind="linear"):
     g = torch.Generator().manual_seed(123)
-    return [(torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(STEPS)]
+    inputs = (lambda: torch.randn(8, 6, generator=g)) if kind == "linear" else (lambda: torch.randint(0, 10, (8, 5), generator=g))
+    return [(inputs(), torch.randint(0, 3, (8,), generator=g)) for _ in range(STEPS)]
 
 
-def train(model, rank=0, world=1):
+def train(model, rank=0, world=1, kind="linear"):
     """SGD on the adapter; each rank takes rows rank::world of every global batch."""
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
-    for x, y in global_batches():
+    for x, y in global_batches(kind):
         loss = F.cross_entropy(model(x[rank::world]), y[rank::world])  # equal shards: mean of means = mean
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
 
 
-def single_process_adapter():
-    model = make_model()
-    train(model)
+def single_process_adapter(kind="linear"):
+    model = make_model(kind)
+    train(model, kind=kind)
     return L.lora_state_dict(model)
 
 
@@ -73,9 +88,9 @@ def finish(rank, tmp, name, results):
     dist.destroy_process_group()
 
 
-def run_workers(worker, tmp_path, name):
-    """Run worker on WORLD processes; returns each rank's results."""
-    mp.spawn(worker, args=(str(tmp_path),), nprocs=WORLD)
+def run_workers(worker, tmp_path, name, *args):
+    """Run worker(rank, tmp, *args) on WORLD processes; returns each rank's results."""
+    mp.spawn(worker, args=(str(tmp_path), *args), nprocs=WORLD)
     return [torch.load(tmp_path / f"{name}_rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
@@ -157,17 +172,17 @@ def find_fully_shard():
     return fully_shard, ""
 
 
-def fsdp_worker(rank, tmp):
+def fsdp_worker(rank, tmp, kind):
     fully_shard, _ = find_fully_shard()
     init(rank, tmp)
-    model = make_model()
+    model = make_model(kind)
     base = base_state(model)
     for _, layer in L.lora_layers(model):
         fully_shard(layer)
     fully_shard(model)
-    train(model, rank, WORLD)
+    train(model, rank, WORLD, kind)
     adapter = L.lora_state_dict(model)  # a collective: full tensors gathered from the shards
-    layer = model[0]
+    layer = next(layer for _, layer in L.lora_layers(model))
     try:
         layer.merge()
         merge_error = ""
@@ -194,9 +209,10 @@ def fsdp_worker(rank, tmp):
 
 @pytest.mark.slow
 @pytest.mark.skipif(find_fully_shard()[0] is None, reason=find_fully_shard()[1])
-def test_fsdp2_sharded_frozen_base_trains_adapter(tmp_path):
-    ranks = run_workers(fsdp_worker, tmp_path, "fsdp")
-    reference = single_process_adapter()
+@pytest.mark.parametrize("kind", ["linear", "embedding, conv and linear"])
+def test_fsdp2_sharded_frozen_base_trains_adapter(tmp_path, kind):
+    ranks = run_workers(fsdp_worker, tmp_path, "fsdp", kind)
+    reference = single_process_adapter(kind)
     for r in ranks:
         assert r["is_plain_tensor"] and r["base_unchanged"] and r["load_into_shards"]
         assert "merge() on sharded" in r["merge_error"] and "merge_and_unload() on sharded" in r["merge_error"]
