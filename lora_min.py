@@ -39,6 +39,7 @@ PEFT's); last, the hand-written backward that makes LoRALinear fast.
 
 import ast
 import collections
+import collections.abc
 import contextlib
 import copy
 import functools
@@ -153,7 +154,7 @@ class LoRALayer(nn.Module):
         self.shared_with = ()  # names of other modules' parameters that are this layer's weight or bias
         self._enabled = True
         self.merged = False
-        self.ran = False  # set by every forward; see _BypassCheck
+        self._ran = False  # set by every forward; see _BypassCheck
         self.train(base.training)  # a new layer behaves as the one it replaces (eval stays eval)
 
     @classmethod
@@ -210,7 +211,7 @@ class LoRALayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.compiler.is_compiling():
-            self.ran = True
+            self._ran = True
         if self.merged:
             if self.training and torch.is_grad_enabled() and (self.lora_A.requires_grad or self.lora_B.requires_grad):
                 raise RuntimeError(
@@ -481,7 +482,7 @@ class LoRAConv(LoRALayer):
     _SETTINGS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
                  "padding_mode", "_reversed_padding_repeated_twice")
 
-    def __init__(self, conv: nn.Module, r: int = 8, alpha: Optional[float] = None, dropout: float = 0.0,
+    def __init__(self, conv: Union[nn.Conv1d, nn.Conv2d, nn.Conv3d], r: int = 8, alpha: Optional[float] = None, dropout: float = 0.0,
                  use_rslora: bool = False, init_std: Optional[float] = None):
         self.check(conv, r, alpha, dropout, use_rslora, init_std)
         super().__init__(conv, *self.lora_shapes(conv, r), r, alpha, dropout, use_rslora)
@@ -565,6 +566,12 @@ _HOOK_KINDS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_
                "_load_state_dict_post_hooks")
 
 
+def _hooks(module):
+    """A description of every hook registered on the module itself, e.g. "backward pre hook fn"."""
+    return [f"{kind.strip('_').replace('_hooks', ' hook')} {getattr(h, '__qualname__', repr(h))}"
+            for kind in _HOOK_KINDS for h in getattr(module, kind, {}).values()]
+
+
 def _cannot_adapt(module):
     """Why no LoRA layer can stand in for this module exactly (None if one can)."""
     kind = type(module).__name__
@@ -577,8 +584,7 @@ def _cannot_adapt(module):
         return f"is a {kind}, a subclass with its own forward(), which {cls.__name__} would not compute"
     if not isinstance(module.weight, nn.Parameter):
         return "has a weight that is not an nn.Parameter (old-style weight_norm?)"
-    hooks = [f"{kind_.strip('_').replace('_hooks', ' hook')} {getattr(h, '__qualname__', repr(h))}"
-             for kind_ in _HOOK_KINDS for h in getattr(module, kind_, {}).values()]
+    hooks = _hooks(module)
     if hooks:
         return f"has hooks that replacing the module would drop: {', '.join(hooks)}"
     return None
@@ -685,12 +691,12 @@ class _BypassCheck:
 
     def before(self, parent, args):
         for _, child in self._children(parent):
-            child.ran = False
+            child._ran = False
 
     def after(self, parent, args, output):
         if torch.compiler.is_compiling():
             return
-        skipped = [p for p, child in self._children(parent) if not child.ran]
+        skipped = [p for p, child in self._children(parent) if not child._ran]
         if skipped:
             raise RuntimeError(
                 f"LoRA on {skipped} did not run: this {type(parent).__name__}'s forward read their weight directly "
@@ -793,8 +799,9 @@ def _attach_lora(model, settings, skip_unused=False):
         check = _BypassCheck(sorted(p for _, p in entries))
         parent.register_forward_pre_hook(check.before)
         parent.register_forward_hook(check.after)
-        warnings.warn(f"add_lora: {type(parent).__name__} reads the weight of {check.paths} directly on some code "
-                      "paths; a forward that skips their LoRA raises (see _BypassCheck)", stacklevel=3)
+        warnings.warn(f"add_lora: {type(parent).__name__}'s forward reads the weight of {check.paths} directly on "
+                      "some code paths, and sees W there, not W + ΔW; a forward that does not call them raises "
+                      "(see _BypassCheck)", stacklevel=3)
     mark_only_lora_as_trainable(model)
     return model
 
@@ -898,9 +905,13 @@ def merge_and_unload(model: nn.Module, inplace: bool = False) -> nn.Module:
     whole model first (twice its memory for a moment): to push merged weights
     somewhere without that copy, use merged_state_dict(model).
     """
-    for _, layer in lora_layers(model):
+    for name, layer in lora_layers(model):
         if any(_is_sharded(p) for p in (layer.weight, layer.lora_A, layer.lora_B)):
             layer.check_can_write_weight("merge_and_unload")
+        hooks = _hooks(layer)
+        if hooks:
+            raise ValueError(f"merge_and_unload: {name or type(layer).__name__!r} has hooks that replacing it with "
+                             f"a plain layer would drop: {', '.join(hooks)}; remove them first")
     if not inplace:
         model = copy.deepcopy(model)
     plain = {}  # one plain layer per LoRA layer, also where it is registered under several names
@@ -983,8 +994,10 @@ def _adapter_tensors(model, keep_vars=False):
 def _check_adapter_tensors(expected, state, strict=True, source="the adapter"):
     """expected: {key: shape}. Missing / unexpected keys (if strict) raise KeyError; a value
     that is not a real floating tensor holding data, or has the wrong shape, ValueError."""
+    if not isinstance(state, collections.abc.Mapping):
+        raise ValueError(f"{source}: expected a dict of tensors keyed by name, got a {type(state).__name__}")
     missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    unexpected = sorted(set(state) - set(expected), key=str)
     if strict and (missing or unexpected):
         raise KeyError(f"{source}: keys do not match the model: missing {missing}, unexpected {unexpected}")
     for k in sorted(set(expected) & set(state)):
@@ -1311,8 +1324,9 @@ def _check_peft_base_weights(model, state, path):
             base_keys[key] = name.replace(".base_layer.", ".")
     for key, name in base_keys.items():
         own = params.get(name)
-        same = own is not None and state[key].shape == own.shape and torch.equal(state[key].to(own), own.detach())
-        if not same:
+        if own is None:
+            raise ValueError(f"{path} carries a base weight {key!r}, but the model has no parameter {name!r}")
+        if not (state[key].shape == own.shape and torch.equal(state[key].to(own), own.detach())):
             raise ValueError(f"{path} carries its own base weight {key!r}, which differs from the model's "
                              f"{name!r} (a resized vocabulary or other fine-tuned base weights?); lora_min loads "
                              "adapters only and never overwrites base weights: load those weights into the model first")

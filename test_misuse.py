@@ -289,7 +289,7 @@ def test_reading_only_a_weights_dtype_or_identity_is_not_a_bypass():
 
 def test_a_parent_that_sometimes_reads_the_weight_raises_when_it_skips_lora():
     model = nn.Sequential(SometimesReads())
-    with pytest.warns(UserWarning, match=r"SometimesReads reads the weight of \['proj'\] directly on some code paths"):
+    with pytest.warns(UserWarning, match=r"SometimesReads's forward reads the weight of \['proj'\] directly on some code paths"):
         L.add_lora(model)
     nn.init.normal_(model[0].proj.lora_B)
     x = torch.randn(2, 4)
@@ -302,6 +302,43 @@ def test_a_parent_that_sometimes_reads_the_weight_raises_when_it_skips_lora():
     L.merge_lora(model)
     with torch.no_grad():
         model.eval()(x)  # merged: the weight it reads holds W + ΔW
+
+
+class TiedOutput(nn.Module):
+    """Calls its embedding for the input, and reads its weight for the output projection."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+
+    def forward(self, tokens):
+        return self.embed(tokens) @ self.embed.weight.T
+
+
+def test_a_parent_that_calls_a_child_and_also_reads_its_weight_is_warned_about():
+    with pytest.warns(UserWarning, match=r"TiedOutput's forward reads the weight of \['embed'\].*sees W there, not W \+ ΔW"):
+        L.add_lora(TiedOutput(), target_modules=["embed"])
+
+
+def test_merge_and_unload_refuses_lora_layers_with_hooks_it_would_drop():
+    model = lora_two_blocks()
+    model[1].out.register_forward_hook(lambda m, a, o: None)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"merge_and_unload: '1.out' has hooks.*forward hook"):
+        L.merge_and_unload(model, inplace=True)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("state, words", [
+    ([torch.zeros(2, 4)], "expected a dict of tensors keyed by name, got a list"),
+    ({0: torch.zeros(2, 4), "0.fc.lora_A": torch.zeros(2, 4)}, "unexpected \\[0\\]"),
+])
+def test_load_lora_state_dict_names_a_container_that_is_not_an_adapter(state, words):
+    model = lora_two_blocks()
+    before = snapshot(model)
+    with pytest.raises((ValueError, KeyError), match=words):
+        L.load_lora_state_dict(model, state)
+    assert_unchanged(model, before)
 
 
 def test_the_run_time_check_is_gone_from_the_merged_export():
@@ -355,7 +392,7 @@ def test_timm_beit_qkv_read_through_f_linear_raises_instead_of_training_nothing(
     timm = pytest.importorskip("timm")
     model = timm.create_model("beit_base_patch16_224", pretrained=False, img_size=32, patch_size=16, depth=1,
                               embed_dim=32, num_heads=2, num_classes=3)
-    with pytest.warns(UserWarning, match="Attention reads the weight of"):
+    with pytest.warns(UserWarning, match="Attention's forward reads the weight of"):
         L.add_lora(model, target_modules=["qkv"])
     with pytest.raises(RuntimeError, match=r"LoRA on \['qkv'\] did not run: this Attention's forward"):
         model(torch.randn(1, 3, 32, 32))
