@@ -403,8 +403,8 @@ class LoRAEmbedding(LoRALayer):
     A^T[idx] is just a lookup of A's columns, so the forward never forms ΔW.
     Init: B = 0 as in the paper (not PEFT's / loralib's reverse), A ~ N(0, 1):
     a one-hot input has one active entry, so the fan-in of kaiming's rule is 1.
-    padding_idx: A's column for it starts at zero and, like the base's pad row,
-    gets no gradient, so the pad vector stays fixed as nn.Embedding promises.
+    padding_idx: as nn.Embedding, the pad row is a constant that passes no gradient
+    (to A or B); A's column for it starts at zero, so the pad vector stays fixed.
     No dropout (an index cannot be dropped out; PEFT applies none either).
     """
 
@@ -450,7 +450,10 @@ class LoRAEmbedding(LoRALayer):
 
     def adapted_forward(self, idx):
         h = F.embedding(idx, self.lora_A.T, self.padding_idx)  # (..., r): column idx of A
-        return self.plain_forward(idx) + (h * self.scale) @ self.lora_B.T
+        update = (h * self.scale) @ self.lora_B.T
+        if self.padding_idx is not None:  # the pad row is a constant, as nn.Embedding treats it
+            update = torch.where((idx == self.padding_idx).unsqueeze(-1), update.detach(), update)
+        return self.plain_forward(idx) + update
 
     def plain_module(self, weight, bias):
         embedding = nn.Embedding(self.num_embeddings, self.embedding_dim, self.padding_idx, sparse=self.sparse,
@@ -470,7 +473,7 @@ class LoRAConv(LoRALayer):
 
         lora_A (r, in_channels, *kernel), lora_B (out_channels, r)
         ΔW = (B @ A.flatten(1)).view(W.shape) * scale
-        y = conv(x, W, b) + B · conv(dropout(x), A) * scale     (B applied per pixel)
+        y = conv(x, W, b) + B · conv(dropout(x), A) * scale     (B per pixel: a 1x1 conv)
 
     Both convolutions run the base class's own code (_conv_forward) with the
     base's stride, padding, dilation and padding_mode, copied onto this layer,
@@ -511,10 +514,9 @@ class LoRAConv(LoRALayer):
         return self._conv(x, self.weight, self.bias)
 
     def adapted_forward(self, x):
-        h = self._conv(self.lora_dropout(x), self.lora_A, None) * self.scale  # (N, r, *spatial) or (r, *spatial)
-        spatial = h.shape[h.dim() - len(self.kernel_size):]
-        update = (self.lora_B @ h.flatten(-len(spatial))).unflatten(-1, spatial)  # B per pixel: (N, out, *spatial)
-        return self.plain_forward(x) + update
+        h = self._conv(self.lora_dropout(x), self.lora_A, None) * self.scale  # (N, r, *spatial)
+        pointwise = (F.conv1d, F.conv2d, F.conv3d)[len(self.kernel_size) - 1]  # B per pixel: a 1x1 convolution
+        return self.plain_forward(x) + pointwise(h, self.lora_B.view(*self.lora_B.shape, *[1] * len(self.kernel_size)))
 
     def plain_module(self, weight, bias):
         conv = self.conv_class(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,

@@ -25,13 +25,81 @@ def test_no_out_by_in_tensor_is_saved_for_backward():
     assert classic_largest == (d, d) and classic_bytes >= d * d * 4  # W + B A is formed and kept
 
 
+# Embedding and conv sizes that run in a fraction of a second (the defaults are 32000 x 4096 and 256 channels).
+TINY_EMBEDDING_CONV = ["--vocab", "64", "--embed-dim", "32", "--embedding-ranks", "4",
+                       "--channels", "8", "--image-size", "6", "--batch", "2", "--conv-ranks", "4"]
+EMBEDDING_ROWS = ("frozen nn.Embedding (floor)", "lora_min.LoRAEmbedding", "PEFT lora.Embedding", "parametrize LoRA")
+CONV_ROWS = ("frozen nn.Conv2d (floor)", "lora_min.LoRAConv", "PEFT lora.Conv2d", "parametrize LoRA")
+
+
+def test_embedding_and_conv_saved_for_backward():
+    tokens, r = 16, 4
+    emb = bench_lora.build(bench_lora.EMBEDDING_IMPLEMENTATIONS, (100, 32), r, "cpu", torch.float32)
+    idx, _ = bench_lora.embedding_inputs((100, 32), tokens, "cpu", torch.float32)
+    nbytes, largest = bench_lora.saved_bytes(emb["lora_min.LoRAEmbedding"], idx)
+    assert largest == (tokens, r) and nbytes <= 2 * tokens * r * 4  # only the thin looked-up columns of A
+    conv = bench_lora.build(bench_lora.CONV_IMPLEMENTATIONS, (8, 3), r, "cpu", torch.float32)
+    x, _ = bench_lora.conv_inputs((8, 3), 2, 6, "cpu", torch.float32)
+    nbytes, largest = bench_lora.saved_bytes(conv["lora_min.LoRAConv"], x)
+    assert nbytes <= 2 * 2 * r * 6 * 6 * 4  # the thin r-channel activation, never the (out, in, 3, 3) kernel
+    assert bench_lora.saved_bytes(conv["parametrize LoRA"], x)[1] == (8, 8, 3, 3)  # W + B A is formed and kept
+
+
+@pytest.mark.parametrize("layer", ["embedding", "conv"])
+def test_embedding_and_conv_contenders_do_the_same_work(layer):
+    """Every contender starts from the same nonzero A and B (not PEFT's A = 0 for embeddings), so all
+    compute the same output and the same gradients: the benchmark compares equal work."""
+    pytest.importorskip("peft")
+    if layer == "embedding":
+        impls, size = bench_lora.EMBEDDING_IMPLEMENTATIONS, (50, 16)
+        x, grad_out = bench_lora.embedding_inputs(size, 12, "cpu", torch.float64)
+    else:
+        impls, size = bench_lora.CONV_IMPLEMENTATIONS, (6, 3)
+        x, grad_out = bench_lora.conv_inputs(size, 2, 5, "cpu", torch.float64)
+    built = [make(size, 4, "cpu", torch.float64) for make in impls.values()]  # (layer, [A, B])
+    for _, params in built:
+        bench_lora.same_init(params)
+    (floor, _), *adapters = built
+    ys = [layer(x) for layer, _ in adapters]
+    assert not torch.allclose(ys[0], floor(x))  # the update is not zero
+    grads = []
+    for (_, params), y in zip(adapters, ys):
+        torch.testing.assert_close(y, ys[0])
+        y.backward(grad_out)
+        grads.append([p.grad.flatten() for p in params])  # PEFT's conv B is (out, r, 1, 1), ours (out, r)
+    for g in grads[1:]:
+        torch.testing.assert_close(g, grads[0])
+
+
+def test_bench_embedding_and_conv_run_on_tiny_sizes(capsys):
+    pytest.importorskip("peft")
+    bench_lora.main(["--layers", "embedding,conv", "--tokens", "16", "--reps", "2", "--warmup", "1", "--profile",
+                     *TINY_EMBEDDING_CONV])
+    out = capsys.readouterr().out
+    assert "## embedding training step: nn.Embedding(64, 32), 16 tokens, r = 4" in out
+    assert "## conv training step: nn.Conv2d(8, 8, 3x3, padding 1), batch 2 x 6 x 6, r = 4" in out
+    for row in EMBEDDING_ROWS + CONV_ROWS:
+        assert f"| {row} |" in out
+    assert "frozen nn.Linear" not in out and "in = out =" not in out  # --layers left linear out
+    assert out.count("profile of one training step") == 2
+
+
 @pytest.mark.slow
 def test_bench_lora_runs_on_tiny_sizes(capsys):
-    bench_lora.main(["--dim", "64", "--tokens", "16", "--ranks", "2", "--reps", "2", "--warmup", "1", "--compile"])
+    bench_lora.main(["--dim", "64", "--tokens", "16", "--ranks", "2", "--reps", "2", "--warmup", "1", "--compile",
+                     *TINY_EMBEDDING_CONV])
     out = capsys.readouterr().out
     for row in ("frozen nn.Linear (floor)", "lora_min.LoRALinear", "parametrize LoRA", "full fine-tuning"):
         assert f"| {row} |" in out
     assert "inference (eval forward" in out and "torch.compile(fullgraph=True)" in out
+    for row in EMBEDDING_ROWS + CONV_ROWS:  # the default --layers: linear, then embedding and conv
+        assert f"| {row} |" in out
+    assert out.index("## training step, r = 2") < out.index("## embedding training step") < out.index("## conv training step")
+
+
+def test_bench_lora_rejects_unknown_layers():
+    with pytest.raises(SystemExit):
+        bench_lora.main(["--layers", "linear,lstm"])
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_lora.py                       # in = out = 4096, r in {1, 8, 64}, 512 tokens
     python benchmarks/bench_lora.py --dim 256 --tokens 64 --ranks 4 --reps 3   # a smoke run
+    python benchmarks/bench_lora.py --layers embedding,conv    # only the nn.Embedding and nn.Conv2d tables
 
 Every implementation is measured in the same process on the same tensors, and the
 measurements are interleaved (one step of each in turn, the order rotated every
@@ -12,6 +13,16 @@ which any adapter in a deep network must pay anyway (the floor).
 Implementations: lora_min.LoRALinear; the classic parametrize LoRA (W + (B @ A) *
 scale registered on `weight`); PEFT's and loralib's LoRA Linear when installed
 (pip install -r benchmarks/requirements.txt); full fine-tuning of nn.Linear.
+
+The linear tables are followed (--layers, default linear,embedding,conv) by one for
+an `embedding` (a 32000 x 4096 nn.Embedding looking up --tokens indices) and one for
+a `conv` (a 3x3 nn.Conv2d, 256 -> 256 channels, batch 8 of 28 x 28), r = 8, each
+with the same four contenders: the frozen layer (the floor: a frozen
+embedding has no backward at all, so its floor is the lookup alone; the frozen
+conv's includes the gradient to its input), lora_min's LoRAEmbedding / LoRAConv,
+PEFT's lora.Embedding / lora.Conv2d, and parametrize LoRA (the table or kernel
+W + ΔW formed on every call). All adapters start from the same nonzero A and B
+(PEFT's own init has A = 0 for embeddings), so all do the same work.
 """
 
 import argparse
@@ -42,6 +53,20 @@ class ParametrizeLoRA(nn.Module):
 
     def forward(self, W):
         return W + (self.lora_B @ self.lora_A) * self.scale
+
+
+class ParametrizeEmbeddingLoRA(ParametrizeLoRA):
+    """An embedding table (num, dim) is W^T of the one-hot linear map: table + (B @ A)^T * scale."""
+
+    def forward(self, W):
+        return W + (self.lora_B @ self.lora_A).T * self.scale
+
+
+class ParametrizeConvLoRA(ParametrizeLoRA):
+    """A kernel (out, in, *k) is the linear map of flattened patches: W + (B @ A).view(W.shape) * scale."""
+
+    def forward(self, W):
+        return W + (self.lora_B @ self.lora_A).view(W.shape) * self.scale
 
 
 def base_linear(d, device, dtype, seed=0):
@@ -98,12 +123,84 @@ IMPLEMENTATIONS = {
 }
 
 
-def available(names):
+# --- embeddings and convolutions: makers take (size, r, device, dtype) and return (module, [A, B]) --------
+# size: (num_embeddings, embedding_dim) or (channels, kernel_size). A and B come back in that order,
+# whatever the implementation calls them, so that same_init gives every contender the same values.
+
+
+def base_embedding(size, device, dtype, seed=0):
+    torch.manual_seed(seed)
+    return nn.Embedding(*size, device=device, dtype=dtype)
+
+
+def base_conv(size, device, dtype, seed=0):
+    channels, k = size
+    torch.manual_seed(seed)
+    return nn.Conv2d(channels, channels, k, padding=k // 2, device=device, dtype=dtype)
+
+
+def frozen_maker(base):
+    def make(size, r, device, dtype):
+        return base(size, device, dtype).requires_grad_(False), []
+    return make
+
+
+def lora_min_maker(lora_class, base):
+    def make(size, r, device, dtype):
+        layer = lora_class(base(size, device, dtype), r=r, alpha=2 * r)
+        return layer, [layer.lora_A, layer.lora_B]
+    return make
+
+
+def parametrize_maker(parametrization, base):
+    """parametrization(size, r) -> a ParametrizeLoRA whose A and B fit the base's weight."""
+    def make(size, r, device, dtype):
+        layer = base(size, device, dtype).requires_grad_(False)
+        lora = parametrization(size, r, device, dtype)
+        parametrize.register_parametrization(layer, "weight", lora)
+        return layer, [lora.lora_A, lora.lora_B]
+    return make
+
+
+def peft_maker(base, tensors):
+    """tensors(peft_layer) -> [A, B] as the peft layer holds them."""
+    def make(size, r, device, dtype):
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(nn.Sequential(base(size, device, dtype)), LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"]))
+        layer = model.base_model.model[0].to(device=device, dtype=dtype)
+        return layer, tensors(layer)
+    return make
+
+
+EMBEDDING_IMPLEMENTATIONS = {
+    "frozen nn.Embedding (floor)": frozen_maker(base_embedding),
+    "lora_min.LoRAEmbedding": lora_min_maker(lora_min.LoRAEmbedding, base_embedding),
+    "PEFT lora.Embedding": peft_maker(base_embedding,
+                                      lambda layer: [layer.lora_embedding_A["default"], layer.lora_embedding_B["default"]]),
+    "parametrize LoRA": parametrize_maker(  # A (r, num), B (dim, r)
+        lambda size, r, device, dtype: ParametrizeEmbeddingLoRA(size[1], size[0], r, 2 * r, device, dtype), base_embedding),
+}
+
+CONV_IMPLEMENTATIONS = {
+    "frozen nn.Conv2d (floor)": frozen_maker(base_conv),
+    "lora_min.LoRAConv": lora_min_maker(lora_min.LoRAConv, base_conv),
+    "PEFT lora.Conv2d": peft_maker(base_conv,  # (r, in, k, k), (out, r, 1, 1)
+                                   lambda layer: [layer.lora_A["default"].weight, layer.lora_B["default"].weight]),
+    "parametrize LoRA": parametrize_maker(  # A (r, in k k), B (out, r)
+        lambda size, r, device, dtype: ParametrizeConvLoRA(size[0], size[0] * size[1] ** 2, r, 2 * r, device, dtype),
+        base_conv),
+}
+
+
+def available(names, table=IMPLEMENTATIONS, probe=8):
+    """The implementations of `table` whose packages are installed, and a note for each skipped one.
+    probe: a tiny size to build each at (an int for linear, a pair for embeddings and convs)."""
     out, notes = {}, []
     for name in names:
         try:
-            IMPLEMENTATIONS[name](8, 2, "cpu", torch.float32)
-            out[name] = IMPLEMENTATIONS[name]
+            table[name](probe, 2, "cpu", torch.float32)
+            out[name] = table[name]
         except ImportError as e:
             notes.append(f"{name}: skipped ({e.name} not installed; pip install -r benchmarks/requirements.txt)")
     return out, notes
@@ -124,9 +221,21 @@ def randomize(params):
             p.normal_(0, 0.01)
 
 
+def same_init(params, seed=1, std=0.01):
+    """The same random values, in order, for every contender's [A, B], whatever their shapes
+    (PEFT's conv B is (out, r, 1, 1), ours (out, r)): the i-th element of each gets the same number."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.copy_((torch.randn(p.numel(), generator=gen, dtype=torch.float64) * std).view(p.shape))
+
+
 def train_step(layer, x, grad_out):
+    """Forward and backward of the scalar loss sum(y * grad_out) (without the cost of forming it).
+    A frozen layer on an input that needs no gradient (an embedding's indices) has no backward."""
     y = layer(x)
-    y.backward(grad_out)
+    if y.requires_grad:
+        y.backward(grad_out)
     x.grad = None
     for p in layer.parameters():
         p.grad = None
@@ -202,8 +311,39 @@ def bench_setting(impls, d, r, tokens, device, dtype, warmup, reps):
         layers[name] = layer
     x = torch.randn(tokens, d, device=device, dtype=dtype, requires_grad=True)
     grad_out = torch.randn(tokens, d, device=device, dtype=dtype)
+    return bench_layers(layers, "frozen nn.Linear (floor)", x, grad_out, device, warmup, reps)
 
-    floor = "frozen nn.Linear (floor)"
+
+def embedding_inputs(size, tokens, device, dtype):
+    """`tokens` random indices into a (num, dim) table, and a gradient for the (tokens, dim) output."""
+    num, dim = size
+    torch.manual_seed(2)
+    return torch.randint(num, (tokens,), device=device), torch.randn(tokens, dim, device=device, dtype=dtype)
+
+
+def conv_inputs(size, batch, image_size, device, dtype):
+    """A (batch, channels, image_size, image_size) input that needs its gradient, as inside a network,
+    and a gradient for the output (the same shape: the padding keeps the size)."""
+    channels, _ = size
+    torch.manual_seed(2)
+    shape = (batch, channels, image_size, image_size)
+    return (torch.randn(shape, device=device, dtype=dtype, requires_grad=True),
+            torch.randn(shape, device=device, dtype=dtype))
+
+
+def build(impls, size, r, device, dtype):
+    """{name: module in train mode}, every adapter's A and B set to the same nonzero values."""
+    layers = {}
+    for name, make in impls.items():
+        layer, params = make(size, r, device, dtype)
+        same_init(params)
+        layer.train()
+        layers[name] = layer
+    return layers
+
+
+def bench_layers(layers, floor, x, grad_out, device, warmup, reps):
+    """The training-step table for built layers that all take x: time, ratio to `floor`, saved bytes."""
     step = interleaved({n: (lambda layer=layer: train_step(layer, x, grad_out)) for n, layer in layers.items()},
                        device, warmup, reps, reference=floor)
     memory = {n: saved_bytes(layer, x) for n, layer in layers.items()}
@@ -259,12 +399,17 @@ def bench_compile(d, r, tokens, device, dtype, warmup, reps):
 
 def profile_lora(d, r, tokens, device, dtype, steps=5):
     """Where LoRALinear's extra time goes: ops by self time per step, with input shapes."""
-    from torch.profiler import ProfilerActivity, profile
-
     layers = {"floor": make_frozen(d, r, device, dtype)[0], "lora_min": make_lora_min(d, r, device, dtype)[0]}
     randomize([layers["lora_min"].lora_B])
     x = torch.randn(tokens, d, device=device, dtype=dtype, requires_grad=True)
     grad_out = torch.randn(tokens, d, device=device, dtype=dtype)
+    return profile_layers(layers, x, grad_out, device, steps)
+
+
+def profile_layers(layers, x, grad_out, device, steps=5):
+    """{name: layer} -> a table of the aten ops of one training step by self time (over 0.1 ms)."""
+    from torch.profiler import ProfilerActivity, profile
+
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     lines = ["| layer | op | input shapes | ms per step |", "| --- | --- | --- | ---: |"]
     for name, layer in layers.items():
@@ -291,23 +436,41 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--reps", type=int, default=9)
     p.add_argument("--compile", action="store_true", help="also time torch.compile(fullgraph=True) vs eager")
-    p.add_argument("--profile", action="store_true", help="also show where LoRALinear's extra time goes (torch.profiler)")
+    p.add_argument("--profile", action="store_true",
+                   help="also show where each lora_min layer's extra time goes (torch.profiler)")
+    p.add_argument("--layers", type=layer_list, default=list(LAYERS), help="comma-separated, from " + ",".join(LAYERS))
+    e = p.add_argument_group("embedding (--layers ...embedding...; --tokens indices are looked up)")
+    e.add_argument("--vocab", type=int, default=32000, help="num_embeddings")
+    e.add_argument("--embed-dim", type=int, default=4096, help="embedding_dim")
+    e.add_argument("--embedding-ranks", type=int, nargs="+", default=[8])
+    c = p.add_argument_group("conv (--layers ...conv...): Conv2d, channels -> channels, padding keeps the size")
+    c.add_argument("--channels", type=int, default=256)
+    c.add_argument("--kernel-size", type=int, default=3)
+    c.add_argument("--image-size", type=int, default=28)
+    c.add_argument("--batch", type=int, default=8)
+    c.add_argument("--conv-ranks", type=int, nargs="+", default=[8])
     args = p.parse_args(argv)
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
                           if args.device == "auto" else args.device)
     tokens = args.tokens or (512 if device.type == "cpu" else 8192)
     dtypes = args.dtypes or (["float32"] + (["bfloat16"] if device.type != "cpu" else []))
-    impls, notes = available(list(IMPLEMENTATIONS))
+    impls, notes = available(list(IMPLEMENTATIONS)) if "linear" in args.layers else ({}, [])
+    emb_size, conv_size = (args.vocab, args.embed_dim), (args.channels, args.kernel_size)
+    emb_impls, emb_notes = (available(list(EMBEDDING_IMPLEMENTATIONS), EMBEDDING_IMPLEMENTATIONS, (8, 4))
+                            if "embedding" in args.layers else ({}, []))
+    conv_impls, conv_notes = (available(list(CONV_IMPLEMENTATIONS), CONV_IMPLEMENTATIONS, (4, 3))
+                              if "conv" in args.layers else ({}, []))
     hw = torch.cuda.get_device_name() if device.type == "cuda" else f"{device.type}, {torch.get_num_threads()} threads"
-    print(f"# LoRA layer benchmark: in = out = {args.dim}, {tokens} tokens, {hw}, torch {torch.__version__}")
+    shape = f"in = out = {args.dim}, {tokens} tokens, " if "linear" in args.layers else ""
+    print(f"# LoRA layer benchmark: {shape}{hw}, torch {torch.__version__}")
     print(f"{args.reps} interleaved rounds after {args.warmup} warm-up rounds; time: median; "
           f"x floor: median of the per-round ratios\n")
-    for note in notes:
+    for note in notes + emb_notes + conv_notes:
         print(f"- {note}")
     for dtype_name in dtypes:
         dtype = getattr(torch, dtype_name)
-        for r in args.ranks:
+        for r in args.ranks if "linear" in args.layers else ():
             print(f"\n## training step, r = {r}, {dtype_name}\n")
             table, _, _ = bench_setting(impls, args.dim, r, tokens, device, dtype, args.warmup, args.reps)
             print(table)
@@ -318,6 +481,41 @@ def main(argv=None):
                 print(f"torch.compile(fullgraph=True) training step: {ratio:.3f} x eager (compiling took {compile_s:.1f} s)")
             if args.profile:
                 print(f"\nprofile of one training step (ops over 0.1 ms):\n\n{profile_lora(args.dim, r, tokens, device, dtype)}")
+        for r in args.embedding_ranks if emb_impls else ():
+            print(f"\n## embedding training step: nn.Embedding({args.vocab}, {args.embed_dim}), {tokens} tokens, "
+                  f"r = {r}, {dtype_name}\n")
+            layers = build(emb_impls, emb_size, r, device, dtype)
+            idx, grad_out = embedding_inputs(emb_size, tokens, device, dtype)
+            print(bench_layers(layers, "frozen nn.Embedding (floor)", idx, grad_out, device, args.warmup, args.reps)[0])
+            if args.profile:
+                print(f"\nprofile of one training step (ops over 0.1 ms):\n\n{profile_layers(unparametrized(layers), idx, grad_out, device)}")
+            del layers
+        for r in args.conv_ranks if conv_impls else ():
+            k = args.kernel_size
+            print(f"\n## conv training step: nn.Conv2d({args.channels}, {args.channels}, {k}x{k}, padding {k // 2}), "
+                  f"batch {args.batch} x {args.image_size} x {args.image_size}, r = {r}, {dtype_name}\n")
+            layers = build(conv_impls, conv_size, r, device, dtype)
+            x, grad_out = conv_inputs(conv_size, args.batch, args.image_size, device, dtype)
+            print(bench_layers(layers, "frozen nn.Conv2d (floor)", x, grad_out, device, args.warmup, args.reps)[0])
+            if args.profile:
+                print(f"\nprofile of one training step (ops over 0.1 ms):\n\n{profile_layers(unparametrized(layers), x, grad_out, device)}")
+            del layers
+
+
+def unparametrized(layers):
+    """The layers to profile: the floor, lora_min and PEFT (parametrize's cost is no mystery)."""
+    return {n: layer for n, layer in layers.items() if not n.startswith("parametrize")}
+
+
+LAYERS = ("linear", "embedding", "conv")
+
+
+def layer_list(text):
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in LAYERS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: choose from {','.join(LAYERS)}")
+    return names
 
 
 if __name__ == "__main__":
