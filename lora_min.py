@@ -994,14 +994,14 @@ def _adapter_tensors(model, keep_vars=False):
 
 
 def _check_adapter_tensors(expected, state, strict=True, source="the adapter"):
-    """expected: {key: shape}. Missing / unexpected keys (if strict) raise KeyError; a value
-    that is not a real floating tensor holding data, or has the wrong shape, ValueError."""
+    """expected: {key: shape}. Raise ValueError, naming the key, for missing / unexpected keys
+    (if strict) and for a value that is not a floating tensor holding data of that shape."""
     if not isinstance(state, collections.abc.Mapping):
         raise ValueError(f"{source}: expected a dict of tensors keyed by name, got a {type(state).__name__}")
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected), key=str)
     if strict and (missing or unexpected):
-        raise KeyError(f"{source}: keys do not match the model: missing {missing}, unexpected {unexpected}")
+        raise ValueError(f"{source}: keys do not match the model: missing {missing}, unexpected {unexpected}")
     for k in sorted(set(expected) & set(state)):
         value = state[k]
         if not isinstance(value, torch.Tensor):

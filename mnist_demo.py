@@ -236,7 +236,8 @@ def pretrained_base(cfg, train_x, train_y, log):
 
 
 def run_experiment(cfg, data, log=print):
-    """The whole experiment on data = (train_x, train_y, test_x, test_y); returns every figure."""
+    """The whole experiment on data = (train_x, train_y, test_x, test_y); returns
+    (the model with its LoRA layers, the report: every figure, JSON-ready)."""
     train_x, train_y, test_x, test_y = data
     timings = {}
     clock = time.perf_counter()
@@ -292,7 +293,7 @@ def run_experiment(cfg, data, log=print):
         "merged model has no LoRA layers": not any(isinstance(m, lora_min.LoRALayer) for m in merged_model.modules()),
     }
     states = dict(zip(STATES, (before, enabled, disabled, merged)))
-    return {
+    return model, {
         "config": {k: v for k, v in vars(cfg).items()},
         "device": str(train_x.device),
         "target_digit": target,
@@ -307,7 +308,6 @@ def run_experiment(cfg, data, log=print):
         "max_logit_difference_merged_vs_enabled": logit_diff,
         "proofs": proofs,
         "timings_s": timings,
-        "model": model,
     }
 
 
@@ -424,7 +424,7 @@ def check_output_path(flag, path):
 
 
 def validate(cfg):
-    """Every check that needs no data, before any work; raises UsageError naming the argument."""
+    """Every check of the arguments that needs no data and no model; raises UsageError naming the argument."""
     for flag in ("--save-adapter", "--json", "--plot"):
         path = getattr(cfg, flag[2:].replace("-", "_"))
         if path:
@@ -434,17 +434,24 @@ def validate(cfg):
             import matplotlib  # noqa: F401
         except ImportError:
             raise UsageError("argument --plot: needs matplotlib (pip install matplotlib)") from None
-    if cfg.load_adapter:  # exists, is an adapter, and fits the model that --rank and --alpha describe
-        if not Path(cfg.load_adapter).is_file():
-            raise UsageError(f"argument --load-adapter: no such file: {cfg.load_adapter}")
-        try:
-            lora_min.load_adapter(lora_min.add_lora(RichBoyNet(), r=cfg.rank, alpha=cfg.alpha), cfg.load_adapter)
-        except (ValueError, KeyError, OSError) as e:
-            raise UsageError(f"argument --load-adapter: {e.args[0] if isinstance(e, KeyError) else e}") from None
+    if cfg.load_adapter and not Path(cfg.load_adapter).is_file():
+        raise UsageError(f"argument --load-adapter: no such file: {cfg.load_adapter}")
+
+
+def check_adapter_fits(cfg):
+    """--load-adapter is an adapter for the model that --rank and --alpha describe: load it into one."""
     try:
-        device = pick_device(cfg.device)
+        lora_min.load_adapter(lora_min.add_lora(RichBoyNet(), r=cfg.rank, alpha=cfg.alpha), cfg.load_adapter)
+    except (ValueError, OSError) as e:
+        raise UsageError(f"argument --load-adapter: {e}") from None
+
+
+def choose_device(name):
+    """The torch.device that --device names, if it exists here."""
+    try:
+        device = pick_device(name)
     except RuntimeError:
-        raise UsageError(f"argument --device: {cfg.device!r} is not a device name (auto, cpu, cuda, cuda:1, mps, ...)") from None
+        raise UsageError(f"argument --device: {name!r} is not a device name (auto, cpu, cuda, cuda:1, mps, ...)") from None
     available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
     if not available.get(device.type, lambda: True)():
         raise UsageError(f"argument --device: no {device.type} device is available here (try --device auto)")
@@ -484,7 +491,10 @@ def print_report(cfg, report):
 def main(argv=None):
     try:
         cfg = parse_args(argv)
-        device = validate(cfg)
+        validate(cfg)
+        if cfg.load_adapter:
+            check_adapter_fits(cfg)
+        device = choose_device(cfg.device)
     except UsageError as e:
         print(f"mnist_demo.py: error: {e}", file=sys.stderr)
         return 2
@@ -513,13 +523,12 @@ def run_and_report(cfg, device):
         return 2
     load_s = time.perf_counter() - start
     try:
-        report = run_experiment(cfg, data, log)
-    except (ValueError, KeyError, FileNotFoundError) as e:  # e.g. an adapter file that does not fit
+        model, report = run_experiment(cfg, data, log)
+    except (ValueError, FileNotFoundError) as e:  # e.g. an adapter file that does not fit
         print(f"error: {e}", file=sys.stderr)
         return 2
     report["timings_s"] = {"data loading": round(load_s, 3), **report["timings_s"],
                            "total": round(time.perf_counter() - start, 3)}
-    model = report.pop("model")
     status = 0 if all(report["proofs"].values()) else 1
     if rank != 0:
         return status

@@ -123,7 +123,7 @@ REFUSALS = {
         lora_two_blocks, lambda m, tmp: L.load_lora_state_dict(m, with_value(m, "1.out.lora_B", torch.zeros(4, 3))),
         ValueError, r"1.out.lora_B has shape \(4, 3\)"),
     "state dict: a missing key": (
-        lora_two_blocks, lambda m, tmp: L.load_lora_state_dict(m, {"0.fc.lora_A": torch.zeros(2, 4)}), KeyError, "missing"),
+        lora_two_blocks, lambda m, tmp: L.load_lora_state_dict(m, {"0.fc.lora_A": torch.zeros(2, 4)}), ValueError, "missing"),
     "load_adapter: a tensor of the wrong dtype": (
         lora_two_blocks, lambda m, tmp: load_adapter_file(m, tmp, "1.out.lora_B", torch.zeros(4, 2, dtype=torch.bool)),
         ValueError, "1.out.lora_B has dtype torch.bool"),
@@ -336,7 +336,7 @@ def test_merge_and_unload_refuses_lora_layers_with_hooks_it_would_drop():
 def test_load_lora_state_dict_names_a_container_that_is_not_an_adapter(state, words):
     model = lora_two_blocks()
     before = snapshot(model)
-    with pytest.raises((ValueError, KeyError), match=words):
+    with pytest.raises(ValueError, match=words):
         L.load_lora_state_dict(model, state)
     assert_unchanged(model, before)
 

@@ -350,7 +350,7 @@ def test_bad_peft_files_raise_clear_errors(tmp_path):
         L.load_peft_adapter(copy.deepcopy(base), tmp_path)
     write_peft(tmp_path, target_modules=["q_proj", "k_proj", "v_proj"])  # no k_proj tensors in the file
     model = copy.deepcopy(base)
-    with pytest.raises(KeyError, match="missing.*k_proj"):
+    with pytest.raises(ValueError, match="missing.*k_proj"):
         L.load_peft_adapter(model, tmp_path)
     assert not list(L.lora_layers(model))  # checked before the model was changed
     write_peft(tmp_path, target_modules=["q_proj", "mlp"])
