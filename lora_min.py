@@ -740,15 +740,9 @@ def _owners(model):
     return owners
 
 
-def _attach_lora(model, settings, skip_unused=False):
-    """Replace each named module by its LoRA layer; settings: {name: layer kwargs}.
-
-    Everything is checked before anything changes, so a refusal leaves the model
-    as it was. A module registered under several names gets one LoRA layer (still
-    shared); a weight that another module also uses is recorded in the layer's
-    shared_with (merge() refuses). skip_unused: drop, with a warning, targets whose
-    parent never calls them (add_lora's default, every nn.Linear), instead of refusing.
-    """
+def _checked_targets(model, settings, skip_unused):
+    """Check every target of _attach_lora, change nothing; returns ({name: module}, the
+    direct weight reads of _direct_reads). Raises ValueError naming the first problem."""
     if any(True for _ in lora_layers(model)):
         raise ValueError("model already has LoRA layers; lora_min does not stack adapters")
     modules = {name: model.get_submodule(name) for name in settings}  # all looked up before any change
@@ -779,11 +773,22 @@ def _attach_lora(model, settings, skip_unused=False):
     for name in [n for n, m in modules.items() if id(m) in never_called]:
         pname, parent = never_called[id(modules.pop(name))]
         warnings.warn(f"add_lora: skipping {name!r}: its parent {type(parent).__name__} reads its weight directly "
-                      "and never calls it, so LoRA there would be ignored", stacklevel=3)
+                      "and never calls it, so LoRA there would be ignored", stacklevel=4)  # the caller of add_lora
     if not modules:
         raise ValueError("the model has no nn.Linear that LoRA can adapt")
+    return modules, reads
 
-    # --- checked: now change the model ---
+
+def _attach_lora(model, settings, skip_unused=False):
+    """Replace each named module by its LoRA layer; settings: {name: layer kwargs}.
+
+    Everything is checked before anything changes, so a refusal leaves the model
+    as it was. A module registered under several names gets one LoRA layer (still
+    shared); a weight that another module also uses is recorded in the layer's
+    shared_with (merge() refuses). skip_unused: drop, with a warning, targets whose
+    parent never calls them (add_lora's default, every nn.Linear), instead of refusing.
+    """
+    modules, reads = _checked_targets(model, settings, skip_unused)
     owners, layers = _owners(model), {}
     for name, module in modules.items():
         if id(module) not in layers:
@@ -1392,17 +1397,15 @@ class _LoRALinearFunction(torch.autograd.Function):
     Autograd of lora_forward finds the same gradients (the tests check it);
     writing them out lets every thin product run in the layout BLAS is fastest
     at and accumulates the big product into the thin one's result in place
-    (addmm_) instead of adding two (N, out) or (N, in) tensors. Measured at
-    in = out = 4096, r = 8: 1.02-1.04x a frozen nn.Linear's training step,
-    against 1.05-1.07x with autograd (README, Benchmarks).
+    (addmm_) instead of adding two (N, out) or (N, in) tensors (what that buys:
+    the README's benchmark table).
 
     Everything else autograd offers still works, because backward is made of
     differentiable torch ops: double backward (gradient penalties), torch.func
     (grad, jacrev, vmap for per-sample gradients: generate_vmap_rule runs these
     same ops on batched tensors) and forward mode (jvp, jacfwd). Under vmap, torch
-    runs the in-place addmm_ one sample at a time (and warns): correct, and 1.4x
-    slower there than out-of-place ops (per-sample gradients, batch 128), the price
-    of the speed outside vmap. The one vmap that raises is over the frozen W alone:
+    runs the in-place addmm_ one sample at a time (and warns): correct, but slower
+    there than out-of-place ops would be, the price of the speed outside vmap. The one vmap that raises is over the frozen W alone:
     an in-place add cannot widen a tensor that vmap does not batch.
     """
 
