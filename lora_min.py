@@ -611,21 +611,20 @@ def _self_path(node):
     return tuple(reversed(names)) if isinstance(node, ast.Name) and node.id == "self" and names else None
 
 
-def _methods(cls):
-    """{name: ast.FunctionDef} for the methods of cls and its bases below nn.Module
-    (the first definition in the MRO wins, as in Python)."""
-    methods = {}
+@functools.lru_cache(maxsize=None)
+def _method_source(cls, name):
+    """The syntax tree of method `name` as Python finds it on cls (None: no such plain
+    method below nn.Module, or no source: built-in, generated, or typed into a REPL)."""
     for klass in cls.__mro__:
-        if klass.__module__.startswith("torch.nn.modules.module") or klass is object:
-            continue
-        try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
-        except (OSError, TypeError, SyntaxError):  # no source: built-in, generated, or from a REPL
-            continue
-        for node in tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else ():
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                methods.setdefault(node.name, node)
-    return methods
+        if name in vars(klass):
+            function = vars(klass)[name]
+            if klass is nn.Module or not inspect.isfunction(function):
+                return None
+            try:  # the function's own lines only: cheap even in a 5000-line module
+                return ast.parse(textwrap.dedent(inspect.getsource(function)))
+            except (OSError, TypeError, SyntaxError):
+                return None
+    return None
 
 
 @functools.lru_cache(maxsize=None)
@@ -633,19 +632,19 @@ def _weight_reads(cls):
     """(read, called): the submodule paths whose .weight / .bias the forward of cls uses
     as a tensor, and those it calls as self.<path>(...). "The forward" is forward() and
     every method it reaches through self.<method>(...) calls (not __init__'s init code)."""
-    methods, read, called = _methods(cls), set(), set()
+    read, called = set(), set()
     todo, seen = ["forward"], set()
     while todo:
         name = todo.pop()
-        if name in seen or name not in methods:
-            continue
+        function = None if name in seen else _method_source(cls, name)
         seen.add(name)
-        function = methods[name]
+        if function is None:
+            continue
         parent_of = {child: node for node in ast.walk(function) for child in ast.iter_child_nodes(node)}
         for node in ast.walk(function):
             if isinstance(node, ast.Call) and _self_path(node.func):
                 path = _self_path(node.func)
-                if len(path) == 1 and path[0] in methods:
+                if len(path) == 1 and _method_source(cls, path[0]) is not None:
                     todo.append(path[0])  # self.helper(...): its code runs in this forward too
                 else:
                     called.add(path)
@@ -664,8 +663,8 @@ def _weight_reads(cls):
 
 
 def _direct_reads(model, targets):
-    """[(parent name, parent, child path, child)] where the parent's code reads the weight
-    of a target module (targets: {id: module}) directly."""
+    """[(parent name, parent, child path, child, whether the parent also calls it)] where
+    the parent's forward reads the weight of a target module (targets: {id: module})."""
     found = []
     for parent_name, parent in model.named_modules(remove_duplicate=False):
         read, called = _weight_reads(type(parent))
