@@ -603,12 +603,26 @@ _METADATA = {"dtype", "device", "shape", "ndim", "requires_grad", "is_cuda", "is
 
 
 def _self_path(node):
-    """("a", "b") for the expression self.a.b, else None."""
+    """("a", "0", "b") for the expression self.a[0].b, else None."""
     names = []
-    while isinstance(node, ast.Attribute):
-        names.append(node.attr)
+    while isinstance(node, (ast.Attribute, ast.Subscript)):
+        if isinstance(node, ast.Attribute):
+            names.append(node.attr)
+        elif isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, int):
+            names.append(str(node.slice.value))  # self.layers[0]: the submodule named "layers.0"
+        else:
+            return None
         node = node.value
     return tuple(reversed(names)) if isinstance(node, ast.Name) and node.id == "self" and names else None
+
+
+def _in_comparison(node, parent_of):
+    """Whether the expression around node ends in a comparison (==, is, <, ...)."""
+    while isinstance(parent_of.get(node), ast.expr):
+        node = parent_of[node]
+        if isinstance(node, ast.Compare):
+            return True
+    return False
 
 
 @functools.lru_cache(maxsize=None)
@@ -629,7 +643,7 @@ def _method_source(cls, name):
 
 @functools.lru_cache(maxsize=None)
 def _weight_reads(cls):
-    """(read, called): the submodule paths whose .weight / .bias the forward of cls uses
+    """(read, called): the submodule paths whose .weight the forward of cls uses
     as a tensor, and those it calls as self.<path>(...). "The forward" is forward() and
     every method it reaches through self.<method>(...) calls (not __init__'s init code)."""
     read, called = set(), set()
@@ -648,7 +662,8 @@ def _weight_reads(cls):
                     todo.append(path[0])  # self.helper(...): its code runs in this forward too
                 else:
                     called.add(path)
-            if not (isinstance(node, ast.Attribute) and node.attr in ("weight", "bias") and _self_path(node.value)
+            # Only the weight matters: LoRA leaves the bias as it is.
+            if not (isinstance(node, ast.Attribute) and node.attr == "weight" and _self_path(node.value)
                     and isinstance(node.ctx, ast.Load)):
                 continue
             parent = parent_of.get(node)
@@ -656,25 +671,33 @@ def _weight_reads(cls):
                 continue  # self.fc.weight.dtype: a question about the weight, not a use of it
             if isinstance(parent, ast.Call) and isinstance(parent.func, ast.Name) and parent.func.id in ("isinstance", "hasattr"):
                 continue
-            if isinstance(parent, ast.Compare) and all(isinstance(op, (ast.Is, ast.IsNot)) for op in parent.ops):
-                continue  # self.fc.bias is None
+            if _in_comparison(node, parent_of):
+                continue  # self.fc.weight is None, ids == self.embed.weight[0]: a comparison, not a product
             read.add(_self_path(node.value))
     return frozenset(read), frozenset(called)
 
 
+def _submodule(module, path):
+    """module's submodule at path ("a", "0", "b"), or None."""
+    try:
+        return module.get_submodule(".".join(path))
+    except AttributeError:
+        return None
+
+
 def _direct_reads(model, targets):
-    """[(parent name, parent, child path, child, whether the parent also calls it)] where
+    """[(parent name, parent, child path, child, whether any module calls the child)] where
     the parent's forward reads the weight of a target module (targets: {id: module})."""
+    modules = list(model.named_modules(remove_duplicate=False))
+    called = set()  # ids of the modules some forward calls (the reader's, or one in between)
+    for _, module in modules:
+        called.update(id(_submodule(module, path)) for path in _weight_reads(type(module))[1])
     found = []
-    for parent_name, parent in model.named_modules(remove_duplicate=False):
-        read, called = _weight_reads(type(parent))
-        for path in sorted(read):
-            try:
-                child = parent.get_submodule(".".join(path))
-            except AttributeError:
-                continue
-            if id(child) in targets:
-                found.append((parent_name, parent, path, child, path in called))
+    for name, parent in modules:
+        for path in sorted(_weight_reads(type(parent))[0]):
+            child = _submodule(parent, path)
+            if child is not None and id(child) in targets:
+                found.append((name, parent, path, child, id(child) in called))
     return found
 
 

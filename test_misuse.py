@@ -2,13 +2,19 @@
 
 The specification of lora_min's promises to a user who gets something wrong:
 LoRA is never silently bypassed, every refused call leaves the model exactly as
-it was (modules, parameters, requires_grad, modes, hooks), every bad field of a
-file is named, and the layer behaves as the layer it replaces (modes, devices,
-dtypes, autocast).
+it was (modules, parameters, requires_grad, modes, hooks, enabled / merged
+states), every bad field of a file is named, and the layer behaves as the layer
+it replaces (modes, devices, dtypes, autocast).
+
+Sections: every refusal, one table (REFUSALS) and one oracle (conftest.snapshot);
+1. LoRA that the model never runs; 2. files that are not adapters; 3. every field
+of a PEFT file is validated and named; 4. states: modes, and checkpoints saved
+merged or unmerged; 5. devices and dtypes; 6. PEFT files say exactly what they hold.
 """
 
 import copy
-import json
+import pickle
+import re
 import warnings
 
 import numpy as np
@@ -18,34 +24,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lora_min as L
+from conftest import Attention, Block, Payload, assert_unchanged, mlp, randomize_B, snapshot, tied, write_peft_config
 
-# --- the refusal oracle: a snapshot of everything a call could change ---------------------------------
-
-
-def snapshot(model):
-    """Everything about a model that a refused call must leave as it was."""
-    modules = {n: (id(m), type(m), m.training, len(m._forward_hooks), len(m._forward_pre_hooks))
-               for n, m in model.named_modules(remove_duplicate=False)}
-    params = {n: (id(p), p.requires_grad, p.detach().clone()) for n, p in model.named_parameters(remove_duplicate=False)}
-    return modules, params
-
-
-def assert_unchanged(model, before):
-    modules, params = snapshot(model)
-    assert modules == before[0]
-    assert params.keys() == before[1].keys()
-    for name, (pid, requires_grad, value) in params.items():
-        assert (pid, requires_grad) == before[1][name][:2], name
-        assert torch.equal(value, before[1][name][2]), name
-
-
-class Block(nn.Module):
-    def __init__(self, d=4):
-        super().__init__()
-        self.fc, self.out = nn.Linear(d, d), nn.Linear(d, d)
-
-    def forward(self, x):
-        return self.out(torch.tanh(self.fc(x)))
+# --- models and files for the refusals ------------------------------------------------------------------
 
 
 def two_blocks():
@@ -62,13 +43,16 @@ def lora_two_blocks(**kwargs):
 def write_peft(folder, model_names, shapes=None, **fields):
     """A PEFT adapter folder for linears of size 4: config fields and rank-2 A, B tensors (shapes: others)."""
     r = 2
-    config = {"peft_type": "LORA", "r": r, "lora_alpha": 2, "target_modules": model_names, "bias": "none", **fields}
-    (folder / "adapter_config.json").write_text(json.dumps(config))
+    write_peft_config(folder, **{"target_modules": model_names, **fields})
     tensors = {}
     for name in model_names:
         tensors[f"base_model.model.{name}.lora_A.weight"] = torch.randn(r, 4)
         tensors[f"base_model.model.{name}.lora_B.weight"] = torch.randn(4, r)
     torch.save({**tensors, **(shapes or {})}, folder / "adapter_model.bin")
+
+
+HOOK_KINDS = ("forward pre", "forward", "forward with kwargs", "backward pre", "backward", "state_dict pre",
+              "load_state_dict post")
 
 
 def hooked(kind):
@@ -88,70 +72,21 @@ def hooked(kind):
     return model
 
 
+class ScaledLinear(nn.Linear):
+    """An nn.Linear subclass that computes something else (as quantized linears do)."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
 def with_value(model, key, value):
     state = {k: v.detach().clone() for k, v in L.lora_state_dict(model).items()}
     state[key] = value
     return state
 
 
-# Every way a call can be refused: (model factory, the refused call, the error, words the message must hold).
-REFUSALS = {
-    "bad rank": (two_blocks, lambda m, tmp: L.add_lora(m, r=0), ValueError, "r"),
-    "bad alpha": (two_blocks, lambda m, tmp: L.add_lora(m, alpha="8"), ValueError, "alpha"),
-    "unknown target": (two_blocks, lambda m, tmp: L.add_lora(m, target_modules=["fc", "nope"]), ValueError, "nope"),
-    "target list of non-names": (two_blocks, lambda m, tmp: L.add_lora(m, target_modules=[5]), ValueError, "target_modules"),
-    "second target cannot be adapted": (
-        lambda: nn.Sequential(nn.Linear(4, 4), nn.Conv2d(4, 4, 3, groups=2)),
-        lambda m, tmp: L.add_lora(m, target_modules=["0", "1"]), ValueError, "groups=2"),
-    **{f"{kind} hook": (lambda kind=kind: hooked(kind), lambda m, tmp: L.add_lora(m), ValueError, "hooks")
-       for kind in ("forward pre", "forward", "forward with kwargs", "backward pre", "backward", "state_dict pre",
-                    "load_state_dict post")},
-    "a parent reads the weight and never calls it": (
-        lambda: nn.Sequential(nn.MultiheadAttention(4, 2), nn.Linear(4, 4)),
-        lambda m, tmp: L.add_lora(m, target_modules=["1", "0.out_proj"]), ValueError, "MultiheadAttention"),
-    "already adapted": (lora_two_blocks, lambda m, tmp: L.add_lora(m), ValueError, "already has LoRA"),
-    "state dict: a NumPy array": (
-        lora_two_blocks, lambda m, tmp: L.load_lora_state_dict(m, with_value(m, "1.out.lora_B", np.zeros((4, 2)))),
-        ValueError, "1.out.lora_B is a ndarray"),
-    "state dict: a meta tensor": (
-        lora_two_blocks, lambda m, tmp: L.load_lora_state_dict(m, with_value(m, "1.out.lora_B", torch.empty(4, 2, device="meta"))),
-        ValueError, "meta"),
-    "state dict: integers": (
-        lora_two_blocks, lambda m, tmp: L.load_lora_state_dict(m, with_value(m, "1.out.lora_B", torch.zeros(4, 2, dtype=torch.long))),
-        ValueError, "int64"),
-    "state dict: a wrong shape": (
-        lora_two_blocks, lambda m, tmp: L.load_lora_state_dict(m, with_value(m, "1.out.lora_B", torch.zeros(4, 3))),
-        ValueError, r"1.out.lora_B has shape \(4, 3\)"),
-    "state dict: a missing key": (
-        lora_two_blocks, lambda m, tmp: L.load_lora_state_dict(m, {"0.fc.lora_A": torch.zeros(2, 4)}), ValueError, "missing"),
-    "load_adapter: a tensor of the wrong dtype": (
-        lora_two_blocks, lambda m, tmp: load_adapter_file(m, tmp, "1.out.lora_B", torch.zeros(4, 2, dtype=torch.bool)),
-        ValueError, "1.out.lora_B has dtype torch.bool"),
-    "load_adapter: a tensor of the wrong shape": (
-        lora_two_blocks, lambda m, tmp: load_adapter_file(m, tmp, "1.out.lora_B", torch.zeros(2, 4)),
-        ValueError, r"1.out.lora_B has shape \(2, 4\)"),
-    "set_lora_enabled(False) with a merged layer": (
-        lambda: merged_first(), lambda m, tmp: L.set_lora_enabled(m, False), RuntimeError, "unmerge_lora"),
-    "merge_lora: float16 overflow in the second layer": (
-        lambda: overflowing(), lambda m, tmp: L.merge_lora(m), RuntimeError, "'1': W \\+ ΔW has inf"),
-    "merge_lora: a disabled layer": (
-        lambda: disabled_second(), lambda m, tmp: L.merge_lora(m), RuntimeError, "disabled"),
-    "unmerge_lora: a layer not merged": (
-        lambda: merged_first(), lambda m, tmp: L.unmerge_lora(m), RuntimeError, "not merged"),
-    "PEFT: alpha_pattern makes the second layer invalid": (
-        two_blocks, lambda m, tmp: (write_peft(tmp, ["0.fc", "1.fc"], alpha_pattern={"1.fc": 0}), L.load_peft_adapter(m, tmp)),
-        ValueError, "alpha_pattern"),
-    "PEFT: rank_pattern gives a module registered twice two ranks": (
-        lambda: aliased(), lambda m, tmp: (write_peft(tmp, ["a.fc", "b.fc"], rank_pattern={"b.fc": 3}, shapes=rank_3("b.fc")),
-                                           L.load_peft_adapter(m, tmp)), ValueError, "same module"),
-    "PEFT: the second tensor has the wrong shape": (
-        two_blocks, lambda m, tmp: (write_peft(tmp, ["0.fc", "1.fc"], shapes={"base_model.model.1.fc.lora_B.weight":
-                                                                              torch.zeros(4, 3)}),
-                                    L.load_peft_adapter(m, tmp)), ValueError, "has shape"),
-    "PEFT: a target its parent never calls": (
-        lambda: nn.Sequential(nn.MultiheadAttention(4, 2)),
-        lambda m, tmp: (write_peft(tmp, ["0.out_proj"]), L.load_peft_adapter(m, tmp)), ValueError, "never calls"),
-}
+def without_key(model, key):
+    return {k: v for k, v in L.lora_state_dict(model).items() if k != key}
 
 
 def load_adapter_file(model, folder, key, value):
@@ -161,6 +96,20 @@ def load_adapter_file(model, folder, key, value):
     saved["state_dict"][key] = value
     torch.save(saved, folder / "adapter.pt")
     L.load_adapter(model, folder / "adapter.pt")
+
+
+def load_adapter_of(model, folder, source, **fields):
+    """Save the adapter of another model (`source`), with these top-level fields changed, and load it into `model`."""
+    L.save_adapter(source, folder / "adapter.pt")
+    saved = torch.load(folder / "adapter.pt", weights_only=True)
+    torch.save({**saved, **fields}, folder / "adapter.pt")
+    L.load_adapter(model, folder / "adapter.pt")
+
+
+def load_plain_state_dict_file(model, folder):
+    """torch.save(lora_state_dict(model)): the tensors without save_adapter's format."""
+    torch.save(L.lora_state_dict(model), folder / "plain.pt")
+    L.load_adapter(model, folder / "plain.pt")
 
 
 def rank_3(name):
@@ -188,10 +137,187 @@ def merged_first():
     return model
 
 
+def merged_all():
+    model = lora_two_blocks()
+    L.merge_lora(model)
+    return model
+
+
 def aliased():
     model, block = nn.Module(), Block()
     model.a = model.b = block
     return model
+
+
+def lora_layer(merged=False, enabled=True, train_A=True, shared_with=()):
+    """A LoRALinear(3 -> 3, r=1) with random B, in training mode, in the state asked for."""
+    layer = randomize_B(L.LoRALinear(nn.Linear(3, 3), r=1))
+    layer.shared_with = shared_with
+    if merged:
+        layer.merge()
+    layer.enabled = enabled
+    layer.lora_A.requires_grad_(train_A)
+    return layer
+
+
+def enter_lora_disabled(model, tmp=None):
+    with L.lora_disabled(model):
+        pass
+
+
+# Invalid settings of a new layer: (settings, words the message must hold).
+INVALID_SETTINGS = [
+    (dict(r=0), "positive int"), (dict(r=-2), "positive int"), (dict(r=1.5), "positive int"), (dict(r=True), "positive int"),
+    (dict(alpha=0), "alpha must be a positive number"), (dict(alpha=-1.0), "alpha must be a positive number"),
+    (dict(dropout=1.0), r"dropout must be a number in \[0, 1\)"), (dict(dropout=-0.1), r"dropout must be a number in \[0, 1\)"),
+    (dict(init_std=0.0), "init_std"),
+]
+
+# Every way a call can be refused: (model factory, the refused call, the error, words the message must hold).
+REFUSALS = {
+    # --- a new layer ---
+    **{f"LoRALinear({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})": (
+        lambda: nn.Sequential(nn.Linear(3, 3)), lambda m, tmp, kwargs=kwargs: L.LoRALinear(m[0], **kwargs), ValueError, words)
+       for kwargs, words in INVALID_SETTINGS},
+    "LoRALinear of a Conv1d": (
+        lambda: nn.Sequential(nn.Conv1d(3, 3, 1)), lambda m, tmp: L.LoRALinear(m[0]), TypeError,
+        "LoRALinear adapts nn.Linear, got Conv1d"),
+    # --- a layer's states ---
+    "unmerge() on a layer not merged": (lora_layer, lambda m, tmp: m.unmerge(), RuntimeError, "not merged"),
+    "merge() on a merged layer": (lambda: lora_layer(merged=True), lambda m, tmp: m.merge(), RuntimeError, "already merged"),
+    "merge() on a disabled layer": (lambda: lora_layer(enabled=False), lambda m, tmp: m.merge(), RuntimeError, "disabled"),
+    "disabling a merged layer": (
+        lambda: lora_layer(merged=True), lambda m, tmp: setattr(m, "enabled", False), RuntimeError, "cannot disable a merged"),
+    "training forward on a merged layer": (
+        lambda: lora_layer(merged=True), lambda m, tmp: m(torch.randn(2, 3)), RuntimeError, "would get no gradient"),
+    "training forward on a merged layer that trains only B (as LoRA-FA)": (
+        lambda: lora_layer(merged=True, train_A=False), lambda m, tmp: m(torch.randn(2, 3)), RuntimeError,
+        "would get no gradient"),
+    "reset_lora_parameters() on a merged layer (ΔW would change while W holds the old one)": (
+        lambda: lora_layer(merged=True), lambda m, tmp: m.reset_lora_parameters(), RuntimeError,
+        "reset_lora_parameters.*merged"),
+    # --- add_lora ---
+    "bad rank": (two_blocks, lambda m, tmp: L.add_lora(m, r=0), ValueError, "r"),
+    "bad alpha": (two_blocks, lambda m, tmp: L.add_lora(m, alpha="8"), ValueError, "alpha"),
+    "unknown target": (two_blocks, lambda m, tmp: L.add_lora(m, target_modules=["fc", "nope"]), ValueError, "nope"),
+    "unknown target, naming the modules LoRA can adapt": (
+        mlp, lambda m, tmp: L.add_lora(m, target_modules=["0", "fc9"]), ValueError,
+        r"\['fc9'\] match no module.*the modules LoRA can adapt: \['0', '2.0', '3'\]"),
+    **{f"target {t!r}, a substring but no dotted end of a name": (
+        lambda: nn.Sequential(Attention()), lambda m, tmp, t=t: L.add_lora(m, target_modules=[t]), ValueError,
+        rf"\['{t}'\] match no module") for t in ("proj", "_proj")},
+    "target list of non-names": (two_blocks, lambda m, tmp: L.add_lora(m, target_modules=[5]), ValueError, "target_modules"),
+    "a target that is not a linear": (
+        lambda: nn.Sequential(Attention()), lambda m, tmp: L.add_lora(m, target_modules=["q_proj", "act"]), ValueError,
+        r"'0.act': it is a ReLU, not an nn.Linear"),
+    "second target cannot be adapted": (
+        lambda: nn.Sequential(nn.Linear(4, 4), nn.Conv2d(4, 4, 3, groups=2)),
+        lambda m, tmp: L.add_lora(m, target_modules=["0", "1"]), ValueError, "groups=2"),
+    "a Linear subclass with its own forward": (
+        lambda: nn.Sequential(Attention(out_cls=ScaledLinear)), lambda m, tmp: L.add_lora(m, r=2), ValueError,
+        r"'0.out_proj': it is a ScaledLinear, a subclass with its own forward\(\)"),
+    "a parametrized linear": (
+        lambda: nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(4, 4))), lambda m, tmp: L.add_lora(m, r=2),
+        ValueError, r"'0': it is parametrized"),
+    "an old-style weight_norm linear": (
+        lambda: nn.Sequential(nn.utils.weight_norm(nn.Linear(4, 4))), lambda m, tmp: L.add_lora(m, r=2), ValueError,
+        r"'0': it has a weight that is not an nn.Parameter"),
+    **{f"{kind} hook": (lambda kind=kind: hooked(kind), lambda m, tmp: L.add_lora(m), ValueError, r"'0.fc': it has hooks")
+       for kind in HOOK_KINDS},
+    "a parent reads the weight and never calls it": (
+        lambda: nn.Sequential(nn.MultiheadAttention(4, 2), nn.Linear(4, 4)),
+        lambda m, tmp: L.add_lora(m, target_modules=["1", "0.out_proj"]), ValueError, "MultiheadAttention"),
+    "MultiheadAttention's own out_proj": (
+        lambda: nn.MultiheadAttention(8, 2), lambda m, tmp: L.add_lora(m, target_modules=["out_proj"]), ValueError, "out_proj"),
+    "a lone linear": (lambda: nn.Linear(3, 3), lambda m, tmp: L.add_lora(m), TypeError, "LoRALinear"),
+    "a model without linears": (lambda: nn.Sequential(nn.ReLU()), lambda m, tmp: L.add_lora(m), ValueError, "no nn.Linear"),
+    "already adapted": (lora_two_blocks, lambda m, tmp: L.add_lora(m), ValueError, "already has LoRA"),
+    # --- adapter tensors ---
+    "state dict: a NumPy array": (
+        lora_two_blocks, lambda m, tmp: L.load_lora_state_dict(m, with_value(m, "1.out.lora_B", np.zeros((4, 2)))),
+        ValueError, "1.out.lora_B is a ndarray"),
+    "state dict: a meta tensor": (
+        lora_two_blocks, lambda m, tmp: L.load_lora_state_dict(m, with_value(m, "1.out.lora_B", torch.empty(4, 2, device="meta"))),
+        ValueError, "meta"),
+    "state dict: integers": (
+        lora_two_blocks, lambda m, tmp: L.load_lora_state_dict(m, with_value(m, "1.out.lora_B", torch.zeros(4, 2, dtype=torch.long))),
+        ValueError, "int64"),
+    "state dict: a wrong shape": (
+        lora_two_blocks, lambda m, tmp: L.load_lora_state_dict(m, with_value(m, "1.out.lora_B", torch.zeros(4, 3))),
+        ValueError, r"1.out.lora_B has shape \(4, 3\)"),
+    "state dict: a missing key": (
+        lora_two_blocks, lambda m, tmp: L.load_lora_state_dict(m, {"0.fc.lora_A": torch.zeros(2, 4)}), ValueError, "missing"),
+    "state dict: one key missing, named": (
+        lambda: randomize_B(L.add_lora(mlp(), r=2)), lambda m, tmp: L.load_lora_state_dict(m, without_key(m, "0.lora_A")),
+        ValueError, r"missing \['0.lora_A'\]"),
+    "state dict: an unexpected key, named": (
+        lambda: randomize_B(L.add_lora(mlp(), r=2)),
+        lambda m, tmp: L.load_lora_state_dict(m, with_value(m, "9.lora_A", torch.zeros(2, 6))), ValueError, "unexpected.*9.lora_A"),
+    "state dict: another rank": (
+        lambda: L.add_lora(mlp(), r=4), lambda m, tmp: L.load_lora_state_dict(m, L.lora_state_dict(L.add_lora(mlp(), r=2))),
+        ValueError, r"0.lora_A has shape \(2, 6\), the model.s is \(4, 6\)"),
+    "state dict: a model without LoRA layers": (
+        mlp, lambda m, tmp: L.load_lora_state_dict(m, L.lora_state_dict(L.add_lora(mlp(), r=2))), ValueError, "no LoRA layers"),
+    "state dict: merged layers": (
+        merged_first, lambda m, tmp: L.load_lora_state_dict(m, L.lora_state_dict(m)), RuntimeError, "merged layers"),
+    # --- adapter files ---
+    "load_adapter: a tensor of the wrong dtype": (
+        lora_two_blocks, lambda m, tmp: load_adapter_file(m, tmp, "1.out.lora_B", torch.zeros(4, 2, dtype=torch.bool)),
+        ValueError, "1.out.lora_B has dtype torch.bool"),
+    "load_adapter: a tensor of the wrong shape": (
+        lora_two_blocks, lambda m, tmp: load_adapter_file(m, tmp, "1.out.lora_B", torch.zeros(2, 4)),
+        ValueError, r"1.out.lora_B has shape \(2, 4\)"),
+    "load_adapter: another alpha": (
+        lambda: L.add_lora(mlp(), r=2, alpha=8), lambda m, tmp: load_adapter_of(m, tmp, L.add_lora(mlp(), r=2)),
+        ValueError, "alpha"),
+    "load_adapter: another use_rslora": (
+        lambda: L.add_lora(mlp(), r=2, use_rslora=True), lambda m, tmp: load_adapter_of(m, tmp, L.add_lora(mlp(), r=2)),
+        ValueError, "use_rslora"),
+    "load_adapter: a layer the model does not adapt": (
+        lambda: L.add_lora(mlp(), r=2, target_modules=["2.0", "3"]), lambda m, tmp: load_adapter_of(m, tmp, L.add_lora(mlp(), r=2)),
+        ValueError, "'0': in the file, not a LoRA layer"),
+    "load_adapter: a layer the file does not hold": (
+        lambda: L.add_lora(mlp(), r=2),
+        lambda m, tmp: load_adapter_of(m, tmp, L.add_lora(mlp(), r=2, target_modules=["2.0", "3"])),
+        ValueError, "'0': a LoRA layer of the model, not in the file"),
+    "load_adapter: a newer format version": (
+        lambda: L.add_lora(mlp(), r=2), lambda m, tmp: load_adapter_of(m, tmp, L.add_lora(mlp(), r=2), version=2),
+        ValueError, "format version 2; this file reads version 1"),
+    "load_adapter: a plain state dict file": (
+        lambda: L.add_lora(mlp(), r=2), load_plain_state_dict_file, ValueError, "not a lora_min adapter file"),
+    # --- enable / disable, merge / unmerge of a model ---
+    "set_lora_enabled(False) with a merged layer": (
+        lambda: merged_first(), lambda m, tmp: L.set_lora_enabled(m, False), RuntimeError, "unmerge_lora"),
+    "lora_disabled() with a merged layer": (merged_first, enter_lora_disabled, RuntimeError, "unmerge_lora"),
+    "merge_lora: float16 overflow in the second layer": (
+        lambda: overflowing(), lambda m, tmp: L.merge_lora(m), RuntimeError, "'1': W \\+ ΔW has inf"),
+    "merge_lora: a disabled layer": (
+        lambda: disabled_second(), lambda m, tmp: L.merge_lora(m), RuntimeError, r"disabled \(enable first\): \['1.out'\]"),
+    "merge_lora: layers already merged": (merged_all, lambda m, tmp: L.merge_lora(m), RuntimeError, "already merged"),
+    "unmerge_lora: a layer not merged": (
+        lambda: merged_first(), lambda m, tmp: L.unmerge_lora(m), RuntimeError,
+        r"unmerge_lora: layers not merged: \['0.out', '1.fc', '1.out'\]"),
+    "unmerge_lora: no layer merged": (lora_two_blocks, lambda m, tmp: L.unmerge_lora(m), RuntimeError, "not merged"),
+    "merge_lora: tied weights": (
+        tied, lambda m, tmp: L.merge_lora(m), RuntimeError, r"shared with \['0.weight'\].*merge_and_unload"),
+    "merge() on a layer whose weight is tied": (tied, lambda m, tmp: m[2].merge(), RuntimeError, "shared with"),
+    "merge() on a layer built by hand that says what its weight is shared with": (
+        lambda: lora_layer(shared_with=("embedding.weight",)), lambda m, tmp: m.merge(), RuntimeError, "embedding.weight"),
+    # --- PEFT adapters ---
+    "PEFT: alpha_pattern makes the second layer invalid": (
+        two_blocks, lambda m, tmp: (write_peft(tmp, ["0.fc", "1.fc"], alpha_pattern={"1.fc": 0}), L.load_peft_adapter(m, tmp)),
+        ValueError, "alpha_pattern"),
+    "PEFT: rank_pattern gives a module registered twice two ranks": (
+        lambda: aliased(), lambda m, tmp: (write_peft(tmp, ["a.fc", "b.fc"], rank_pattern={"b.fc": 3}, shapes=rank_3("b.fc")),
+                                           L.load_peft_adapter(m, tmp)), ValueError, "same module"),
+    "PEFT: the second tensor has the wrong shape": (
+        two_blocks, lambda m, tmp: (write_peft(tmp, ["0.fc", "1.fc"], shapes={"base_model.model.1.fc.lora_B.weight":
+                                                                              torch.zeros(4, 3)}),
+                                    L.load_peft_adapter(m, tmp)), ValueError, "has shape"),
+    "PEFT: a target its parent never calls": (
+        lambda: nn.Sequential(nn.MultiheadAttention(4, 2)),
+        lambda m, tmp: (write_peft(tmp, ["0.out_proj"]), L.load_peft_adapter(m, tmp)), ValueError, "never calls"),
+}
 
 
 @pytest.mark.parametrize("case", sorted(REFUSALS))
@@ -262,13 +388,22 @@ class ReadsAGrandchildsWeight(nn.Module):
         return F.linear(x, self.block.proj.weight)
 
 
-@pytest.mark.parametrize("parent", [ReadsWeight, ReadsWeightInAHelper, ReadsAGrandchildsWeight])
+@pytest.mark.parametrize("parent", [ReadsWeight, ReadsWeightInAHelper])
 def test_a_child_whose_parent_reads_its_weight_and_never_calls_it_is_refused_by_name(parent):
     model = nn.Sequential(parent())
     before = snapshot(model)
     with pytest.raises(ValueError, match=rf"proj'.*\({parent.__name__}\) reads its weight directly and never calls it"):
         L.add_lora(model, target_modules=["proj"])
     assert_unchanged(model, before)
+
+
+def test_a_grandchild_called_by_its_own_parent_but_read_by_the_grandparent_is_checked_at_run_time():
+    """block calls proj (so it is adapted), but the grandparent reads proj.weight instead of calling block."""
+    model = nn.Sequential(ReadsAGrandchildsWeight())
+    with pytest.warns(UserWarning, match=r"ReadsAGrandchildsWeight's forward reads the weight of \['block.proj'\]"):
+        L.add_lora(model, target_modules=["proj"])
+    with pytest.raises(RuntimeError, match=r"LoRA on \['block.proj'\] did not run"):
+        model(torch.randn(2, 4))
 
 
 @pytest.mark.parametrize("parent", [ReadsWeight, ReadsWeightInAHelper])
@@ -279,12 +414,54 @@ def test_by_default_such_a_child_is_skipped_with_a_warning(parent):
     assert [n for n, _ in L.lora_layers(model)] == ["1"]
 
 
-def test_reading_only_a_weights_dtype_or_identity_is_not_a_bypass():
-    model = nn.Sequential(ReadsOnlyTheDtype())
+def test_by_default_a_multihead_attentions_out_proj_is_skipped_with_a_warning():
+    model = nn.Sequential(nn.MultiheadAttention(8, 2), nn.Linear(8, 8))
+    with pytest.warns(UserWarning, match="skipping '0.out_proj'"):
+        L.add_lora(model)  # the default (every nn.Linear) skips the bypassed out_proj, and says so
+    assert [n for n, _ in L.lora_layers(model)] == ["1"]
+
+
+def test_the_skip_warning_points_at_the_callers_line():
+    with pytest.warns(UserWarning, match="skipping '0.out_proj'") as warned:
+        L.add_lora(nn.Sequential(nn.MultiheadAttention(8, 2), nn.Linear(8, 8)))
+    assert warned[0].filename == __file__
+
+
+class ReadsOnlyTheBias(ReadsOnlyTheDtype):
+    """Reads the bias (as Mamba's dt_proj): LoRA leaves the bias alone, so nothing is bypassed."""
+
+    def forward(self, x):
+        return self.proj(x) - self.proj.bias
+
+
+class ComparesWithTheWeight(ReadsOnlyTheDtype):
+    """Compares inputs with the weight (a reverse lookup, as Gemma's): a comparison, not a product."""
+
+    def forward(self, x):
+        return self.proj(x) + (x == self.proj.weight[0]).float()
+
+
+@pytest.mark.parametrize("parent", [ReadsOnlyTheDtype, ReadsOnlyTheBias, ComparesWithTheWeight])
+def test_questions_about_a_weight_are_not_a_bypass(parent):
+    model = nn.Sequential(parent())
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         L.add_lora(model, target_modules=["proj"])
     assert isinstance(model[0].proj, L.LoRALinear)
+
+
+class ReadsAnIndexedChild(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(4, 4)])
+
+    def forward(self, x):
+        return F.linear(x, self.layers[0].weight)
+
+
+def test_a_weight_read_through_an_index_is_found():
+    with pytest.raises(ValueError, match=r"'0.layers.0'.*ReadsAnIndexedChild\) reads its weight directly"):
+        L.add_lora(nn.Sequential(ReadsAnIndexedChild()), target_modules=["layers.0"])
 
 
 def test_a_parent_that_sometimes_reads_the_weight_raises_when_it_skips_lora():
@@ -398,6 +575,52 @@ def test_timm_beit_qkv_read_through_f_linear_raises_instead_of_training_nothing(
         model(torch.randn(1, 3, 32, 32))
 
 
+# --- 2. adapter files that are not adapters are refused, never unpickled ------------------------------
+
+
+def write_pickled(path, tmp):
+    torch.save({"format": "lora_min.adapter", "payload": Payload(str(tmp / "canary"))}, path)
+
+
+def write_truncated(path, tmp):
+    L.save_adapter(L.add_lora(mlp(), r=2), tmp / "good.pt")
+    path.write_bytes((tmp / "good.pt").read_bytes()[:300])
+
+
+NOT_ADAPTERS = {
+    "pickled.pt": write_pickled,  # unpickling it would run code
+    "text.pt": lambda path, tmp: path.write_text("root:x:0:0:root:/root:/bin/bash\n"),
+    "truncated.pt": write_truncated,
+    "pickle.pkl": lambda path, tmp: path.write_bytes(pickle.dumps({"format": "lora_min.adapter"})),
+    "odd.pt": lambda path, tmp: torch.save({"format": "lora_min.adapter", "config": {},
+                                            "state_dict": {"0.lora_A": "not a tensor"}}, path),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NOT_ADAPTERS))
+def test_load_adapter_refuses_a_file_that_is_not_an_adapter_naming_it(name, tmp_path):
+    """A ValueError naming the file, in lora_min's words (not torch.load's weights_only advice); the model unchanged."""
+    NOT_ADAPTERS[name](tmp_path / name, tmp_path)
+    model = L.add_lora(mlp(), r=2)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=f"{name} is not a lora_min adapter file") as error:
+        L.load_adapter(model, tmp_path / name)
+    assert "weights_only" not in str(error.value)
+    assert_unchanged(model, before)
+
+
+def test_load_adapter_never_unpickles_a_file_and_says_so(tmp_path):
+    write_pickled(tmp_path / "pickled.pt", tmp_path)
+    with pytest.raises(ValueError, match="never unpickled"):
+        L.load_adapter(L.add_lora(mlp(), r=2), tmp_path / "pickled.pt")
+    assert not (tmp_path / "canary").exists()  # the pickled payload never ran
+
+
+def test_load_adapter_of_a_missing_file_raises_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        L.load_adapter(L.add_lora(mlp(), r=2), tmp_path / "missing.pt")
+
+
 # --- 3. every field of a PEFT file is validated and named ------------------------------------------
 
 
@@ -412,7 +635,7 @@ def test_a_bad_peft_field_is_a_value_error_naming_file_field_and_value(tmp_path,
     write_peft(tmp_path, ["0.fc"], **{field: value})
     model = two_blocks()
     before = snapshot(model)
-    with pytest.raises(ValueError, match=rf"adapter_config.json: {field} = {__import__('re').escape(repr(value))}"):
+    with pytest.raises(ValueError, match=rf"adapter_config.json: {field} = {re.escape(repr(value))}"):
         L.load_peft_adapter(model, tmp_path)
     assert_unchanged(model, before)
 
@@ -424,7 +647,7 @@ def test_a_peft_file_with_null_optional_fields_loads(tmp_path):
     assert [n for n, _ in L.lora_layers(model)] == ["0.fc"]
 
 
-# --- 4. states: modes, and merged layers in partial checkpoints -----------------------------------
+# --- 4. states: modes, and checkpoints saved merged or unmerged --------------------------------------
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -437,6 +660,42 @@ def test_new_lora_layers_take_the_mode_of_the_module_they_replace(training, tmp_
     x = torch.randn(8, 4)
     if not training:  # as PeftModel.from_pretrained: eval, so no dropout and repeatable outputs
         assert torch.equal(model(x), model(x))
+
+
+@pytest.mark.parametrize("saved_merged, strict, words", [
+    (True, True, "saved merged.*call merge"),
+    (True, False, "saved merged.*call merge"),
+    (False, True, "saved unmerged.*call unmerge"),
+], ids=["merged into unmerged", "merged into unmerged, strict=False", "unmerged into merged"])
+def test_a_checkpoint_never_loads_into_a_model_in_the_other_merge_state(saved_merged, strict, words):
+    """Else ΔW would count twice (or not at all); the error says which call fixes it."""
+    model = randomize_B(L.add_lora(mlp(), r=2))
+    if saved_merged:
+        L.merge_lora(model)
+    state = copy.deepcopy(model.state_dict())
+    (L.unmerge_lora if saved_merged else L.merge_lora)(model)
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match=words):
+        model.load_state_dict(state, strict=strict)
+    assert_unchanged(model, before)
+
+
+def test_a_bare_layer_names_itself_in_the_merged_checkpoint_error():
+    layer = L.LoRALinear(nn.Linear(4, 4), r=2)
+    layer.merge()
+    merged_state = layer.state_dict()
+    layer.unmerge()
+    with pytest.raises(RuntimeError, match="LoRALinear: the checkpoint was saved merged"):
+        layer.load_state_dict(merged_state)
+
+
+def test_the_merged_flag_survives_torch_save(tmp_path):
+    model = randomize_B(L.add_lora(mlp(), r=2))
+    L.merge_lora(model)
+    torch.save(model.state_dict(), tmp_path / "full.pt")
+    fresh = randomize_B(L.add_lora(mlp(), r=2))
+    with pytest.raises(RuntimeError, match="saved merged"):
+        fresh.load_state_dict(torch.load(tmp_path / "full.pt", weights_only=True))
 
 
 def test_a_merged_layer_accepts_a_partial_checkpoint_without_its_keys():
