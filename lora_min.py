@@ -135,6 +135,7 @@ class LoRALayer(nn.Module):
     """
 
     base_types: tuple = ()  # the nn.Module classes a subclass adapts
+    computes_with = ("forward",)  # the base's methods the layer relies on: a base subclass must not override them
     # and, in each subclass: lora_shapes(base, r) -> (A's shape, B's shape)
 
     def __init__(self, base, a_shape, b_shape, r=8, alpha=None, dropout=0.0, use_rslora=False):
@@ -167,12 +168,15 @@ class LoRALayer(nn.Module):
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise ValueError(f"r (the LoRA rank) must be a positive int, got {r!r}")
         for name, value in (("alpha", alpha), ("init_std", init_std)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+            if value is not None and not (_is_number(value) and value > 0):
                 raise ValueError(f"{name} must be a positive number or None, got {value!r}")
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
         if not isinstance(use_rslora, bool):
             raise ValueError(f"use_rslora must be True or False, got {use_rslora!r}")
+        if base.weight.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            raise ValueError(f"{cls.__name__} needs a float16 / bfloat16 / float32 / float64 weight, got {base.weight.dtype} "
+                             "(quantized weights are not supported)")
         reason = cls.unsupported(base, dropout=dropout)
         if reason:
             raise ValueError(f"{cls.__name__} cannot adapt this {type(base).__name__}: {reason}")
@@ -450,7 +454,7 @@ class LoRAEmbedding(LoRALayer):
 
     def adapted_forward(self, idx):
         h = F.embedding(idx, self.lora_A.T, self.padding_idx)  # (..., r): column idx of A
-        update = (h * self.scale) @ self.lora_B.T
+        update = ((h * self.scale) @ self.lora_B.T).to(self.weight.dtype)  # (an adapter kept in another dtype)
         if self.padding_idx is not None:  # the pad row is a constant, as nn.Embedding treats it
             update = torch.where((idx == self.padding_idx).unsqueeze(-1), update.detach(), update)
         return self.plain_forward(idx) + update
@@ -482,6 +486,7 @@ class LoRAConv(LoRALayer):
     """
 
     base_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    computes_with = ("forward", "_conv_forward")
     _SETTINGS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
                  "padding_mode", "_reversed_padding_repeated_twice")
 
@@ -514,9 +519,10 @@ class LoRAConv(LoRALayer):
         return self._conv(x, self.weight, self.bias)
 
     def adapted_forward(self, x):
-        h = self._conv(self.lora_dropout(x), self.lora_A, None) * self.scale  # (N, r, *spatial)
+        y = self.plain_forward(x)
+        h = self._conv(self.lora_dropout(x).to(self.lora_A.dtype), self.lora_A, None) * self.scale  # (N, r, *spatial)
         pointwise = (F.conv1d, F.conv2d, F.conv3d)[len(self.kernel_size) - 1]  # B per pixel: a 1x1 convolution
-        return self.plain_forward(x) + pointwise(h, self.lora_B.view(*self.lora_B.shape, *[1] * len(self.kernel_size)))
+        return y + pointwise(h, self.lora_B.view(*self.lora_B.shape, *[1] * len(self.kernel_size))).to(y.dtype)
 
     def plain_module(self, weight, bias):
         conv = self.conv_class(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
@@ -582,8 +588,10 @@ def _cannot_adapt(module):
         return f"is a {kind}, not an nn.Linear, nn.Embedding or nn.Conv1d/2d/3d"
     if parametrize.is_parametrized(module):
         return "is parametrized (torch.nn.utils.parametrize, e.g. weight_norm): its weight is computed, not stored"
-    if all(type(module).forward is not t.forward for t in cls.base_types):  # quantized layers, custom forwards
-        return f"is a {kind}, a subclass with its own forward(), which {cls.__name__} would not compute"
+    base = next(t for t in cls.base_types if isinstance(module, t))
+    for method in cls.computes_with:  # quantized layers, custom forwards, weight-standardised convs
+        if getattr(type(module), method) is not getattr(base, method):
+            return f"is a {kind}, a subclass with its own {method}(), which {cls.__name__} would not compute"
     if not isinstance(module.weight, nn.Parameter):
         return "has a weight that is not an nn.Parameter (old-style weight_norm?)"
     hooks = _hooks(module)
@@ -617,8 +625,8 @@ def _self_path(node):
 
 
 def _in_comparison(node, parent_of):
-    """Whether the expression around node ends in a comparison (==, is, <, ...)."""
-    while isinstance(parent_of.get(node), ast.expr):
+    """Whether node, indexed or scaled (not passed to a call), is compared (==, is, <, ...)."""
+    while isinstance(parent_of.get(node), (ast.Subscript, ast.Attribute, ast.BinOp, ast.UnaryOp, ast.Compare)):
         node = parent_of[node]
         if isinstance(node, ast.Compare):
             return True
@@ -626,18 +634,29 @@ def _in_comparison(node, parent_of):
 
 
 @functools.lru_cache(maxsize=None)
-def _method_source(cls, name):
-    """The syntax tree of method `name` as Python finds it on cls (None: no such plain
-    method below nn.Module, or no source: built-in, generated, or typed into a REPL)."""
-    for klass in cls.__mro__:
+def _method_source(cls, name, after=None):
+    """(syntax tree, defining class) of method `name` as Python finds it on cls, or on the
+    classes after `after` in its MRO (super().name). None: no such plain method below
+    nn.Module, or no source (built-in, generated, or typed into a REPL)."""
+    mro = cls.__mro__
+    for klass in mro[mro.index(after) + 1:] if after else mro:
         if name in vars(klass):
             function = vars(klass)[name]
             if klass is nn.Module or not inspect.isfunction(function):
                 return None
             try:  # the function's own lines only: cheap even in a 5000-line module
-                return ast.parse(textwrap.dedent(inspect.getsource(function)))
+                return ast.parse(textwrap.dedent(inspect.getsource(function))), klass
             except (OSError, TypeError, SyntaxError):
                 return None
+    return None
+
+
+def _super_call(node):
+    """"name" for the call super().name(...), else None."""
+    func = node.func
+    if (isinstance(func, ast.Attribute) and isinstance(func.value, ast.Call) and isinstance(func.value.func, ast.Name)
+            and func.value.func.id == "super"):
+        return func.attr
     return None
 
 
@@ -645,21 +664,25 @@ def _method_source(cls, name):
 def _weight_reads(cls):
     """(read, called): the submodule paths whose .weight the forward of cls uses
     as a tensor, and those it calls as self.<path>(...). "The forward" is forward() and
-    every method it reaches through self.<method>(...) calls (not __init__'s init code)."""
+    every method it reaches through self.<method>(...) and super().<method>(...) calls
+    (not __init__'s init code)."""
     read, called = set(), set()
-    todo, seen = ["forward"], set()
+    todo, seen = [("forward", None)], set()  # (method name, the class whose super() names it)
     while todo:
-        name = todo.pop()
-        function = None if name in seen else _method_source(cls, name)
-        seen.add(name)
-        if function is None:
+        job = todo.pop()
+        found = None if job in seen else _method_source(cls, *job)
+        seen.add(job)
+        if found is None:
             continue
+        function, klass = found
         parent_of = {child: node for node in ast.walk(function) for child in ast.iter_child_nodes(node)}
         for node in ast.walk(function):
-            if isinstance(node, ast.Call) and _self_path(node.func):
+            if isinstance(node, ast.Call) and _super_call(node):
+                todo.append((_super_call(node), klass))  # the base class's code runs in this forward too
+            elif isinstance(node, ast.Call) and _self_path(node.func):
                 path = _self_path(node.func)
                 if len(path) == 1 and _method_source(cls, path[0]) is not None:
-                    todo.append(path[0])  # self.helper(...): its code runs in this forward too
+                    todo.append((path[0], None))  # self.helper(...): its code runs in this forward too
                 else:
                     called.add(path)
             # Only the weight matters: LoRA leaves the bias as it is.
@@ -753,12 +776,22 @@ def _target_names(model, target_modules):
     return [n for n in names if _matches(n, target_modules)]
 
 
+def _memory(tensor):
+    """What identifies a tensor's memory: two Parameters over the same storage (one made
+    from the other's .data) are tied as surely as one Parameter registered twice."""
+    try:
+        pointer = tensor.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # no storage (e.g. a DTensor)
+        pointer = 0
+    return (tensor.device, pointer) if pointer else id(tensor)  # meta tensors have no memory: by identity
+
+
 def _owners(model):
-    """id(parameter) -> [(module, "module.param")] for every place a parameter is registered."""
+    """_memory(parameter) -> [(module, "module.param")] for every place a parameter's memory is registered."""
     owners = collections.defaultdict(list)
     for module_name, module in model.named_modules(remove_duplicate=False):
         for param_name, param in module.named_parameters(recurse=False):
-            owners[id(param)].append((module, f"{module_name}.{param_name}" if module_name else param_name))
+            owners[_memory(param)].append((module, f"{module_name}.{param_name}" if module_name else param_name))
     return owners
 
 
@@ -798,7 +831,16 @@ def _checked_targets(model, settings, skip_unused):
                       "and never calls it, so LoRA there would be ignored", stacklevel=4)  # the caller of add_lora
     if not modules:
         raise ValueError("the model has no nn.Linear that LoRA can adapt")
-    return modules, reads
+    checked = collections.defaultdict(set)  # id(parent) -> {(parent, path of a child it reads and that runs elsewhere)}
+    for _, parent, path, child, _ in reads:
+        if any(child is m for m in modules.values()):
+            checked[id(parent)].add((parent, ".".join(path)))
+    for entries in checked.values():
+        parent = next(iter(entries))[0]
+        warnings.warn(f"add_lora: {type(parent).__name__}'s forward reads the weight of {sorted(p for _, p in entries)} "
+                      "directly on some code paths, and sees W there, not W + ΔW; a forward that does not call them "
+                      "raises (see _BypassCheck)", stacklevel=4)
+    return modules, checked
 
 
 def _attach_lora(model, settings, skip_unused=False):
@@ -810,27 +852,22 @@ def _attach_lora(model, settings, skip_unused=False):
     shared_with (merge() refuses). skip_unused: drop, with a warning, targets whose
     parent never calls them (add_lora's default, every nn.Linear), instead of refusing.
     """
-    modules, reads = _checked_targets(model, settings, skip_unused)
+    modules, checked = _checked_targets(model, settings, skip_unused)
     owners, layers = _owners(model), {}
     for name, module in modules.items():
         if id(module) not in layers:
             layer = lora_class_for(module)(module, **settings[name])
             params = [p for p in (module.weight, getattr(module, "bias", None)) if p is not None]
-            layer.shared_with = tuple(n for p in params for m, n in owners[id(p)] if m is not module)
+            layer.shared_with = tuple(n for p in params for m, n in owners[_memory(p)] if m is not module)
             layers[id(module)] = layer
-        _set_submodule(model, name, layers[id(module)])
-    checked = collections.defaultdict(set)
-    for pname, parent, path, child, called in reads:
-        if id(child) in layers:
-            checked[id(parent)].add((parent, ".".join(path)))
+    for name, module in list(model.named_modules(remove_duplicate=False)):  # under every name it has,
+        if id(module) in layers:  # also those target_modules did not list: it is one module
+            _set_submodule(model, name, layers[id(module)])
     for entries in checked.values():
         parent = next(iter(entries))[0]
         check = _BypassCheck(sorted(p for _, p in entries))
         parent.register_forward_pre_hook(check.before)
         parent.register_forward_hook(check.after)
-        warnings.warn(f"add_lora: {type(parent).__name__}'s forward reads the weight of {check.paths} directly on "
-                      "some code paths, and sees W there, not W + ΔW; a forward that does not call them raises "
-                      "(see _BypassCheck)", stacklevel=3)
     mark_only_lora_as_trainable(model)
     return model
 
@@ -917,11 +954,14 @@ def unmerge_lora(model: nn.Module):
         layer.unmerge()
 
 
-def _exported_weight(layer):
+def _exported_weight(name, layer):
     """The weight of the plain layer that computes what `layer` computes now."""
-    if layer.enabled and not layer.merged:
+    if not layer.enabled or layer.merged:
+        return layer.weight.detach()
+    try:
         return layer.merged_weight(+1)
-    return layer.weight.detach()
+    except RuntimeError as e:
+        raise RuntimeError(f"{name or type(layer).__name__!r}: {e}") from None
 
 
 def merge_and_unload(model: nn.Module, inplace: bool = False) -> nn.Module:
@@ -945,7 +985,7 @@ def merge_and_unload(model: nn.Module, inplace: bool = False) -> nn.Module:
         model = copy.deepcopy(model)
     plain = {}  # one plain layer per LoRA layer, also where it is registered under several names
     for name, layer in list(lora_layers(model)):
-        weight = nn.Parameter(_exported_weight(layer).clone(), requires_grad=False)
+        weight = nn.Parameter(_exported_weight(name, layer).clone(), requires_grad=False)
         bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
         module = layer.plain_module(weight, bias)
         module.train(layer.training)
@@ -979,7 +1019,7 @@ def merged_state_dict(model: nn.Module) -> dict:
             state.pop(prefix + key, None)
         if id(layer) not in exported:
             with torch.no_grad():
-                exported[id(layer)] = _exported_weight(layer)
+                exported[id(layer)] = _exported_weight(name, layer)
         state[prefix + "weight"] = exported[id(layer)]
     return state
 
@@ -1021,8 +1061,9 @@ def _adapter_tensors(model, keep_vars=False):
 
 
 def _check_adapter_tensors(expected, state, strict=True, source="the adapter"):
-    """expected: {key: shape}. Raise ValueError, naming the key, for missing / unexpected keys
-    (if strict) and for a value that is not a floating tensor holding data of that shape."""
+    """expected: {key: (shape, dtype)}. Raise ValueError, naming the key, for missing /
+    unexpected keys (if strict) and for a value that is not a dense floating tensor of that
+    shape whose values stay finite in that dtype."""
     if not isinstance(state, collections.abc.Mapping):
         raise ValueError(f"{source}: expected a dict of tensors keyed by name, got a {type(state).__name__}")
     missing = sorted(set(expected) - set(state))
@@ -1033,22 +1074,34 @@ def _check_adapter_tensors(expected, state, strict=True, source="the adapter"):
         value = state[k]
         if not isinstance(value, torch.Tensor):
             raise ValueError(f"{source}: {k} is a {type(value).__name__}, not a torch.Tensor")
+        shape, dtype = expected[k]
         if value.is_meta:
             raise ValueError(f"{source}: {k} is a meta tensor: it holds no values")
+        if value.layout != torch.strided:
+            raise ValueError(f"{source}: {k} is a {value.layout} tensor; adapters hold dense tensors")
         if not value.is_floating_point():
             raise ValueError(f"{source}: {k} has dtype {value.dtype}, not a floating-point dtype")
-        if tuple(value.shape) != tuple(expected[k]):
-            raise ValueError(f"{source}: {k} has shape {tuple(value.shape)}, the model's is {tuple(expected[k])} "
+        if tuple(value.shape) != tuple(shape):
+            raise ValueError(f"{source}: {k} has shape {tuple(value.shape)}, the model's is {tuple(shape)} "
                              "(a different r or layer size?)")
+        if not torch.isfinite(value.to(dtype)).all():
+            raise ValueError(f"{source}: {k} has inf or NaN values (in the model's {dtype})")
 
 
 def load_lora_state_dict(model: nn.Module, state: dict, strict: bool = True) -> nn.Module:
-    """Copy adapter tensors into the model. Every key, type and shape is checked
+    """Copy adapter tensors into the model. Every key, type, shape and value is checked
     (missing / unexpected keys only if strict) before any tensor is copied."""
+    return _load_adapter_tensors(model, state, strict, "the adapter")
+
+
+def _load_adapter_tensors(model, state, strict, source):
     own = _adapter_tensors(model, keep_vars=True)  # the Parameters, to copy into
     if not own:
         raise ValueError("the model has no LoRA layers; call add_lora(model, ...) first")
-    _check_adapter_tensors({k: p.shape for k, p in own.items()}, state, strict)
+    if any(p.is_meta for p in own.values()):
+        raise ValueError("the model's LoRA parameters are on the meta device, with no memory to load into: "
+                         "materialise the model first (model.to_empty(device=...)), then load")
+    _check_adapter_tensors({k: (p.shape, p.dtype) for k, p in own.items()}, state, strict, source)
     merged = [name for name, layer in lora_layers(model) if layer.merged]
     if merged:
         raise RuntimeError(f"cannot load an adapter into merged layers {merged}; call unmerge_lora(model) first")
@@ -1100,6 +1153,11 @@ def _read_adapter(path):
         raise ValueError(f"{path} is not {what}")
     if saved.get("version") != 1:
         raise ValueError(f"{path} is a lora_min adapter of format version {saved.get('version')!r}; this file reads version 1")
+    for name, settings in saved["config"].items():
+        if not (isinstance(name, str) and isinstance(settings, dict) and set(settings) == {"r", "alpha", "use_rslora"}
+                and _is_int(settings["r"]) and _is_number(settings["alpha"]) and isinstance(settings["use_rslora"], bool)):
+            raise ValueError(f"{path}: the settings of layer {name!r} are not {{'r': int, 'alpha': number, "
+                             f"'use_rslora': bool}}: {settings!r}")
     return saved
 
 
@@ -1116,9 +1174,7 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
             return f"{n!r}: file {want[n]} vs model {have[n]}"
         diffs = [difference(n) for n in sorted(set(want) | set(have)) if want.get(n) != have.get(n)]
         raise ValueError(f"adapter settings in {path} do not match the model's LoRA layers: " + "; ".join(diffs))
-    own = {k: p.shape for k, p in _adapter_tensors(model).items()}
-    _check_adapter_tensors(own, saved["state_dict"], source=str(path))
-    return load_lora_state_dict(model, saved["state_dict"], strict=True)
+    return _load_adapter_tensors(model, saved["state_dict"], True, str(path))
 
 
 # ---------------------------------------------------------------------------
@@ -1154,7 +1210,8 @@ def _is_names(v):
 
 
 def _is_pattern_dict(check):
-    return lambda v: isinstance(v, dict) and all(_is_regex(k) and check(x) for k, x in v.items())
+    """{name regex: value}; each key must compile inside PEFT's rule (see _peft_pattern_value)."""
+    return lambda v: isinstance(v, dict) and all(_is_regex(rf"(.*\.)?({k})$") and check(x) for k, x in v.items())
 
 
 # The one list of PEFT config fields lora_min reads: field -> (what its value must be,
@@ -1271,7 +1328,14 @@ def save_peft_adapter(model: nn.Module, directory, base_model_name_or_path: Opti
     layers = dict(lora_layers(model, remove_duplicate=False))
     if not layers or "" in layers:
         raise ValueError("save_peft_adapter needs a model with LoRA layers inside it (see add_lora)")
-    config = _peft_config(model, layers, base_model_name_or_path)
+    if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, str):
+        raise ValueError(f"base_model_name_or_path must be a str or None, got {type(base_model_name_or_path).__name__}")
+    for name, layer in layers.items():  # PEFT's conv LoRA runs A with the base's stride and padding only
+        if isinstance(layer, LoRAConv) and (layer.padding_mode != "zeros" or any(d != 1 for d in layer.dilation)):
+            raise ValueError(f"{name!r}: PEFT's conv LoRA ignores padding_mode and dilation, so PEFT would compute "
+                             f"something else for this conv (padding_mode={layer.padding_mode!r}, dilation="
+                             f"{layer.dilation}); save_adapter keeps it exactly")
+    config = json.dumps(_peft_config(model, layers, base_model_name_or_path), indent=2)  # checked before any write
     tensors = {}
     for key, value in lora_state_dict(model).items():
         name, ab = key.rsplit(".", 1)
@@ -1282,7 +1346,7 @@ def save_peft_adapter(model: nn.Module, directory, base_model_name_or_path: Opti
         tensors[_peft_keys(name, type(layer))[ab]] = value.detach().cpu().clone().contiguous()
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "adapter_config.json"), "w") as f:
-        json.dump(config, f, indent=2)
+        f.write(config)
     try:
         from safetensors.torch import save_file
     except ImportError:
@@ -1389,14 +1453,17 @@ def load_peft_adapter(model: nn.Module, directory) -> nn.Module:
             lora_class_for(module).check(module, **dict(settings[n], dropout=0.0))
         except ValueError as e:
             raise ValueError(f"{directory}: the settings for {n!r} are invalid: {e}") from None
+        if module.weight.is_meta:
+            raise ValueError(f"{n!r} is on the meta device, with no memory to load into: materialise the model "
+                             "first (model.to_empty(device=...) and its base weights), then load the adapter")
         for ab, key in _peft_keys(n, lora_class_for(module)).items():
-            expected[key] = _peft_shapes(module, settings[n]["r"])[ab]
+            expected[key] = (_peft_shapes(module, settings[n]["r"])[ab], module.weight.dtype)
             keys[key] = f"{n}.{ab}"
     state = _check_peft_base_weights(model, state, path)
     _check_adapter_tensors(expected, state, source=path)
     _attach_lora(model, settings)
     own = {k: p.shape for k, p in _adapter_tensors(model).items()}
-    return load_lora_state_dict(model, {keys[k]: v.reshape(own[keys[k]]) for k, v in state.items()})
+    return _load_adapter_tensors(model, {keys[k]: v.reshape(own[keys[k]]) for k, v in state.items()}, True, path)
 
 
 # ---------------------------------------------------------------------------
@@ -1494,8 +1561,13 @@ class _LoRALinearFunction(torch.autograd.Function):
 
 def _lora_linear(x, x_lora, W, b, A, B, scale):
     """y = x W^T + b + ((x_lora A^T) scale) B^T: the hand-written Function in eager mode.
-    Under torch.compile the plain math instead: the compiler differentiates and fuses it
-    itself, and it cannot trace a custom jvp (nor, in torch 2.4, this kind of Function)."""
+    The plain math instead under torch.compile (the compiler differentiates and fuses it
+    itself, and cannot trace a custom jvp, nor in torch 2.4 this kind of Function), for
+    nested (ragged) inputs, and for an adapter kept in another dtype than the base (e.g.
+    float32 LoRA on a bfloat16 model: the branch runs in the adapter's dtype)."""
+    x_lora = x if x_lora is None else x_lora
+    if x.is_nested or A.dtype != x.dtype:
+        return F.linear(x, W, b) + F.linear(F.linear(x_lora.to(A.dtype), A) * scale, B).to(x.dtype)
     if torch.compiler.is_compiling():
-        return F.linear(x, W, b) + lora_update(x if x_lora is None else x_lora, A, B, scale)
-    return _LoRALinearFunction.apply(x, x_lora, W, b, A, B, scale)[0]
+        return F.linear(x, W, b) + lora_update(x_lora, A, B, scale)
+    return _LoRALinearFunction.apply(x, None if x_lora is x else x_lora, W, b, A, B, scale)[0]
