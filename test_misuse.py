@@ -24,7 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lora_min as L
-from conftest import Attention, Block, Payload, assert_unchanged, mlp, randomize_B, snapshot, tied, write_peft_config
+from conftest import (Attention, Block, Payload, assert_unchanged, lora_names, mlp, randomize_B, snapshot, tied,
+                      write_peft_config)
 
 # --- models and files for the refusals ------------------------------------------------------------------
 
@@ -193,7 +194,7 @@ REFUSALS = {
     "training forward on a merged layer that trains only B (as LoRA-FA)": (
         lambda: lora_layer(merged=True, train_A=False), lambda m, tmp: m(torch.randn(2, 3)), RuntimeError,
         "would get no gradient"),
-    "reset_lora_parameters() on a merged layer (ΔW would change while W holds the old one)": (
+    "reset_lora_parameters() on a merged layer": (  # ΔW would change while W holds the old one
         lambda: lora_layer(merged=True), lambda m, tmp: m.reset_lora_parameters(), RuntimeError,
         "reset_lora_parameters.*merged"),
     # --- add_lora ---
@@ -418,7 +419,7 @@ def test_by_default_a_multihead_attentions_out_proj_is_skipped_with_a_warning():
     model = nn.Sequential(nn.MultiheadAttention(8, 2), nn.Linear(8, 8))
     with pytest.warns(UserWarning, match="skipping '0.out_proj'"):
         L.add_lora(model)  # the default (every nn.Linear) skips the bypassed out_proj, and says so
-    assert [n for n, _ in L.lora_layers(model)] == ["1"]
+    assert lora_names(model) == ["1"]
 
 
 def test_the_skip_warning_points_at_the_callers_line():
@@ -803,3 +804,157 @@ def test_save_peft_adapter_targets_select_exactly_the_saved_layers_under_peft(ma
     outputs = lambda m: torch.cat([m.get_submodule(n)(x) for n, _ in L.lora_layers(model)])  # noqa: E731
     torch.testing.assert_close(outputs(ours.eval()), outputs(theirs.eval()))
     torch.testing.assert_close(outputs(ours), outputs(model.eval()))
+
+
+# --- found by an adversarial probe: each of these once failed silently or half-changed the model -----
+
+
+def test_a_module_registered_twice_but_named_once_is_adapted_under_both_names():
+    model = nn.Module()
+    model.a = nn.Linear(4, 4)
+    model.b = model.a  # one module, two names; only "a" is targeted
+    L.add_lora(model, r=2, target_modules=["a"])
+    assert model.a is model.b and isinstance(model.b, L.LoRALinear)
+
+
+def test_weights_sharing_memory_are_tied_even_as_two_parameter_objects():
+    model = nn.Module()
+    model.enc, model.dec = nn.Linear(4, 4), nn.Linear(4, 4)
+    model.dec.weight = nn.Parameter(model.enc.weight.data)  # the same memory, another Parameter
+    L.add_lora(model, r=2, target_modules=["enc"])
+    assert model.enc.shared_with == ("dec.weight",)
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match=r"shared with \['dec.weight'\]"):
+        L.merge_lora(model)
+    assert_unchanged(model, before)
+
+
+class StandardisedConv(nn.Conv2d):
+    """Overrides _conv_forward, not forward (weight standardisation): LoRAConv would not compute it."""
+
+    def _conv_forward(self, x, weight, bias):
+        return super()._conv_forward(x, (weight - weight.mean()) / weight.std(), bias)
+
+
+class CallsSuperForward(nn.MultiheadAttention):
+    def forward(self, *args, **kwargs):
+        return super().forward(*args, **kwargs)
+
+
+class GateThroughAComparison(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return torch.where(F.linear(x, self.gate.weight) > 0, x, -x)
+
+
+def quantized():
+    linear = nn.Linear(4, 4)
+    linear.weight = nn.Parameter(torch.zeros(4, 4, dtype=torch.int8), requires_grad=False)
+    return linear
+
+
+@pytest.mark.parametrize("make, targets, words", [
+    (lambda: nn.Sequential(StandardisedConv(2, 2, 3)), ["0"], r"its own _conv_forward\(\)"),
+    (lambda: nn.Sequential(CallsSuperForward(4, 2)), ["0.out_proj"], r"\(CallsSuperForward\) reads its weight directly"),
+    (lambda: nn.Sequential(GateThroughAComparison()), ["gate"], r"\(GateThroughAComparison\) reads its weight directly"),
+    (lambda: nn.Sequential(nn.Linear(4, 4), quantized()), ["0", "1"], "needs a float16 / bfloat16 / float32 / float64"),
+])
+def test_modules_no_lora_layer_computes_exactly_are_refused_and_nothing_changes(make, targets, words):
+    model = make()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=words):
+        L.add_lora(model, r=2, target_modules=targets)
+    assert_unchanged(model, before)
+
+
+def test_with_warnings_as_errors_add_lora_warns_before_it_changes_anything():
+    model = nn.Sequential(nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True))
+    before = snapshot(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning):
+            L.add_lora(model)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("value, words", [
+    (torch.zeros(4, 2).to_sparse(), "sparse_coo tensor"),
+    (torch.full((4, 2), float("nan")), "inf or NaN"),
+    (torch.full((4, 2), 1e6), "inf or NaN values \\(in the model's torch.float16\\)"),
+])
+def test_adapter_values_that_are_not_dense_and_finite_in_the_models_dtype_are_refused(value, words):
+    model = L.add_lora(two_blocks().half(), r=2)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=f"1.out.lora_B .*{words}" if "sparse" not in words else words):
+        L.load_lora_state_dict(model, with_value(model, "1.out.lora_B", value))
+    assert_unchanged(model, before)
+
+
+def test_an_adapter_is_not_loaded_into_meta_parameters_where_it_would_vanish():
+    with torch.device("meta"):
+        model = L.add_lora(two_blocks(), r=2)
+    state = {k: torch.zeros(v.shape) for k, v in L.lora_state_dict(model).items()}
+    with pytest.raises(ValueError, match="meta device, with no memory to load into"):
+        L.load_lora_state_dict(model, state)
+
+
+def test_our_adapter_files_settings_are_checked(tmp_path):
+    model = lora_two_blocks()
+    L.save_adapter(model, tmp_path / "a.pt")
+    saved = torch.load(tmp_path / "a.pt", weights_only=True)
+    saved["config"]["0.fc"]["r"] = torch.tensor(2)
+    torch.save(saved, tmp_path / "a.pt")
+    with pytest.raises(ValueError, match=r"a.pt: the settings of layer '0.fc' are not"):
+        L.load_adapter(model, tmp_path / "a.pt")
+
+
+@pytest.mark.parametrize("field", ["rank_pattern", "alpha_pattern"])
+def test_a_pattern_key_that_peft_cannot_compile_is_named(tmp_path, field):
+    write_peft(tmp_path, ["0.fc"], **{field: {"(?i)0": 2}})
+    with pytest.raises(ValueError, match=f"{field} = "):
+        L.load_peft_adapter(two_blocks(), tmp_path)
+
+
+def test_save_peft_adapter_checks_before_it_writes(tmp_path):
+    model = lora_two_blocks()
+    L.save_peft_adapter(model, tmp_path)
+    good = (tmp_path / "adapter_config.json").read_text()
+    with pytest.raises(ValueError, match="base_model_name_or_path must be a str"):
+        L.save_peft_adapter(model, tmp_path, base_model_name_or_path=tmp_path)
+    assert (tmp_path / "adapter_config.json").read_text() == good
+
+
+@pytest.mark.parametrize("conv", [dict(padding=1, padding_mode="circular"), dict(dilation=2)])
+def test_save_peft_adapter_refuses_convs_peft_would_compute_differently(tmp_path, conv):
+    model = L.add_lora(nn.Sequential(nn.Conv2d(2, 2, 3, **conv)), r=2, target_modules=["0"])
+    with pytest.raises(ValueError, match="PEFT's conv LoRA ignores padding_mode and dilation"):
+        L.save_peft_adapter(model, tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
+def test_nested_tensor_inputs_compute_what_the_plain_math_computes():
+    layer = L.LoRALinear(nn.Linear(4, 3), r=2)
+    nn.init.normal_(layer.lora_B)
+    parts = [torch.randn(2, 4), torch.randn(5, 4)]
+    out = layer(torch.nested.nested_tensor(parts))
+    for got, x in zip(out.unbind(), parts):
+        torch.testing.assert_close(got, layer(x))
+
+
+@pytest.mark.parametrize("make, x", [
+    (lambda: nn.Linear(4, 3), torch.randn(2, 4)),
+    (lambda: nn.Conv2d(2, 3, 3), torch.randn(1, 2, 6, 6)),
+    (lambda: nn.Embedding(10, 3), torch.tensor([[1, 2, 3]])),
+])
+def test_a_float32_adapter_on_a_bfloat16_base_computes_in_float32_and_returns_the_bases_dtype(make, x):
+    base = make().to(torch.bfloat16)
+    layer = L.lora_class_for(base)(base, r=2)
+    layer.lora_A.data, layer.lora_B.data = layer.lora_A.data.float(), torch.randn(layer.lora_B.shape)
+    x = x if not x.is_floating_point() else x.to(torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    merged = L.merge_and_unload(nn.Sequential(layer))[0]
+    torch.testing.assert_close(y, merged(x), rtol=2e-2, atol=2e-2)

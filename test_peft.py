@@ -1,0 +1,390 @@
+"""The specification of PEFT's adapter format (adapter_config.json + adapter_model.safetensors), both ways.
+
+save_peft_adapter writes what peft.PeftModel.from_pretrained loads into the same model;
+load_peft_adapter reads what PEFT's save_pretrained writes; the oracle is PEFT itself, on
+a tiny Llama built from a config (float64: equal logits to 1e-10).
+
+Sections: lora_min -> PEFT; PEFT -> lora_min (rank / alpha patterns, target rules);
+round trips of small models; safetensors or .bin; what save_peft_adapter refuses; PEFT
+features lora_min does not implement; files that are not (valid) PEFT adapters.
+Per-field validation of the config, with the unchanged-model oracle, and exact targets
+under PEFT's rule: test_misuse.py, sections 3 and 6.
+"""
+
+import copy
+import json
+import shutil
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+import lora_min as L
+from conftest import (EXACT, Payload, assert_unchanged, lora_llama, lora_names, mlp, randomize_adapter, randomize_B,
+                      snapshot, tiny_llama, tokens, train_language_model, write_peft_config)
+
+peft = pytest.importorskip("peft")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+
+def peft_from_pretrained(base, directory):
+    return peft.PeftModel.from_pretrained(copy.deepcopy(base), str(directory)).eval()
+
+
+def read_config(directory):
+    return json.loads((directory / "adapter_config.json").read_text())
+
+
+# --- lora_min -> PEFT -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved_llama(tmp_path_factory):
+    """(base Llama, the model with a random adapter on q_proj / v_proj, the folder save_peft_adapter wrote)."""
+    base, model = lora_llama()
+    folder = tmp_path_factory.mktemp("saved_llama")
+    L.save_peft_adapter(model, folder, base_model_name_or_path="tiny-llama")
+    return base, model, folder
+
+
+def test_save_peft_adapter_writes_the_settings_in_peft_config_fields(saved_llama):
+    config = read_config(saved_llama[2])
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
+    assert config["target_modules"] == ["q_proj", "v_proj"] and config["bias"] == "none"
+    assert config["use_rslora"] is False and config["lora_dropout"] == 0.0 and config["rank_pattern"] == {}
+
+
+def test_save_peft_adapter_writes_a_tensor_per_A_and_B_under_peft_keys(saved_llama):
+    keys = set(safetensors_torch.load_file(saved_llama[2] / "adapter_model.safetensors"))
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys and len(keys) == 8
+
+
+def test_save_peft_adapter_loads_in_peft_with_equal_logits(saved_llama):
+    base, model, folder = saved_llama
+    ids = tokens()
+    torch.testing.assert_close(peft_from_pretrained(base, folder)(input_ids=ids).logits, model(ids).logits, **EXACT)
+
+
+@pytest.mark.parametrize("alpha, written", [(2.5, 2.5), (3.0, 3)])
+def test_save_peft_adapter_writes_alpha_exactly(tmp_path, alpha, written):
+    """An integral alpha as a JSON int, as PEFT writes it; any other as a float."""
+    L.save_peft_adapter(L.add_lora(mlp(), r=2, alpha=alpha), tmp_path)
+    lora_alpha = read_config(tmp_path)["lora_alpha"]
+    assert lora_alpha == written and type(lora_alpha) is type(written)
+
+
+def test_save_peft_adapter_writes_short_target_names_where_they_select_exactly_the_layers(tmp_path):
+    L.save_peft_adapter(L.add_lora(mlp(), r=2), tmp_path)
+    assert read_config(tmp_path)["target_modules"] == ["0", "3"]  # "0" also selects "2.0", as it should here
+
+
+@pytest.fixture(scope="module")
+def one_layer_of_many(tmp_path_factory):
+    """(base Llama, the model with LoRA on layer 1's q_proj only, its saved folder)."""
+    base = tiny_llama()
+    model = randomize_adapter(L.add_lora(copy.deepcopy(base), r=2, target_modules=["model.layers.1.self_attn.q_proj"]))
+    folder = tmp_path_factory.mktemp("one_layer_of_many")
+    L.save_peft_adapter(model, folder)
+    return base, model, folder
+
+
+def test_save_peft_adapter_writes_full_names_when_short_ones_would_select_more(one_layer_of_many):
+    assert read_config(one_layer_of_many[2])["target_modules"] == ["model.layers.1.self_attn.q_proj"]
+
+
+def test_peft_adapts_only_the_one_layer_of_many_that_was_saved(one_layer_of_many):
+    base, model, folder = one_layer_of_many
+    ids = tokens()
+    torch.testing.assert_close(peft_from_pretrained(base, folder)(input_ids=ids).logits, model(ids).logits, **EXACT)
+
+
+# --- PEFT -> lora_min -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def patterned(tmp_path_factory):
+    """A PEFT adapter whose layers differ (rank_pattern, alpha_pattern, rslora, dropout), loaded by lora_min:
+    (base, PEFT's model, lora_min's model, the folder lora_min saved it to again)."""
+    base = tiny_llama()
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=True,
+                             rank_pattern={"model.layers.0.self_attn.q_proj": 2, "down_proj": 6},
+                             alpha_pattern={"v_proj": 3}, lora_dropout=0.1, init_lora_weights=False)
+    theirs = peft.get_peft_model(copy.deepcopy(base), config).eval()
+    folder = tmp_path_factory.mktemp("patterned")
+    theirs.save_pretrained(folder / "peft")
+    ours = L.load_peft_adapter(copy.deepcopy(base), folder / "peft").eval()
+    L.save_peft_adapter(ours, folder / "ours")
+    return base, theirs, ours, folder / "ours"
+
+
+def test_load_peft_adapter_gives_each_layer_its_rank_alpha_rslora_and_dropout(patterned):
+    layers = dict(L.lora_layers(patterned[2]))
+    assert layers["model.layers.0.self_attn.q_proj"].r == 2 and layers["model.layers.1.self_attn.q_proj"].r == 4
+    assert layers["model.layers.1.mlp.down_proj"].r == 6 and layers["model.layers.1.self_attn.v_proj"].alpha == 3
+    assert all(layer.use_rslora and layer.dropout == 0.1 for layer in layers.values())
+
+
+def test_a_patterned_peft_adapter_computes_what_peft_computes(patterned):
+    _, theirs, ours, _ = patterned
+    ids = tokens()
+    torch.testing.assert_close(ours(ids).logits, theirs(input_ids=ids).logits, **EXACT)
+
+
+def test_save_peft_adapter_writes_rank_and_alpha_patterns_and_rslora(patterned):
+    written = read_config(patterned[3])
+    assert written["rank_pattern"] and written["alpha_pattern"] and written["use_rslora"]
+
+
+def test_a_patterned_adapter_saved_again_loads_in_peft_with_equal_logits(patterned):
+    base, _, ours, folder = patterned
+    ids = tokens()
+    torch.testing.assert_close(peft_from_pretrained(base, folder)(input_ids=ids).logits, ours(ids).logits, **EXACT)
+
+
+@pytest.fixture(scope="module")
+def trained_by_peft(tmp_path_factory):
+    """(base, the folder of a PEFT adapter trained for a few steps, lora_min's model loaded from it)."""
+    base = tiny_llama()
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "o_proj"]))
+    train_language_model(theirs, first_seed=20)
+    folder = tmp_path_factory.mktemp("trained_by_peft")
+    theirs.save_pretrained(folder)
+    return base, folder, L.load_peft_adapter(copy.deepcopy(base), folder)
+
+
+def test_load_peft_adapter_adapts_the_targeted_layers_with_the_trained_weights(trained_by_peft):
+    ours = trained_by_peft[2]
+    assert lora_names(ours) == [f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "o_proj")]
+    assert all(torch.count_nonzero(layer.lora_B) for _, layer in L.lora_layers(ours))  # trained, not the init
+
+
+def test_a_trained_peft_adapter_computes_what_peft_computes(trained_by_peft):
+    base, folder, ours = trained_by_peft
+    ids = tokens()
+    expected = peft_from_pretrained(base, folder)(input_ids=ids).logits
+    torch.testing.assert_close(ours.eval()(ids).logits, expected, **EXACT)
+
+
+def test_a_loaded_peft_adapter_trains_only_its_tensors(trained_by_peft):
+    ours = trained_by_peft[2]
+    assert L.count_parameters(ours).trainable == sum(v.numel() for v in L.lora_state_dict(ours).values())
+
+
+@pytest.mark.parametrize("targets, excluded, adapted", [
+    (r"model\.layers\.1\..*(q_proj|up_proj)", None, ["model.layers.1.self_attn.q_proj", "model.layers.1.mlp.up_proj"]),
+    (["q_proj", "k_proj"], ["model.layers.0.self_attn.k_proj"],
+     ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.k_proj"]),
+], ids=["a regex over the full name", "a list of name ends, minus exclude_modules"])
+def test_load_peft_adapter_follows_peft_target_rules(tmp_path, targets, excluded, adapted):
+    """A string target is a regex over the full name; a list entry matches a name or its dotted end;
+    exclude_modules takes names out the same way. The same layers as PEFT's, the same logits."""
+    base = tiny_llama()
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=2, target_modules=targets, exclude_modules=excluded, init_lora_weights=False))
+    theirs.save_pretrained(tmp_path)
+    ours = L.load_peft_adapter(copy.deepcopy(base), tmp_path)
+    assert lora_names(ours) == adapted
+    ids = tokens()
+    torch.testing.assert_close(ours.eval()(ids).logits, theirs.eval()(input_ids=ids).logits, **EXACT)
+
+
+# --- round trips of small models -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def shared_saved(tmp_path):
+    """A Sequential(linear, Tanh, the same linear) with LoRA, saved in PEFT's format: (model, folder)."""
+    shared = nn.Linear(4, 4)
+    model = randomize_B(L.add_lora(nn.Sequential(shared, nn.Tanh(), shared), r=2))
+    L.save_peft_adapter(model, tmp_path)
+    return model, tmp_path
+
+
+def test_save_peft_adapter_names_a_module_registered_twice_under_both_names(shared_saved):
+    assert read_config(shared_saved[1])["target_modules"] == ["0", "2"]
+
+
+def test_peft_round_trip_keeps_a_module_registered_twice_shared(shared_saved):
+    model, folder = shared_saved
+    fresh = nn.Sequential(nn.Linear(4, 4), nn.Tanh())
+    fresh.append(fresh[0])
+    fresh.load_state_dict({k: v for k, v in model.state_dict().items() if "lora_" not in k})
+    L.load_peft_adapter(fresh, folder)
+    assert fresh[0] is fresh[2] and isinstance(fresh[0], L.LoRALinear)
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(fresh(x), model(x))
+
+
+# --- safetensors or .bin ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def saved_without_safetensors(tmp_path, monkeypatch):
+    """(base, model, folder): an older adapter saved as safetensors, then the model's saved without the package."""
+    base, model = lora_llama()
+    L.save_peft_adapter(lora_llama(seed=99)[1], tmp_path)  # an older adapter, in the other format
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)  # as if safetensors were not installed
+    L.save_peft_adapter(model, tmp_path)
+    monkeypatch.undo()
+    return base, model, tmp_path
+
+
+def test_without_safetensors_save_peft_adapter_writes_bin_and_removes_the_stale_safetensors(saved_without_safetensors):
+    folder = saved_without_safetensors[2]
+    assert (folder / "adapter_model.bin").exists() and not (folder / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("reader", ["peft", "lora_min"])
+def test_a_bin_adapter_loads_with_equal_logits(saved_without_safetensors, reader):
+    base, model, folder = saved_without_safetensors
+    ids = tokens()
+    loaded = peft_from_pretrained(base, folder) if reader == "peft" else L.load_peft_adapter(copy.deepcopy(base), folder)
+    torch.testing.assert_close(loaded(input_ids=ids).logits, model(ids).logits, **EXACT)
+
+
+def test_reading_safetensors_without_the_package_says_what_to_install(saved_llama, monkeypatch):
+    base, _, folder = saved_llama
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    with pytest.raises(ImportError, match="needs the safetensors package: pip install safetensors"):
+        L.load_peft_adapter(copy.deepcopy(base), folder)
+
+
+# --- what save_peft_adapter refuses: what PEFT's format cannot express --------------------------------------
+
+
+def model_of(**layers):
+    model = nn.Module()
+    for name, layer in layers.items():
+        setattr(model, name, layer)
+    return model
+
+
+def lora(**kwargs):
+    return L.LoRALinear(nn.Linear(4, 4), **kwargs)
+
+
+@pytest.mark.parametrize("make, words", [
+    (mlp, "needs a model with LoRA layers inside it"),  # no LoRA layers at all
+    (lambda: lora(), "needs a model with LoRA layers inside it"),  # a bare layer has no module name for PEFT
+    (lambda: model_of(a=lora(use_rslora=True), b=lora()), "PEFT has one use_rslora for all layers"),
+    (lambda: model_of(a=lora(dropout=0.1), b=lora()), "PEFT has one dropout for all layers"),
+    # rank_pattern keys match the end of a name: "q" would also give "inner.q" rank 2
+    (lambda: model_of(q=lora(r=2), inner=model_of(q=lora(r=4)), other=lora(r=4)),
+     "cannot express the rank and alpha of 'inner.q'"),
+], ids=["no LoRA layers", "a bare layer", "use_rslora differs", "dropout differs", "rank_pattern cannot say it"])
+def test_save_peft_adapter_refuses_what_peft_cannot_express_and_writes_nothing(tmp_path, make, words):
+    with pytest.raises(ValueError, match=words):
+        L.save_peft_adapter(make(), tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
+# --- PEFT features lora_min does not implement are refused, naming the field ---------------------------
+
+
+def copy_with_config(source, folder, **overrides):
+    """Copy the adapter folder `source` into `folder`, with these config fields changed."""
+    shutil.copytree(source, folder, dirs_exist_ok=True)
+    set_config(folder, **overrides)
+
+
+def set_config(folder, **overrides):
+    (folder / "adapter_config.json").write_text(json.dumps({**read_config(folder), **overrides}))
+
+
+@pytest.mark.parametrize("field, value", [
+    ("use_dora", True), ("modules_to_save", ["lm_head"]), ("bias", "all"), ("bias", "lora_only"),
+    ("fan_in_fan_out", True), ("layers_to_transform", [0]), ("layers_pattern", "layers"), ("peft_type", "IA3"),
+    ("lora_bias", True), ("layer_replication", [[0, 1]]), ("trainable_token_indices", [1, 2]),
+    ("target_parameters", ["mlp.experts.weight"]), ("init_lora_weights", "pissa"), ("some_future_feature", {"on": 1}),
+    ("target_modules", "all-linear"),
+])
+def test_unsupported_peft_features_are_refused_naming_the_field(saved_llama, tmp_path, field, value):
+    base, _, source = saved_llama
+    copy_with_config(source, tmp_path, **{field: value})
+    model = copy.deepcopy(base)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=field):
+        L.load_peft_adapter(model, tmp_path)
+    assert_unchanged(model, before)  # the model is left as it was
+
+
+# --- files that are not (valid) PEFT adapters --------------------------------------------------------------------
+
+
+def truncate(path):
+    good = path.read_bytes()
+    path.write_bytes(good[: len(good) // 2])
+
+
+@pytest.mark.parametrize("change, error, words", [
+    (lambda folder: truncate(folder / "adapter_model.safetensors"), ValueError,
+     "adapter_model.safetensors is not a readable safetensors file"),
+    (lambda folder: (folder / "adapter_config.json").write_text("{not json"), ValueError,
+     "adapter_config.json is not valid JSON"),
+    (lambda folder: set_config(folder, target_modules=["w_proj", "proj"]), ValueError,  # "proj" is no dotted end of "q_proj"
+     r"target_modules \['w_proj', 'proj'\].*match no module"),
+    (lambda folder: set_config(folder, r=8), ValueError,  # the tensors say r = 4
+     r"q_proj.lora_A.weight has shape \(4, 32\), the model.s is \(8, 32\)"),
+    (lambda folder: set_config(folder, target_modules=["q_proj", "k_proj", "v_proj"]), ValueError,  # no k_proj tensors
+     "missing.*k_proj"),
+    (lambda folder: set_config(folder, target_modules=["q_proj", "mlp"]), ValueError,
+     "'model.layers.0.mlp', which lora_min cannot adapt: it is a LlamaMLP"),
+], ids=["truncated safetensors", "invalid JSON", "targets match no module", "another rank", "tensors missing",
+        "a target lora_min cannot adapt"])
+def test_a_bad_llama_adapter_is_refused_naming_the_problem(saved_llama, tmp_path, change, error, words):
+    base, _, source = saved_llama
+    shutil.copytree(source, tmp_path, dirs_exist_ok=True)
+    change(tmp_path)
+    model = copy.deepcopy(base)
+    before = snapshot(model)
+    with pytest.raises(error, match=words):
+        L.load_peft_adapter(model, tmp_path)
+    assert_unchanged(model, before)  # checked before the model was changed
+
+
+@pytest.mark.parametrize("config_text, weights, error, words", [
+    ("[1, 2]", None, ValueError, "adapter_config.json is not a PEFT adapter config"),
+    (None, None, FileNotFoundError, "holds neither adapter_model.safetensors nor adapter_model.bin"),
+    (None, lambda tmp: [1, 2], ValueError, "adapter_model.bin is not a PEFT adapter file: not a dict of tensors"),
+    (None, lambda tmp: {"base_model.model.0.lora_A.weight": "text"}, ValueError, "adapter_model.bin is not a PEFT adapter file"),
+    (None, lambda tmp: {"base_model.model.0.lora_A.weight": Payload(str(tmp / "canary"))}, ValueError,
+     "adapter_model.bin is not a PEFT adapter file"),  # a pickled object: refused, never unpickled
+    ('{"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": "all-linear"}', None, ValueError,
+     "'all-linear' is not supported: list the names"),
+    ('{"peft_type": "LORA", "r": 2, "target_modules": ["0"]}', None, ValueError, "the field 'lora_alpha' is missing"),
+], ids=["config not an object", "no weights file", "weights not a dict", "weights not tensors", "weights pickled",
+        "all-linear", "lora_alpha missing"])
+def test_load_peft_adapter_refuses_files_that_are_not_peft_adapters(tmp_path, config_text, weights, error, words):
+    if config_text is None:
+        write_peft_config(tmp_path)
+    else:
+        (tmp_path / "adapter_config.json").write_text(config_text)
+    if weights is not None:
+        torch.save(weights(tmp_path), tmp_path / "adapter_model.bin")
+    model = mlp()
+    before = snapshot(model)
+    with pytest.raises(error, match=words) as raised:
+        L.load_peft_adapter(model, tmp_path)
+    assert "weights_only" not in str(raised.value)
+    assert_unchanged(model, before)
+
+
+def test_load_peft_adapter_never_unpickles_a_bin_file(tmp_path):
+    write_peft_config(tmp_path)
+    torch.save({"base_model.model.0.lora_A.weight": Payload(str(tmp_path / "canary"))}, tmp_path / "adapter_model.bin")
+    with pytest.raises(ValueError, match="adapter_model.bin is not a PEFT adapter file"):
+        L.load_peft_adapter(mlp(), tmp_path)
+    assert not (tmp_path / "canary").exists()
+
+
+def test_load_peft_adapter_refuses_other_settings_for_a_module_registered_twice(tmp_path):
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(shared, nn.Tanh(), shared)
+    write_peft_config(tmp_path, target_modules=["0", "2"], rank_pattern={"2": 3})
+    torch.save({f"base_model.model.{name}.lora_{AB}.weight": torch.zeros(shape) for name, r in (("0", 2), ("2", 3))
+                for AB, shape in (("A", (r, 4)), ("B", (4, r)))}, tmp_path / "adapter_model.bin")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="'2' and '0' are the same module but are asked for different LoRA settings"):
+        L.load_peft_adapter(model, tmp_path)
+    assert_unchanged(model, before)
