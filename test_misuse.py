@@ -699,6 +699,15 @@ def test_the_merged_flag_survives_torch_save(tmp_path):
         fresh.load_state_dict(torch.load(tmp_path / "full.pt", weights_only=True))
 
 
+def test_a_merged_layer_accepts_a_partial_checkpoint_of_a_parameter_outside_any_layer():
+    """Only keys of the layer itself count: a root parameter's key ("scale") is none of them."""
+    model = lora_two_blocks()
+    model.scale = nn.Parameter(torch.ones(()))
+    model[0].fc.merge()
+    model.load_state_dict({"scale": torch.full((), 3.0)}, strict=False)
+    assert model.scale.item() == 3.0
+
+
 def test_a_merged_layer_accepts_a_partial_checkpoint_without_its_keys():
     model = lora_two_blocks()
     model[0].fc.merge()
