@@ -852,6 +852,7 @@ def _attach_lora(model, settings, skip_unused=False):
     shared_with (merge() refuses). skip_unused: drop, with a warning, targets whose
     parent never calls them (add_lora's default, every nn.Linear), instead of refusing.
     """
+    settings = {name: dict(kwargs) for name, kwargs in settings.items()}  # ours to adjust (embeddings: no dropout)
     modules, checked = _checked_targets(model, settings, skip_unused)
     owners, layers = _owners(model), {}
     for name, module in modules.items():

@@ -742,7 +742,7 @@ def test_under_cpu_autocast_the_layer_casts_what_nn_linear_casts(weight_dtype, i
     with torch.autocast("cpu", dtype=torch.bfloat16):
         try:
             expected = linear(x)
-        except RuntimeError as e:  # mixed float64 and bfloat16: torch refuses, so must we
+        except RuntimeError:  # mixed float64 and bfloat16: torch refuses, so must we
             with pytest.raises(RuntimeError):
                 layer(x)
             return
