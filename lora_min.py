@@ -11,51 +11,21 @@ pretrained layer with weight W by learning a low-rank update of W:
 
 Only r * (in + out) numbers are trained per layer instead of in * out. For a
 linear layer y = x W^T + b we never form ΔW in training: the factored forward
+y = x W^T + b + ((x A^T) B^T) * scale costs two thin matrix products, and backward
+needs no (out, in) gradient. For inference, `merge()` folds ΔW into W once.
 
-    y = x W^T + b + ((x A^T) B^T) * scale
-
-costs two thin matrix products, and backward needs no (out, in) gradient. For
-inference, `merge()` folds ΔW into W once, so the layer costs exactly what the
-plain layer costs.
-
-The idea is about the weight, not about nn.Linear: an nn.Embedding is a linear
-map of one-hot rows, a convolution a linear map of image patches, and each gets
-the same A, B and ΔW (LoRAEmbedding, LoRAConv below).
-
-Copy this file into your project; it needs only torch (tested with torch 2.4
-to 2.14) and the standard library.
-
-    model = add_lora(model, r=8, target_modules=["q_proj", "v_proj"])
-    optimizer = torch.optim.AdamW(p for p in model.parameters() if p.requires_grad)
-    ...train as usual...
-    save_adapter(model, "adapter.pt")          # a few KB or MB, not the whole model
-    save_peft_adapter(model, "adapter/")       # the same, in PEFT's format (PEFT, vLLM, ...)
-    plain = merge_and_unload(model)            # an ordinary model with W + ΔW
-
-Reading order: the math; the layer (LoRALayer and LoRALinear: all of LoRA);
-embeddings and convolutions; the model-level helpers; adapter files (ours and
-PEFT's); last, the hand-written backward that makes LoRALinear fast.
+The lesson comes first and runs on its own: the math, then LoRALayer and
+LoRALinear (all of LoRA). The plumbing follows, each part named for the promise
+it keeps: other layer types, adapting a model, adapter files (ours and PEFT's),
+the guards that make misuse fail loudly, and last the fast path (LoRALinear's
+backward written out by hand). Needs only torch (2.4 to 2.14) and the standard library.
 """
-
-import ast
-import collections
-import collections.abc
-import contextlib
-import copy
-import functools
-import inspect
-import json
 import math
-import os
-import re
-import textwrap
-import warnings
-from typing import Iterator, NamedTuple, Optional, Sequence, Union
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.utils import parametrize
 
 # ---------------------------------------------------------------------------
 # The math: plain tensor algebra (@, *, +, .T only), so the same functions run
@@ -102,17 +72,17 @@ def lora_forward(x, W, b, A, B, scale):
 # Key added to a LoRA layer's state_dict only while it is merged, so that a
 # checkpoint whose `weight` already holds W + ΔW can never be loaded as if it
 # held W (ΔW would then count twice).
-_MERGED_KEY = "lora_merged"
+MERGED_KEY = "lora_merged"
 
 
 class LoRALayer(nn.Module):
     """A frozen base layer's weight W plus a trainable low-rank update ΔW = (B @ A) * scale.
 
-    This base holds what every adapted layer shares: lora_A, lora_B, the scale,
-    the `enabled` and `merged` states, merge / unmerge and the checkpoint flag.
-    A subclass (LoRALinear, LoRAEmbedding, LoRAConv) adds only what differs:
-    the shapes of A and B, ΔW laid out in W's shape (`_as_weight`), the plain
-    forward and the factored one, and the plain module that merge_and_unload makes.
+    What every adapted layer shares: lora_A, lora_B, the scale, the `enabled`
+    and `merged` states, merge / unmerge and the checkpoint flag. A subclass
+    (LoRALinear, LoRAEmbedding, LoRAConv) says what differs: the shapes of A and
+    B (`lora_shapes`), ΔW in W's layout (`as_weight`), the base layer's forward
+    and the adapted one, and the base module that merge_and_unload makes.
 
     Args (every subclass):
         base: the layer to adapt. Its `weight` and `bias` Parameters are reused
@@ -125,70 +95,65 @@ class LoRALayer(nn.Module):
         init_std: None for the layer type's usual init of A; a float for A ~ N(0, init_std^2).
 
     States: `enabled` (False: exactly the base layer) and `merged` (ΔW is folded
-    into `weight`; see merge). Merging is explicit: train() and eval() never
-    touch the weights.
-
-    Shared weights: merge() writes into `weight`, so it must not be merged if
-    that Parameter is also used elsewhere (tied embeddings). add_lora finds such
-    sharing and records it in `shared_with`, which makes merge() refuse; for a
-    layer you build yourself, set `shared_with` or use merge_and_unload.
+    into `weight`). Merging is explicit: train() and eval() never touch weights.
+    `shared_with` names other modules' parameters that are this layer's weight
+    (tied embeddings, recorded by add_lora): merge() refuses to write into them.
     """
 
     base_types: tuple = ()  # the nn.Module classes a subclass adapts
-    computes_with = ("forward",)  # the base's methods the layer relies on: a base subclass must not override them
-    # and, in each subclass: lora_shapes(base, r) -> (A's shape, B's shape)
 
-    def __init__(self, base, a_shape, b_shape, r=8, alpha=None, dropout=0.0, use_rslora=False):
+    def __init__(self, base: nn.Module, r: int = 8, alpha: Optional[float] = None, dropout: float = 0.0,
+                 use_rslora: bool = False, init_std: Optional[float] = None):
+        self.check(base, r, alpha, dropout, use_rslora, init_std)
         super().__init__()
         self.weight = base.weight  # the same Parameter objects: no copy, and frozen
         self.bias = getattr(base, "bias", None)
         for p in (self.weight, self.bias):
             if p is not None:
                 p.requires_grad_(False)
-        self.r, self.alpha, self.use_rslora = r, float(r if alpha is None else alpha), bool(use_rslora)
-        self.dropout = float(dropout)
+        self.r, self.alpha, self.use_rslora, self.dropout = r, float(r if alpha is None else alpha), use_rslora, dropout
         self.scale = self.alpha / (math.sqrt(r) if use_rslora else r)
-        factory = dict(device=self.weight.device, dtype=self.weight.dtype)
-        self.lora_A = nn.Parameter(torch.empty(a_shape, **factory))
-        self.lora_B = nn.Parameter(torch.empty(b_shape, **factory))
+        a_shape, b_shape = self.lora_shapes(base, r)
+        self.lora_A = nn.Parameter(torch.empty(a_shape, device=self.weight.device, dtype=self.weight.dtype))
+        self.lora_B = nn.Parameter(torch.empty(b_shape, device=self.weight.device, dtype=self.weight.dtype))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.shared_with = ()  # names of other modules' parameters that are this layer's weight or bias
-        self._enabled = True
-        self.merged = False
-        self._ran = False  # set by every forward; see _BypassCheck
+        self.shared_with = ()
+        self._enabled, self.merged = True, False
+        self.keep_base_settings(base)
+        self.reset_lora_parameters(init_std)
         self.train(base.training)  # a new layer behaves as the one it replaces (eval stays eval)
 
     @classmethod
     def check(cls, base, r=8, alpha=None, dropout=0.0, use_rslora=False, init_std=None):
-        """Raise ValueError if this layer type cannot adapt `base` with these settings.
-        The constructor runs it first; add_lora runs it on every target before changing any."""
+        """Raise ValueError if this layer type cannot adapt `base` with these settings."""
+        def number(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
         if not isinstance(base, cls.base_types):
             raise TypeError(f"{cls.__name__} adapts {' / '.join('nn.' + t.__name__ for t in cls.base_types)}, "
                             f"got {type(base).__name__}")
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        if not (isinstance(r, int) and not isinstance(r, bool) and r >= 1):
             raise ValueError(f"r (the LoRA rank) must be a positive int, got {r!r}")
         for name, value in (("alpha", alpha), ("init_std", init_std)):
-            if value is not None and not (_is_number(value) and value > 0):
+            if value is not None and not (number(value) and value > 0):
                 raise ValueError(f"{name} must be a positive number or None, got {value!r}")
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        if not (number(dropout) and 0 <= dropout < 1):
             raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
         if not isinstance(use_rslora, bool):
             raise ValueError(f"use_rslora must be True or False, got {use_rslora!r}")
         if base.weight.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
             raise ValueError(f"{cls.__name__} needs a float16 / bfloat16 / float32 / float64 weight, got {base.weight.dtype} "
                              "(quantized weights are not supported)")
-        reason = cls.unsupported(base, dropout=dropout)
+        reason = cls.why_unsupported(base, dropout)
         if reason:
             raise ValueError(f"{cls.__name__} cannot adapt this {type(base).__name__}: {reason}")
 
     @classmethod
-    def unsupported(cls, base, dropout=0.0):
-        """Why this layer type cannot compute `base` exactly (None if it can)."""
+    def why_unsupported(cls, base, dropout) -> Optional[str]:
+        """Why this layer type cannot compute `base` exactly with this dropout (None if it can)."""
         return None
 
-    def reset_lora_parameters(self, init_std=None):
-        """A random (kaiming-uniform as the base layer's own init, or N(0, init_std^2)),
-        B = 0, so ΔW = 0."""
+    def reset_lora_parameters(self, init_std: Optional[float] = None) -> None:
+        """A random (kaiming-uniform as the base layer's own init, or N(0, init_std^2)), B = 0: ΔW = 0."""
         if self.merged:
             raise RuntimeError("reset_lora_parameters() on a merged layer; call unmerge() first")
         with torch.no_grad():
@@ -203,41 +168,36 @@ class LoRALayer(nn.Module):
         return self._enabled
 
     @enabled.setter
-    def enabled(self, value: bool):
+    def enabled(self, value: bool) -> None:
         if self.merged and not value:
             raise RuntimeError("cannot disable a merged LoRA layer: its weight holds W + ΔW; call unmerge() first")
         self._enabled = bool(value)
 
     def delta_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """ΔW = (lora_B @ lora_A) * scale in the weight's shape (in `dtype` if given)."""
-        A, B = (self.lora_A, self.lora_B) if dtype is None else (self.lora_A.to(dtype), self.lora_B.to(dtype))
-        return self._as_weight(lora_delta(A.flatten(1), B, self.scale))
+        A, B = self.lora_A.to(dtype or self.lora_A.dtype), self.lora_B.to(dtype or self.lora_B.dtype)
+        return self.as_weight(lora_delta(A.flatten(1), B, self.scale))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.compiler.is_compiling():
-            self._ran = True
-        if self.merged:
-            if self.training and torch.is_grad_enabled() and (self.lora_A.requires_grad or self.lora_B.requires_grad):
-                raise RuntimeError(
-                    "forward in training mode on a merged LoRA layer: lora_A and lora_B would get no "
-                    "gradient. Call unmerge() to train, or use eval() / torch.no_grad() for inference."
-                )
-            return self.plain_forward(x)
-        if not self.enabled:  # exactly what the base layer computes, bit for bit
-            return self.plain_forward(x)
+        trained = self.lora_A.requires_grad or self.lora_B.requires_grad
+        if self.merged and self.training and torch.is_grad_enabled() and trained:
+            raise RuntimeError("forward in training mode on a merged LoRA layer: lora_A and lora_B would get no "
+                               "gradient. Call unmerge() to train, or use eval() / torch.no_grad() for inference.")
+        if self.merged or not self.enabled:
+            return self.base_forward(x)  # the base layer, bit for bit (with W + ΔW when merged)
         return self.adapted_forward(x)
 
-    # --- merge / unmerge -----------------------------------------------------
-    # W is rewritten in place, computed in at least float32 and rounded once to
-    # the weight's dtype. unmerge() therefore restores W only up to rounding:
-    # elementwise |W_unmerged - W| <= eps * (|W| + |ΔW|), eps = torch.finfo(W.dtype).eps
-    # (exact in float64 for practical purposes; about 1e-7 relative in float32,
-    # 8e-3 in bfloat16). Keep a copy of W if you need it bit for bit, or use
-    # merged_state_dict(model), which never writes into W.
+    # --- merge / unmerge ---------------------------------------------------------
+    # W is rewritten in place, computed in at least float32 and rounded once to W's
+    # dtype. unmerge() therefore restores W only up to rounding: elementwise
+    # |W_unmerged - W| <= eps * (|W| + |ΔW|), eps = torch.finfo(W.dtype).eps. Keep a
+    # copy of W if you need it bit for bit, or use merged_state_dict(model).
 
-    def merged_weight(self, sign: int = +1) -> torch.Tensor:
-        """W + sign * ΔW, computed in at least float32, rounded once to W's dtype.
-        Raises if the result is not finite (e.g. float16 overflow): nothing is written."""
+    def merged_weight(self) -> torch.Tensor:
+        """W + ΔW, computed in at least float32, rounded once to W's dtype."""
+        return self._weight_plus(+1)
+
+    def _weight_plus(self, sign):
         dtype = torch.promote_types(self.weight.dtype, torch.float32)
         result = (self.weight.to(dtype) + sign * self.delta_weight(dtype)).to(self.weight.dtype)
         if result.device.type != "meta" and not torch.isfinite(result).all():
@@ -245,81 +205,57 @@ class LoRALayer(nn.Module):
                                "(overflow?); the weight was left unchanged")
         return result
 
-    def check_can_write_weight(self, what: str):
-        """Refuse merge / unmerge where writing into `weight` would be wrong."""
-        # Under FSDP2 the parameters are DTensor shards between forwards: ΔW needs
-        # all of A and B, and each rank holds only a slice of W.
-        if any(_is_sharded(p) for p in (self.weight, self.lora_A, self.lora_B)):
-            raise RuntimeError(f"{what}() on sharded (FSDP2 / DTensor) parameters: gather a full copy first, "
-                               "e.g. load get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)) "
-                               "into an unsharded model, then merge that")
+    def check_writable(self, what: str) -> None:
+        """Raise where writing into `weight` would change more than this layer."""
+        if any(hasattr(p, "placements") for p in (self.weight, self.lora_A, self.lora_B)):  # DTensor shards
+            raise RuntimeError(f"{what}() on sharded (FSDP2 / DTensor) parameters: each rank holds a slice of W; "
+                               "load a full state dict into an unsharded model and merge that")
         if self.shared_with:
             raise RuntimeError(f"{what}() would write W + ΔW into a weight that is shared with {list(self.shared_with)} "
                                "(tied weights): those would change too. Use merge_and_unload(model), which copies it.")
 
     @torch.no_grad()
-    def merge(self):
+    def merge(self) -> None:
         """Fold ΔW into weight in place: forward becomes the plain layer's."""
-        self.check_can_write_weight("merge")
-        if self.merged:
-            raise RuntimeError("merge() on a LoRA layer that is already merged")
-        if not self.enabled:
-            raise RuntimeError("merge() on a disabled LoRA layer would change its output; enable it first")
-        self.weight.copy_(self.merged_weight(+1))
+        if self.merged or not self.enabled:
+            raise RuntimeError(f"merge() on a LoRA layer that is {'already merged' if self.merged else 'disabled'}")
+        self.check_writable("merge")
+        self.weight.copy_(self.merged_weight())
         self.merged = True
 
     @torch.no_grad()
-    def unmerge(self):
+    def unmerge(self) -> None:
         """Take ΔW back out of weight (exact up to the rounding documented above)."""
-        self.check_can_write_weight("unmerge")
         if not self.merged:
             raise RuntimeError("unmerge() on a LoRA layer that is not merged")
-        self.weight.copy_(self.merged_weight(-1))
+        self.check_writable("unmerge")
+        self.weight.copy_(self._weight_plus(-1))
         self.merged = False
 
-    # --- checkpoints remember whether `weight` holds W or W + ΔW ---------------
+    # --- checkpoints remember whether `weight` holds W or W + ΔW ------------------
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.merged:
-            destination[prefix + _MERGED_KEY] = torch.tensor(True)
+            destination[prefix + MERGED_KEY] = torch.tensor(True)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        saved_merged = bool(state_dict.pop(prefix + _MERGED_KEY, False))
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        saved_merged = bool(state_dict.pop(prefix + MERGED_KEY, False))
         holds_this_layer = any(k.startswith(prefix) and "." not in k[len(prefix):] for k in state_dict)
         if saved_merged != self.merged and (saved_merged or holds_this_layer):
             what = {True: "merged (weight = W + ΔW)", False: "unmerged (weight = W)"}
-            error_msgs.append(
-                f"{prefix.rstrip('.') or type(self).__name__}: the checkpoint was saved {what[saved_merged]} but this "
-                f"layer is {what[self.merged]}; call {'merge' if saved_merged else 'unmerge'}() on it before loading."
-            )
+            error_msgs.append(f"{prefix.rstrip('.') or type(self).__name__}: the checkpoint was saved "
+                              f"{what[saved_merged]} but this layer is {what[self.merged]}; call "
+                              f"{'merge' if saved_merged else 'unmerge'}() on it before loading.")
             return
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def extra_repr(self) -> str:
-        return (f"{self.base_repr()}, r={self.r}, alpha={self.alpha:g}, scale={self.scale:.4g}, "
+        base = self.base_module(self.weight, self.bias)  # the layer it adapts (repr only: shares the Parameters)
+        return (f"{type(base).__name__}({base.extra_repr()}), r={self.r}, alpha={self.alpha:g}, scale={self.scale:.4g}, "
                 f"enabled={self.enabled}, merged={self.merged}")
-
-    # --- what each layer type says for itself ----------------------------------
-
-    def _as_weight(self, delta):
-        """(out, in) ΔW -> the weight's shape."""
-        raise NotImplementedError
-
-    def plain_forward(self, x):
-        """The base layer with the current `weight` (W, or W + ΔW when merged)."""
-        raise NotImplementedError
-
-    def adapted_forward(self, x):
-        """The base layer plus the LoRA branch, never forming ΔW."""
-        raise NotImplementedError
-
-    def plain_module(self, weight, bias):
-        """An ordinary layer (the base's class) with these Parameters, for merge_and_unload."""
-        raise NotImplementedError
-
-    def base_repr(self):
-        raise NotImplementedError
 
 
 class LoRALinear(LoRALayer):
@@ -332,62 +268,57 @@ class LoRALinear(LoRALayer):
     """
 
     base_types = (nn.Linear,)
-
-    def __init__(self, linear: nn.Linear, r: int = 8, alpha: Optional[float] = None, dropout: float = 0.0,
-                 use_rslora: bool = False, init_std: Optional[float] = None):
-        self.check(linear, r, alpha, dropout, use_rslora, init_std)
-        super().__init__(linear, *self.lora_shapes(linear, r), r, alpha, dropout, use_rslora)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.reset_lora_parameters(init_std)
+    # The switch: True (set at the end of this file) runs the same forward with a
+    # hand-written backward, faster; False runs the plain autograd forward below.
+    use_fast_path = False
 
     @staticmethod
-    def lora_shapes(linear, r):
+    def lora_shapes(linear: nn.Linear, r: int) -> tuple:
         return (r, linear.in_features), (linear.out_features, r)
 
-    def _as_weight(self, delta):
+    def keep_base_settings(self, linear: nn.Linear) -> None:
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def as_weight(self, delta: torch.Tensor) -> torch.Tensor:
         return delta
 
-    def plain_forward(self, x):
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
-    def adapted_forward(self, x):
-        x_lora = self.lora_dropout(x)
-        x_lora = None if x_lora is x else x_lora  # None: the same tensor (no dropout, or eval)
-        # lora_forward's math, with the gradients written out by hand for speed
-        # (see _LoRALinearFunction at the end of this file).
-        tensors = (x, x_lora, self.weight, self.bias, self.lora_A, self.lora_B)
-        dtype = _autocast_dtype(x.device.type)
-        if dtype is not None:  # autocast does not reach inside an autograd.Function:
-            tensors = tuple(_autocast_cast(t, dtype) for t in tensors)  # cast as it casts F.linear's inputs
-            with torch.autocast(x.device.type, enabled=False):
-                return _lora_linear(*tensors, self.scale)
-        return _lora_linear(*tensors, self.scale)
+    def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_fast_path and _fast_path_applies(self, x):
+            return _fast_lora_linear(self, x)
+        y = F.linear(x, self.weight, self.bias)  # x W^T + b: (..., out)
+        x_lora = self.lora_dropout(x).to(self.lora_A.dtype)  # the branch runs in the adapter's dtype
+        h = F.linear(x_lora, self.lora_A) * self.scale  # dropout(x) A^T * scale: (..., r)
+        return y + F.linear(h, self.lora_B).to(y.dtype)  # + h B^T: (..., out)
 
-    def plain_module(self, weight, bias):
+    def base_module(self, weight: nn.Parameter, bias: Optional[nn.Parameter]) -> nn.Linear:
         linear = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device="meta")
         linear.weight, linear.bias = weight, bias
         return linear
 
-    def base_repr(self):
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
+# ===========================================================================
+# The plumbing. Everything above is LoRA; everything below keeps a promise
+# about using it on real models and files, and is named for that promise.
+# ===========================================================================
 
-def _autocast_dtype(device_type):
-    """The dtype autocast casts F.linear's inputs to on this device now, or None."""
-    try:
-        enabled = torch.is_autocast_enabled(device_type)
-    except RuntimeError:  # a device type autocast does not know, such as "meta"
-        return None
-    return torch.get_autocast_dtype(device_type) if enabled else None
+import ast  # noqa: E402  (the lesson above needs only torch)
+import collections  # noqa: E402
+import collections.abc  # noqa: E402
+import contextlib  # noqa: E402
+import copy  # noqa: E402
+import functools  # noqa: E402
+import inspect  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import textwrap  # noqa: E402
+import warnings  # noqa: E402
+from typing import Iterator, NamedTuple, Sequence, Union  # noqa: E402
 
-
-def _autocast_cast(tensor, dtype):
-    """What autocast does to one input: floating tensors go to dtype, except float64
-    (autocast leaves double precision alone) and anything that is not floating."""
-    if tensor is None or not tensor.is_floating_point() or tensor.dtype == torch.float64:
-        return tensor
-    return tensor.to(dtype)
-
+from torch.nn.utils import parametrize  # noqa: E402
 
 # ---------------------------------------------------------------------------
 # The same idea on other layers: an embedding is a linear map of one-hot rows,
@@ -414,16 +345,8 @@ class LoRAEmbedding(LoRALayer):
 
     base_types = (nn.Embedding,)
 
-    def __init__(self, embedding: nn.Embedding, r: int = 8, alpha: Optional[float] = None, dropout: float = 0.0,
-                 use_rslora: bool = False, init_std: Optional[float] = None):
-        self.check(embedding, r, alpha, dropout, use_rslora, init_std)
-        super().__init__(embedding, *self.lora_shapes(embedding, r), r, alpha, 0.0, use_rslora)
-        self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
-        self.padding_idx, self.sparse = embedding.padding_idx, embedding.sparse
-        self.reset_lora_parameters(init_std)
-
     @classmethod
-    def unsupported(cls, base, dropout=0.0):
+    def why_unsupported(cls, base, dropout):
         if base.max_norm is not None:  # F.embedding renormalises W's rows in place: W + ΔW would need it
             return f"max_norm={base.max_norm} renormalises the stored table, which LoRA's factored lookup cannot do"
         if base.scale_grad_by_freq:  # the B gradient would not be scaled as the merged table's is
@@ -432,24 +355,25 @@ class LoRAEmbedding(LoRALayer):
             return "dropout does not apply to an embedding's indices; use dropout=0 (add_lora does so itself)"
         return None
 
-    def reset_lora_parameters(self, init_std=None):
-        """A ~ N(0, init_std^2) (std 1 by default), B = 0, A's padding_idx column = 0."""
-        if self.merged:
-            raise RuntimeError("reset_lora_parameters() on a merged layer; call unmerge() first")
-        with torch.no_grad():
-            nn.init.normal_(self.lora_A, mean=0.0, std=1.0 if init_std is None else init_std)
-            nn.init.zeros_(self.lora_B)
-            if self.padding_idx is not None:
-                self.lora_A[:, self.padding_idx] = 0
-
     @staticmethod
     def lora_shapes(embedding, r):
         return (r, embedding.num_embeddings), (embedding.embedding_dim, r)
 
-    def _as_weight(self, delta):
+    def keep_base_settings(self, embedding):
+        self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
+        self.padding_idx, self.sparse = embedding.padding_idx, embedding.sparse
+
+    def reset_lora_parameters(self, init_std=None):
+        """A ~ N(0, init_std^2) (std 1 by default), B = 0, A's padding_idx column = 0."""
+        super().reset_lora_parameters(1.0 if init_std is None else init_std)
+        if self.padding_idx is not None:
+            with torch.no_grad():
+                self.lora_A[:, self.padding_idx] = 0
+
+    def as_weight(self, delta):
         return delta.T
 
-    def plain_forward(self, idx):
+    def base_forward(self, idx):
         return F.embedding(idx, self.weight, self.padding_idx, sparse=self.sparse)
 
     def adapted_forward(self, idx):
@@ -457,16 +381,13 @@ class LoRAEmbedding(LoRALayer):
         update = ((h * self.scale) @ self.lora_B.T).to(self.weight.dtype)  # (an adapter kept in another dtype)
         if self.padding_idx is not None:  # the pad row is a constant, as nn.Embedding treats it
             update = torch.where((idx == self.padding_idx).unsqueeze(-1), update.detach(), update)
-        return self.plain_forward(idx) + update
+        return self.base_forward(idx) + update
 
-    def plain_module(self, weight, bias):
+    def base_module(self, weight, bias):
         embedding = nn.Embedding(self.num_embeddings, self.embedding_dim, self.padding_idx, sparse=self.sparse,
                                  device="meta")
         embedding.weight = weight
         return embedding
-
-    def base_repr(self):
-        return f"{self.num_embeddings}, {self.embedding_dim}, padding_idx={self.padding_idx}"
 
 
 class LoRAConv(LoRALayer):
@@ -486,21 +407,11 @@ class LoRAConv(LoRALayer):
     """
 
     base_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-    computes_with = ("forward", "_conv_forward")
     _SETTINGS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
                  "padding_mode", "_reversed_padding_repeated_twice")
 
-    def __init__(self, conv: Union[nn.Conv1d, nn.Conv2d, nn.Conv3d], r: int = 8, alpha: Optional[float] = None, dropout: float = 0.0,
-                 use_rslora: bool = False, init_std: Optional[float] = None):
-        self.check(conv, r, alpha, dropout, use_rslora, init_std)
-        super().__init__(conv, *self.lora_shapes(conv, r), r, alpha, dropout, use_rslora)
-        self.conv_class = next(t for t in self.base_types if isinstance(conv, t))
-        for name in self._SETTINGS:
-            setattr(self, name, getattr(conv, name))
-        self.reset_lora_parameters(init_std)
-
     @classmethod
-    def unsupported(cls, base, dropout=0.0):
+    def why_unsupported(cls, base, dropout):
         if base.groups != 1:
             return f"groups={base.groups} (a grouped or depthwise convolution) is not supported"
         return None
@@ -509,43 +420,43 @@ class LoRAConv(LoRALayer):
     def lora_shapes(conv, r):
         return (r, conv.in_channels, *conv.kernel_size), (conv.out_channels, r)
 
-    def _as_weight(self, delta):
+    def keep_base_settings(self, conv):
+        self.conv_class = next(t for t in self.base_types if isinstance(conv, t))
+        for name in self._SETTINGS:
+            setattr(self, name, getattr(conv, name))
+
+    def as_weight(self, delta):
         return delta.view(self.weight.shape)
 
     def _conv(self, x, weight, bias):
         return self.conv_class._conv_forward(self, x, weight, bias)
 
-    def plain_forward(self, x):
+    def base_forward(self, x):
         return self._conv(x, self.weight, self.bias)
 
     def adapted_forward(self, x):
-        y = self.plain_forward(x)
+        y = self.base_forward(x)
         h = self._conv(self.lora_dropout(x).to(self.lora_A.dtype), self.lora_A, None) * self.scale  # (N, r, *spatial)
         pointwise = (F.conv1d, F.conv2d, F.conv3d)[len(self.kernel_size) - 1]  # B per pixel: a 1x1 convolution
         return y + pointwise(h, self.lora_B.view(*self.lora_B.shape, *[1] * len(self.kernel_size))).to(y.dtype)
 
-    def plain_module(self, weight, bias):
+    def base_module(self, weight, bias):
         conv = self.conv_class(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
                                self.dilation, self.groups, bias is not None, self.padding_mode, device="meta")
         conv.weight, conv.bias = weight, bias
         return conv
 
-    def base_repr(self):
-        return (f"{self.conv_class.__name__}({self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
-                f"padding_mode={self.padding_mode!r}, bias={self.bias is not None})")
-
 
 LORA_CLASSES = (LoRALinear, LoRAEmbedding, LoRAConv)
 
 
-def lora_class_for(module: nn.Module):
+def lora_class_for(module: nn.Module) -> Optional[type]:
     """The LoRA layer type that adapts this module, or None."""
     return next((cls for cls in LORA_CLASSES if isinstance(module, cls.base_types)), None)
 
 
 # ---------------------------------------------------------------------------
-# Model-level helpers
+# Adapting a model: one inventory of its modules, every check, then the change
 # ---------------------------------------------------------------------------
 
 
@@ -557,320 +468,27 @@ def lora_layers(model: nn.Module, remove_duplicate: bool = True) -> Iterator[tup
             yield name, module
 
 
-def _set_submodule(model, name, new):
-    parent_name, _, child_name = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), child_name, new)
-
-
 def _matches(name, targets):
     """A target matches a module by its full name or by its last dotted components
     ("q_proj" matches "layers.0.attn.q_proj", never "layers.0.attn.qq_proj")."""
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-# Every kind of hook a module can hold; replacing the module would drop them all.
-_HOOK_KINDS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks",
-               "_state_dict_pre_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks",
-               "_load_state_dict_post_hooks")
-
-
-def _hooks(module):
-    """A description of every hook registered on the module itself, e.g. "backward pre hook fn"."""
-    return [f"{kind.strip('_').replace('_hooks', ' hook')} {getattr(h, '__qualname__', repr(h))}"
-            for kind in _HOOK_KINDS for h in getattr(module, kind, {}).values()]
-
-
-def _cannot_adapt(module):
-    """Why no LoRA layer can stand in for this module exactly (None if one can)."""
-    kind = type(module).__name__
-    cls = lora_class_for(module)
-    if cls is None:
-        return f"is a {kind}, not an nn.Linear, nn.Embedding or nn.Conv1d/2d/3d"
-    if parametrize.is_parametrized(module):
-        return "is parametrized (torch.nn.utils.parametrize, e.g. weight_norm): its weight is computed, not stored"
-    base = next(t for t in cls.base_types if isinstance(module, t))
-    for method in cls.computes_with:  # quantized layers, custom forwards, weight-standardised convs
-        if getattr(type(module), method) is not getattr(base, method):
-            return f"is a {kind}, a subclass with its own {method}(), which {cls.__name__} would not compute"
-    if not isinstance(module.weight, nn.Parameter):
-        return "has a weight that is not an nn.Parameter (old-style weight_norm?)"
-    hooks = _hooks(module)
-    if hooks:
-        return f"has hooks that replacing the module would drop: {', '.join(hooks)}"
-    return None
-
-
-# --- LoRA that the model never runs ----------------------------------------------
-# A parent whose code reads a child's weight itself, F.linear(x, self.out_proj.weight),
-# instead of calling self.out_proj(x), would skip a LoRA layer put there: no error, no
-# gradient. We read each parent class's source for such reads. A child that is read
-# and never called is refused; one that is also called (on other code paths) is
-# adapted, and _BypassCheck raises at run time when a forward skips it.
-
-_METADATA = {"dtype", "device", "shape", "ndim", "requires_grad", "is_cuda", "is_meta", "size", "dim", "numel"}
-
-
-def _self_path(node):
-    """("a", "0", "b") for the expression self.a[0].b, else None."""
-    names = []
-    while isinstance(node, (ast.Attribute, ast.Subscript)):
-        if isinstance(node, ast.Attribute):
-            names.append(node.attr)
-        elif isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, int):
-            names.append(str(node.slice.value))  # self.layers[0]: the submodule named "layers.0"
-        else:
-            return None
-        node = node.value
-    return tuple(reversed(names)) if isinstance(node, ast.Name) and node.id == "self" and names else None
-
-
-def _in_comparison(node, parent_of):
-    """Whether node, indexed or scaled (not passed to a call), is compared (==, is, <, ...)."""
-    while isinstance(parent_of.get(node), (ast.Subscript, ast.Attribute, ast.BinOp, ast.UnaryOp, ast.Compare)):
-        node = parent_of[node]
-        if isinstance(node, ast.Compare):
-            return True
-    return False
-
-
-@functools.lru_cache(maxsize=None)
-def _method_source(cls, name, after=None):
-    """(syntax tree, defining class) of method `name` as Python finds it on cls, or on the
-    classes after `after` in its MRO (super().name). None: no such plain method below
-    nn.Module, or no source (built-in, generated, or typed into a REPL)."""
-    mro = cls.__mro__
-    for klass in mro[mro.index(after) + 1:] if after else mro:
-        if name in vars(klass):
-            function = vars(klass)[name]
-            if klass is nn.Module or not inspect.isfunction(function):
-                return None
-            try:  # the function's own lines only: cheap even in a 5000-line module
-                return ast.parse(textwrap.dedent(inspect.getsource(function))), klass
-            except (OSError, TypeError, SyntaxError):
-                return None
-    return None
-
-
-def _super_call(node):
-    """"name" for the call super().name(...), else None."""
-    func = node.func
-    if (isinstance(func, ast.Attribute) and isinstance(func.value, ast.Call) and isinstance(func.value.func, ast.Name)
-            and func.value.func.id == "super"):
-        return func.attr
-    return None
-
-
-@functools.lru_cache(maxsize=None)
-def _weight_reads(cls):
-    """(read, called): the submodule paths whose .weight the forward of cls uses
-    as a tensor, and those it calls as self.<path>(...). "The forward" is forward() and
-    every method it reaches through self.<method>(...) and super().<method>(...) calls
-    (not __init__'s init code)."""
-    read, called = set(), set()
-    todo, seen = [("forward", None)], set()  # (method name, the class whose super() names it)
-    while todo:
-        job = todo.pop()
-        found = None if job in seen else _method_source(cls, *job)
-        seen.add(job)
-        if found is None:
-            continue
-        function, klass = found
-        parent_of = {child: node for node in ast.walk(function) for child in ast.iter_child_nodes(node)}
-        for node in ast.walk(function):
-            if isinstance(node, ast.Call) and _super_call(node):
-                todo.append((_super_call(node), klass))  # the base class's code runs in this forward too
-            elif isinstance(node, ast.Call) and _self_path(node.func):
-                path = _self_path(node.func)
-                if len(path) == 1 and _method_source(cls, path[0]) is not None:
-                    todo.append((path[0], None))  # self.helper(...): its code runs in this forward too
-                else:
-                    called.add(path)
-            # Only the weight matters: LoRA leaves the bias as it is.
-            if not (isinstance(node, ast.Attribute) and node.attr == "weight" and _self_path(node.value)
-                    and isinstance(node.ctx, ast.Load)):
-                continue
-            parent = parent_of.get(node)
-            if isinstance(parent, ast.Attribute) and parent.attr in _METADATA:
-                continue  # self.fc.weight.dtype: a question about the weight, not a use of it
-            if isinstance(parent, ast.Call) and isinstance(parent.func, ast.Name) and parent.func.id in ("isinstance", "hasattr"):
-                continue
-            if _in_comparison(node, parent_of):
-                continue  # self.fc.weight is None, ids == self.embed.weight[0]: a comparison, not a product
-            read.add(_self_path(node.value))
-    return frozenset(read), frozenset(called)
-
-
-def _submodule(module, path):
-    """module's submodule at path ("a", "0", "b"), or None."""
-    try:
-        return module.get_submodule(".".join(path))
-    except AttributeError:
-        return None
-
-
-def _direct_reads(model, targets):
-    """[(parent name, parent, child path, child, whether any module calls the child)] where
-    the parent's forward reads the weight of a target module (targets: {id: module})."""
-    modules = list(model.named_modules(remove_duplicate=False))
-    called = set()  # ids of the modules some forward calls (the reader's, or one in between)
-    for _, module in modules:
-        called.update(id(_submodule(module, path)) for path in _weight_reads(type(module))[1])
-    found = []
-    for name, parent in modules:
-        for path in sorted(_weight_reads(type(parent))[0]):
-            child = _submodule(parent, path)
-            if child is not None and id(child) in targets:
-                found.append((name, parent, path, child, id(child) in called))
-    return found
-
-
-class _BypassCheck:
-    """Forward hooks on a parent that reads a LoRA child's weight directly on some code
-    paths: after each forward of the parent, every enabled, unmerged LoRA child it
-    holds must have run, or the forward raises instead of silently ignoring LoRA."""
-
-    def __init__(self, paths):
-        self.paths = paths
-
-    def _children(self, parent):
-        children = ((p, parent.get_submodule(p)) for p in self.paths)
-        return [(p, c) for p, c in children if isinstance(c, LoRALayer) and c.enabled and not c.merged]
-
-    def before(self, parent, args):
-        for _, child in self._children(parent):
-            child._ran = False
-
-    def after(self, parent, args, output):
-        if torch.compiler.is_compiling():
-            return
-        skipped = [p for p, child in self._children(parent) if not child._ran]
-        if skipped:
-            raise RuntimeError(
-                f"LoRA on {skipped} did not run: this {type(parent).__name__}'s forward read their weight directly "
-                "instead of calling them, so it computed the model without LoRA. For inference, merge_lora(model) "
-                "first (the merged weight is what it reads); for nn.Transformer*Layer in eval mode, or disable its "
-                "fast path: torch.backends.mha.set_fastpath_enabled(False).")
-
-
-def _remove_bypass_checks(model):
-    for module in model.modules():
-        for hooks in (module._forward_pre_hooks, module._forward_hooks):
-            for key in [k for k, h in hooks.items() if isinstance(getattr(h, "__self__", None), _BypassCheck)]:
-                del hooks[key]
-
-
-def _target_names(model, target_modules):
-    """The names add_lora adapts: every nn.Linear, or the modules target_modules names."""
-    names = [n for n, _ in model.named_modules(remove_duplicate=False) if n]
+def _target_names(modules, target_modules):
+    """The names add_lora adapts (modules: the model's named_modules): every nn.Linear,
+    or the modules target_modules names."""
     if target_modules is None:
-        return [n for n in names if isinstance(model.get_submodule(n), nn.Linear)]
+        return [n for n, m in modules if n and isinstance(m, nn.Linear)]
     if isinstance(target_modules, str):
         target_modules = [target_modules]
     if not (isinstance(target_modules, (list, tuple)) and all(isinstance(t, str) for t in target_modules)):
         raise ValueError(f"target_modules must be None, a module name or a list of names, got {target_modules!r}")
-    unmatched = [t for t in target_modules if not any(_matches(n, [t]) for n in names)]
+    unmatched = [t for t in target_modules if not any(_matches(n, [t]) for n, _ in modules if n)]
     if unmatched:
-        adaptable = sorted({n for n in names if lora_class_for(model.get_submodule(n))})
+        adaptable = sorted({n for n, m in modules if n and lora_class_for(m)})
         raise ValueError(f"target_modules {unmatched} match no module in the model; the modules LoRA can adapt: "
                          f"{adaptable}")
-    return [n for n in names if _matches(n, target_modules)]
-
-
-def _memory(tensor):
-    """What identifies a tensor's memory: two Parameters over the same storage (one made
-    from the other's .data) are tied as surely as one Parameter registered twice."""
-    try:
-        pointer = tensor.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError):  # no storage (e.g. a DTensor)
-        pointer = 0
-    return (tensor.device, pointer) if pointer else id(tensor)  # meta tensors have no memory: by identity
-
-
-def _owners(model):
-    """_memory(parameter) -> [(module, "module.param")] for every place a parameter's memory is registered."""
-    owners = collections.defaultdict(list)
-    for module_name, module in model.named_modules(remove_duplicate=False):
-        for param_name, param in module.named_parameters(recurse=False):
-            owners[_memory(param)].append((module, f"{module_name}.{param_name}" if module_name else param_name))
-    return owners
-
-
-def _checked_targets(model, settings, skip_unused):
-    """Check every target of _attach_lora, change nothing; returns ({name: module}, the
-    direct weight reads of _direct_reads). Raises ValueError naming the first problem."""
-    if any(True for _ in lora_layers(model)):
-        raise ValueError("model already has LoRA layers; lora_min does not stack adapters")
-    modules = {name: model.get_submodule(name) for name in settings}  # all looked up before any change
-    for name, module in modules.items():
-        reason = _cannot_adapt(module)
-        if reason:
-            raise ValueError(f"cannot add LoRA to {name!r}: it {reason}")
-        if isinstance(module, nn.Embedding):  # an embedding's input is indices: no dropout (as PEFT)
-            settings[name] = dict(settings[name], dropout=0.0)
-        try:
-            lora_class_for(module).check(module, **settings[name])
-        except ValueError as e:
-            raise ValueError(f"cannot add LoRA to {name!r}: {e}") from None
-    first = {}
-    for name, module in modules.items():
-        other = first.setdefault(id(module), name)
-        if settings[name] != settings[other]:
-            raise ValueError(f"{name!r} and {other!r} are the same module but are asked for different LoRA settings: "
-                             f"{settings[name]} vs {settings[other]}")
-
-    reads = _direct_reads(model, {id(m): m for m in modules.values()})
-    never_called = {id(child): (pname, parent) for pname, parent, _, child, called in reads if not called}
-    if never_called and not skip_unused:
-        name = next(n for n, m in modules.items() if id(m) in never_called)
-        pname, parent = never_called[id(modules[name])]
-        raise ValueError(f"cannot add LoRA to {name!r}: its parent {pname!r} ({type(parent).__name__}) reads its "
-                         "weight directly and never calls it, so LoRA there would be ignored")
-    for name in [n for n, m in modules.items() if id(m) in never_called]:
-        pname, parent = never_called[id(modules.pop(name))]
-        warnings.warn(f"add_lora: skipping {name!r}: its parent {type(parent).__name__} reads its weight directly "
-                      "and never calls it, so LoRA there would be ignored", stacklevel=4)  # the caller of add_lora
-    if not modules:
-        raise ValueError("the model has no nn.Linear that LoRA can adapt")
-    checked = collections.defaultdict(set)  # id(parent) -> {(parent, path of a child it reads and that runs elsewhere)}
-    for _, parent, path, child, _ in reads:
-        if any(child is m for m in modules.values()):
-            checked[id(parent)].add((parent, ".".join(path)))
-    for entries in checked.values():
-        parent = next(iter(entries))[0]
-        warnings.warn(f"add_lora: {type(parent).__name__}'s forward reads the weight of {sorted(p for _, p in entries)} "
-                      "directly on some code paths, and sees W there, not W + ΔW; a forward that does not call them "
-                      "raises (see _BypassCheck)", stacklevel=4)
-    return modules, checked
-
-
-def _attach_lora(model, settings, skip_unused=False):
-    """Replace each named module by its LoRA layer; settings: {name: layer kwargs}.
-
-    Everything is checked before anything changes, so a refusal leaves the model
-    as it was. A module registered under several names gets one LoRA layer (still
-    shared); a weight that another module also uses is recorded in the layer's
-    shared_with (merge() refuses). skip_unused: drop, with a warning, targets whose
-    parent never calls them (add_lora's default, every nn.Linear), instead of refusing.
-    """
-    settings = {name: dict(kwargs) for name, kwargs in settings.items()}  # ours to adjust (embeddings: no dropout)
-    modules, checked = _checked_targets(model, settings, skip_unused)
-    owners, layers = _owners(model), {}
-    for name, module in modules.items():
-        if id(module) not in layers:
-            layer = lora_class_for(module)(module, **settings[name])
-            params = [p for p in (module.weight, getattr(module, "bias", None)) if p is not None]
-            layer.shared_with = tuple(n for p in params for m, n in owners[_memory(p)] if m is not module)
-            layers[id(module)] = layer
-    for name, module in list(model.named_modules(remove_duplicate=False)):  # under every name it has,
-        if id(module) in layers:  # also those target_modules did not list: it is one module
-            _set_submodule(model, name, layers[id(module)])
-    for entries in checked.values():
-        parent = next(iter(entries))[0]
-        check = _BypassCheck(sorted(p for _, p in entries))
-        parent.register_forward_pre_hook(check.before)
-        parent.register_forward_hook(check.after)
-    mark_only_lora_as_trainable(model)
-    return model
+    return [n for n, _ in modules if n and _matches(n, target_modules)]
 
 
 def add_lora(model: nn.Module, r: int = 8, alpha: Optional[float] = None, dropout: float = 0.0,
@@ -888,9 +506,37 @@ def add_lora(model: nn.Module, r: int = 8, alpha: Optional[float] = None, dropou
     """
     if isinstance(model, LORA_CLASSES + tuple(t for cls in LORA_CLASSES for t in cls.base_types)):
         raise TypeError("add_lora adapts the layers inside a model; wrap a lone layer yourself, e.g. LoRALinear(linear)")
-    kwargs = dict(r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init_std=init_std)
-    names = _target_names(model, target_modules)
-    return _attach_lora(model, {name: dict(kwargs) for name in names}, skip_unused=target_modules is None)
+    modules = list(model.named_modules(remove_duplicate=False))
+    settings = dict(r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init_std=init_std)
+    names = _target_names(modules, target_modules)
+    return _attach_lora(model, {name: settings for name in names}, skip_unused=target_modules is None, modules=modules)
+
+
+def _attach_lora(model, settings, skip_unused=False, modules=None):
+    """Replace each named module by its LoRA layer; settings: {name: layer kwargs}.
+
+    Everything is checked first (_check_targets), so a refusal leaves the model as
+    it was. A module registered under several names gets one LoRA layer (still
+    shared); a weight that another module also uses is recorded in shared_with.
+    skip_unused: drop, with a warning, targets whose parent never calls them."""
+    modules = modules if modules is not None else list(model.named_modules(remove_duplicate=False))
+    settings = {n: dict(kwargs, dropout=0.0) if isinstance(model.get_submodule(n), nn.Embedding) else dict(kwargs)
+                for n, kwargs in settings.items()}  # an embedding's input is indices: no dropout (as PEFT)
+    targets, reads = _check_targets(modules, settings, skip_unused)
+    owners, layers = _owners(modules), {}
+    for name, module in targets.items():
+        if id(module) not in layers:
+            layer = lora_class_for(module)(module, **settings[name])
+            params = [p for p in (module.weight, getattr(module, "bias", None)) if p is not None]
+            layer.shared_with = tuple(n for p in params for m, n in owners[_memory(p)] if m is not module)
+            layers[id(module)] = layer
+    for name, module in modules:  # under every name it has, also those target_modules did not list
+        if id(module) in layers:
+            parent_name, _, child_name = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child_name, layers[id(module)])
+    for parent, paths in reads.items():
+        _BypassCheck(parent, sorted(paths))
+    return mark_only_lora_as_trainable(model)
 
 
 def mark_only_lora_as_trainable(model: nn.Module) -> nn.Module:
@@ -903,7 +549,7 @@ def mark_only_lora_as_trainable(model: nn.Module) -> nn.Module:
     return model
 
 
-def set_lora_enabled(model: nn.Module, enabled: bool):
+def set_lora_enabled(model: nn.Module, enabled: bool) -> None:
     """Turn every LoRA layer on (the adapted model) or off (exactly the base model)."""
     layers = [layer for _, layer in lora_layers(model)]
     if not enabled and any(layer.merged for layer in layers):
@@ -924,33 +570,30 @@ def lora_disabled(model: nn.Module):
             layer.enabled = was_enabled
 
 
-def merge_lora(model: nn.Module):
+def merge_lora(model: nn.Module) -> None:
     """Fold ΔW into W in every LoRA layer (for inference at the plain layers' cost).
     Every layer is checked first (also that W + ΔW is finite), so a refusal changes nothing."""
     layers = list(lora_layers(model))
     for _, layer in layers:
-        layer.check_can_write_weight("merge_lora")
+        layer.check_writable("merge_lora")
     already = [name for name, layer in layers if layer.merged]
     disabled = [name for name, layer in layers if not layer.enabled]
     if already or disabled:
         raise RuntimeError(f"merge_lora: layers already merged: {already}; disabled (enable first): {disabled}")
     for name, layer in layers:
-        try:
-            layer.merged_weight(+1)  # computed once to check it, then again to write it: no second copy held
-        except RuntimeError as e:
-            raise RuntimeError(f"merge_lora: {name!r}: {e}") from None
+        _exported_weight(name, layer)  # computed once to check it, then again to write it: no second copy held
     for _, layer in layers:
         layer.merge()
 
 
-def unmerge_lora(model: nn.Module):
+def unmerge_lora(model: nn.Module) -> None:
     """Take ΔW back out of W in every LoRA layer."""
     layers = list(lora_layers(model))
     not_merged = [name for name, layer in layers if not layer.merged]
     if not_merged:
         raise RuntimeError(f"unmerge_lora: layers not merged: {not_merged}")
     for _, layer in layers:
-        layer.check_can_write_weight("unmerge_lora")
+        layer.check_writable("unmerge_lora")
     for _, layer in layers:
         layer.unmerge()
 
@@ -960,9 +603,16 @@ def _exported_weight(name, layer):
     if not layer.enabled or layer.merged:
         return layer.weight.detach()
     try:
-        return layer.merged_weight(+1)
+        return layer.merged_weight()
     except RuntimeError as e:
         raise RuntimeError(f"{name or type(layer).__name__!r}: {e}") from None
+
+
+def _check_unshared(layers, what):
+    """Under FSDP2 ΔW needs all of A and B: refuse sharded layers (tied ones are fine: we copy)."""
+    for layer in layers:
+        if any(_is_sharded(p) for p in (layer.weight, layer.lora_A, layer.lora_B)):
+            layer.check_writable(what)
 
 
 def merge_and_unload(model: nn.Module, inplace: bool = False) -> nn.Module:
@@ -975,28 +625,27 @@ def merge_and_unload(model: nn.Module, inplace: bool = False) -> nn.Module:
     whole model first (twice its memory for a moment): to push merged weights
     somewhere without that copy, use merged_state_dict(model).
     """
+    _check_unshared([layer for _, layer in lora_layers(model)], "merge_and_unload")
     for name, layer in lora_layers(model):
-        if any(_is_sharded(p) for p in (layer.weight, layer.lora_A, layer.lora_B)):
-            layer.check_can_write_weight("merge_and_unload")
-        hooks = _hooks(layer)
-        if hooks:
+        if _hooks(layer):
             raise ValueError(f"merge_and_unload: {name or type(layer).__name__!r} has hooks that replacing it with "
-                             f"a plain layer would drop: {', '.join(hooks)}; remove them first")
+                             f"a plain layer would drop: {', '.join(_hooks(layer))}; remove them first")
     if not inplace:
         model = copy.deepcopy(model)
     plain = {}  # one plain layer per LoRA layer, also where it is registered under several names
     for name, layer in list(lora_layers(model)):
         weight = nn.Parameter(_exported_weight(name, layer).clone(), requires_grad=False)
         bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
-        module = layer.plain_module(weight, bias)
+        module = layer.base_module(weight, bias)
         module.train(layer.training)
         if name == "":
             return module
         plain[id(layer)] = module
     for name, module in list(model.named_modules(remove_duplicate=False)):
         if id(module) in plain:
-            _set_submodule(model, name, plain[id(module)])
-    _remove_bypass_checks(model)
+            parent_name, _, child_name = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child_name, plain[id(module)])
+    _BypassCheck.remove_all(model)
     return model
 
 
@@ -1010,24 +659,17 @@ def merged_state_dict(model: nn.Module) -> dict:
     cycles it never writes into W, so nothing drifts.
     """
     layers = dict(lora_layers(model, remove_duplicate=False))
-    for layer in layers.values():
-        if any(_is_sharded(p) for p in (layer.weight, layer.lora_A, layer.lora_B)):
-            layer.check_can_write_weight("merged_state_dict")
+    _check_unshared(layers.values(), "merged_state_dict")
     state, exported = model.state_dict(), {}
     for name, layer in layers.items():
         prefix = f"{name}." if name else ""
-        for key in ("lora_A", "lora_B", _MERGED_KEY):
+        for key in ("lora_A", "lora_B", MERGED_KEY):
             state.pop(prefix + key, None)
         if id(layer) not in exported:
             with torch.no_grad():
                 exported[id(layer)] = _exported_weight(name, layer)
         state[prefix + "weight"] = exported[id(layer)]
     return state
-
-
-def _is_sharded(tensor):
-    """A DTensor (FSDP2, tensor parallel), without importing torch.distributed."""
-    return hasattr(tensor, "full_tensor") and hasattr(tensor, "placements")
 
 
 class ParameterCount(NamedTuple):
@@ -1061,34 +703,6 @@ def _adapter_tensors(model, keep_vars=False):
     return {k: v for k, v in state.items() if k.rsplit(".", 1)[-1] in ("lora_A", "lora_B")}
 
 
-def _check_adapter_tensors(expected, state, strict=True, source="the adapter"):
-    """expected: {key: (shape, dtype)}. Raise ValueError, naming the key, for missing /
-    unexpected keys (if strict) and for a value that is not a dense floating tensor of that
-    shape whose values stay finite in that dtype."""
-    if not isinstance(state, collections.abc.Mapping):
-        raise ValueError(f"{source}: expected a dict of tensors keyed by name, got a {type(state).__name__}")
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected), key=str)
-    if strict and (missing or unexpected):
-        raise ValueError(f"{source}: keys do not match the model: missing {missing}, unexpected {unexpected}")
-    for k in sorted(set(expected) & set(state)):
-        value = state[k]
-        if not isinstance(value, torch.Tensor):
-            raise ValueError(f"{source}: {k} is a {type(value).__name__}, not a torch.Tensor")
-        shape, dtype = expected[k]
-        if value.is_meta:
-            raise ValueError(f"{source}: {k} is a meta tensor: it holds no values")
-        if value.layout != torch.strided:
-            raise ValueError(f"{source}: {k} is a {value.layout} tensor; adapters hold dense tensors")
-        if not value.is_floating_point():
-            raise ValueError(f"{source}: {k} has dtype {value.dtype}, not a floating-point dtype")
-        if tuple(value.shape) != tuple(shape):
-            raise ValueError(f"{source}: {k} has shape {tuple(value.shape)}, the model's is {tuple(shape)} "
-                             "(a different r or layer size?)")
-        if not torch.isfinite(value.to(dtype)).all():
-            raise ValueError(f"{source}: {k} has inf or NaN values (in the model's {dtype})")
-
-
 def load_lora_state_dict(model: nn.Module, state: dict, strict: bool = True) -> nn.Module:
     """Copy adapter tensors into the model. Every key, type, shape and value is checked
     (missing / unexpected keys only if strict) before any tensor is copied."""
@@ -1108,16 +722,8 @@ def _load_adapter_tensors(model, state, strict, source):
         raise RuntimeError(f"cannot load an adapter into merged layers {merged}; call unmerge_lora(model) first")
     with torch.no_grad():
         for k, param in own.items():
-            if k not in state:
-                continue
-            value = state[k].to(device=param.device, dtype=param.dtype)
-            if _is_sharded(param):  # FSDP2: keep only this rank's shard of the full tensor
-                try:
-                    from torch.distributed.tensor import distribute_tensor
-                except ImportError:  # torch < 2.5 keeps it here
-                    from torch.distributed._tensor import distribute_tensor
-                value = distribute_tensor(value, param.device_mesh, param.placements)
-            param.copy_(value)
+            if k in state:
+                param.copy_(_shard_like(param, state[k].to(device=param.device, dtype=param.dtype)))
     return model
 
 
@@ -1130,36 +736,6 @@ def save_adapter(model: nn.Module, path) -> None:
     """Save only the adapter: its tensors plus r, alpha, scaling rule and target modules."""
     state = {k: v.detach().cpu() for k, v in lora_state_dict(model).items()}
     torch.save({"format": "lora_min.adapter", "version": 1, "config": _lora_config(model), "state_dict": state}, path)
-
-
-def _safe_torch_load(path, what):
-    """torch.load(weights_only=True): tensors and plain containers only, never arbitrary
-    pickled objects. Anything else is a ValueError naming the file."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except OSError:  # missing file, a folder, no permission: torch's own message is right
-        raise
-    except Exception as e:  # not a torch file, truncated, or pickled objects a safe load refuses
-        raise ValueError(f"{path} is not {what}: it cannot be read as a file of tensors ({type(e).__name__}); "
-                         "files that hold other Python objects are refused, never unpickled") from None
-
-
-def _read_adapter(path):
-    """The contents of a file written by save_adapter, checked: {"config": ..., "state_dict": ...}."""
-    what = "a lora_min adapter file (written by save_adapter)"
-    saved = _safe_torch_load(path, what)
-    if not (isinstance(saved, dict) and saved.get("format") == "lora_min.adapter"
-            and isinstance(saved.get("config"), dict) and isinstance(saved.get("state_dict"), dict)
-            and all(isinstance(v, torch.Tensor) for v in saved["state_dict"].values())):
-        raise ValueError(f"{path} is not {what}")
-    if saved.get("version") != 1:
-        raise ValueError(f"{path} is a lora_min adapter of format version {saved.get('version')!r}; this file reads version 1")
-    for name, settings in saved["config"].items():
-        if not (isinstance(name, str) and isinstance(settings, dict) and set(settings) == {"r", "alpha", "use_rslora"}
-                and _is_int(settings["r"]) and _is_number(settings["alpha"]) and isinstance(settings["use_rslora"], bool)):
-            raise ValueError(f"{path}: the settings of layer {name!r} are not {{'r': int, 'alpha': number, "
-                             f"'use_rslora': bool}}: {settings!r}")
-    return saved
 
 
 def load_adapter(model: nn.Module, path) -> nn.Module:
@@ -1187,61 +763,6 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
 # ---------------------------------------------------------------------------
 
 _PEFT_PREFIX = "base_model.model."
-
-
-def _is_int(v):
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _is_regex(v):
-    try:
-        re.compile(v)
-        return True
-    except (re.error, TypeError):
-        return False
-
-
-def _is_names(v):
-    """A list of module names, or one regex string (PEFT's two forms of target_modules)."""
-    return _is_regex(v) if isinstance(v, str) else isinstance(v, list) and all(isinstance(t, str) for t in v)
-
-
-def _is_pattern_dict(check):
-    """{name regex: value}; each key must compile inside PEFT's rule (see _peft_pattern_value)."""
-    return lambda v: isinstance(v, dict) and all(_is_regex(rf"(.*\.)?({k})$") and check(x) for k, x in v.items())
-
-
-# The one list of PEFT config fields lora_min reads: field -> (what its value must be,
-# the check). null means the default. Any other field must hold its default (null,
-# false, empty) or be one of _PEFT_NO_EFFECT; else it is a PEFT feature we refuse.
-_PEFT_FIELDS = {
-    "peft_type": ("'LORA' (lora_min reads only LoRA adapters)", lambda v: v == "LORA"),
-    "r": ("a positive int", lambda v: _is_int(v) and v > 0),
-    "lora_alpha": ("a positive number", lambda v: _is_number(v) and v > 0),
-    "target_modules": ("a list of module names or a regex string ('all-linear' is not supported: list the names)",
-                       lambda v: _is_names(v) and v != "all-linear"),
-    "exclude_modules": ("a list of module names or a regex string", _is_names),
-    "lora_dropout": ("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1),
-    "use_rslora": ("true or false", lambda v: isinstance(v, bool)),
-    "rank_pattern": ("an object {name regex: positive int}", _is_pattern_dict(lambda x: _is_int(x) and x > 0)),
-    "alpha_pattern": ("an object {name regex: positive number}", _is_pattern_dict(lambda x: _is_number(x) and x > 0)),
-    "bias": ("'none' (lora_min trains no biases)", lambda v: v == "none"),
-    # Initialisations that differ only in the starting A and B, which the file replaces:
-    "init_lora_weights": ("true, false or 'gaussian'", lambda v: v is True or v is False or v == "gaussian"),
-}
-_PEFT_REQUIRED = ("peft_type", "r", "lora_alpha", "target_modules")
-# Fields that do not change what the adapted model computes.
-_PEFT_NO_EFFECT = {"task_type", "base_model_name_or_path", "revision", "inference_mode", "peft_version",
-                   "auto_mapping", "megatron_core", "qalora_group_size"}
-
-
-def _is_default(value):
-    """null, false or empty: how PEFT writes a feature that is off (0 is not false here)."""
-    return value is None or value is False or (isinstance(value, (str, list, dict)) and not value)
 
 
 def _peft_pattern_value(patterns, name, default):
@@ -1276,10 +797,6 @@ def _peft_shapes(base, r):
     return {"lora_A": a_shape, "lora_B": b_shape}
 
 
-def _most_common(values):
-    return collections.Counter(values).most_common(1)[0][0]
-
-
 def _exact_peft_targets(model, names):
     """target_modules that select exactly `names` under PEFT's rule: short names
     ("q_proj") where they do, else full names, else a regex of the full names (a list
@@ -1298,17 +815,16 @@ def _peft_config(model, layers, base_model_name_or_path):
         values = {n: getattr(layer, setting) for n, layer in group.items()}
         if len(set(values.values())) > 1:
             raise ValueError(f"PEFT has one {setting} for all layers; these layers differ: {values}")
-    use_rslora = next(iter(layers.values())).use_rslora
-    dropout = next(iter(with_dropout.values())).dropout if with_dropout else 0.0
-    r = _most_common(layer.r for layer in layers.values())
-    alpha = _most_common(layer.alpha for layer in layers.values())
+    r = collections.Counter(layer.r for layer in layers.values()).most_common(1)[0][0]
+    alpha = collections.Counter(layer.alpha for layer in layers.values()).most_common(1)[0][0]
     config = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path,
         "r": r, "lora_alpha": int(alpha) if alpha == int(alpha) else alpha,
         "target_modules": _exact_peft_targets(model, layers),
         "rank_pattern": {n: layer.r for n, layer in layers.items() if layer.r != r},
         "alpha_pattern": {n: layer.alpha for n, layer in layers.items() if layer.alpha != alpha},
-        "lora_dropout": dropout, "use_rslora": use_rslora,
+        "lora_dropout": next(iter(with_dropout.values())).dropout if with_dropout else 0.0,
+        "use_rslora": next(iter(layers.values())).use_rslora,
         "bias": "none", "fan_in_fan_out": False, "use_dora": False, "modules_to_save": None,
         "layers_to_transform": None, "layers_pattern": None, "init_lora_weights": True, "inference_mode": True,
     }
@@ -1360,29 +876,41 @@ def save_peft_adapter(model: nn.Module, directory, base_model_name_or_path: Opti
         os.remove(os.path.join(directory, stale))  # be read instead of (or beside) this one
 
 
-def _read_peft_config(directory):
-    """directory/adapter_config.json, checked field by field (_PEFT_FIELDS): a bad value
-    is a ValueError naming the file, the field and the value, and every PEFT feature
-    lora_min does not implement is refused, naming the field, instead of being ignored."""
-    path = os.path.join(directory, "adapter_config.json")
-    try:
-        with open(path) as f:
-            config = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{path} is not a PEFT adapter config (a JSON object)")
-    for field in _PEFT_REQUIRED:
-        if config.get(field) is None:
-            raise ValueError(f"{path}: the field {field!r} is missing")
-    for field, value in config.items():
-        if field in _PEFT_FIELDS:
-            what, check = _PEFT_FIELDS[field]
-            if value is not None and not check(value):
-                raise ValueError(f"{path}: {field} = {value!r}: lora_min reads {what} here")
-        elif field not in _PEFT_NO_EFFECT and not _is_default(value):
-            raise ValueError(f"{path}: {field} = {value!r} is a PEFT feature lora_min does not implement")
-    return config
+def load_peft_adapter(model: nn.Module, directory) -> nn.Module:
+    """Add LoRA layers where a PEFT adapter says and load its weights; returns model.
+
+    model: the base model, without LoRA layers, as PEFT's base model would be
+    (module names must be those PEFT saw). Everything is checked before the model
+    is changed: every config field, targets no LoRA layer can adapt, and every
+    tensor's key, type and shape. New layers take the train / eval mode of the
+    modules they replace (PeftModel.from_pretrained gives eval models).
+    """
+    config = _read_peft_config(directory)
+    path, state = _read_peft_weights(directory)
+    modules = list(model.named_modules(remove_duplicate=False))
+    names = [n for n, _ in modules if n and _peft_targets(config, n)]
+    if not names:
+        raise ValueError(f"target_modules {config['target_modules']!r} of {directory} match no module of the model")
+    settings, expected, keys = {}, {}, {}
+    for n in names:
+        module = model.get_submodule(n)
+        reason = _why_not_replaceable(module)
+        if reason:
+            raise ValueError(f"{directory} targets {n!r}, which lora_min cannot adapt: it {reason}")
+        settings[n] = dict(r=_peft_pattern_value(config.get("rank_pattern"), n, config["r"]),
+                           alpha=_peft_pattern_value(config.get("alpha_pattern"), n, config["lora_alpha"]),
+                           dropout=config.get("lora_dropout") or 0.0, use_rslora=bool(config.get("use_rslora")))
+        if module.weight.is_meta:
+            raise ValueError(f"{n!r} is on the meta device, with no memory to load into: materialise the model "
+                             "first (model.to_empty(device=...) and its base weights), then load the adapter")
+        for ab, key in _peft_keys(n, lora_class_for(module)).items():
+            expected[key] = (_peft_shapes(module, settings[n]["r"])[ab], module.weight.dtype)
+            keys[key] = f"{n}.{ab}"
+    state = _check_peft_base_weights(model, state, path)
+    _check_adapter_tensors(expected, state, source=path)
+    _attach_lora(model, settings, modules=modules)
+    own = {k: p.shape for k, p in _adapter_tensors(model).items()}
+    return _load_adapter_tensors(model, {keys[k]: v.reshape(own[keys[k]]) for k, v in state.items()}, True, path)
 
 
 def _read_peft_weights(directory):
@@ -1406,6 +934,434 @@ def _read_peft_weights(directory):
     return path, state
 
 
+# ---------------------------------------------------------------------------
+# The guards: misuse raises, naming what is wrong, and a refused call changes
+# nothing. In the order of the README's "Limits": settings (LoRALayer.check),
+# modules no layer computes exactly, LoRA the model would never run, tied
+# weights, check-then-change, files. Names: check_* raises, why_* returns a
+# reason (None: fine).
+# ---------------------------------------------------------------------------
+
+# --- modules no LoRA layer computes exactly ---------------------------------------
+
+_HOOK_KINDS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks",
+               "_state_dict_pre_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks",
+               "_load_state_dict_post_hooks")
+
+
+def _hooks(module):
+    """Every hook registered on the module itself (but our own _BypassCheck), e.g. "backward pre hook fn"."""
+    return [f"{kind.strip('_').replace('_hooks', ' hook')} {getattr(h, '__qualname__', repr(h))}"
+            for kind in _HOOK_KINDS for h in getattr(module, kind, {}).values()
+            if not isinstance(getattr(h, "__self__", None), _BypassCheck)]
+
+
+def _why_not_replaceable(module):
+    """Why no LoRA layer can stand in for this module exactly (None if one can)."""
+    kind, cls = type(module).__name__, lora_class_for(module)
+    if cls is None:
+        return f"is a {kind}, not an nn.Linear, nn.Embedding or nn.Conv1d/2d/3d"
+    if parametrize.is_parametrized(module):
+        return "is parametrized (torch.nn.utils.parametrize, e.g. weight_norm): its weight is computed, not stored"
+    base = next(t for t in cls.base_types if isinstance(module, t))
+    for method in ("forward", "_conv_forward"):  # quantized layers, custom forwards, weight-standardised convs
+        if getattr(type(module), method, None) is not getattr(base, method, None):
+            return f"is a {kind}, a subclass with its own {method}(), which {cls.__name__} would not compute"
+    if not isinstance(module.weight, nn.Parameter):
+        return "has a weight that is not an nn.Parameter (old-style weight_norm?)"
+    if _hooks(module):
+        return f"has hooks that replacing the module would drop: {', '.join(_hooks(module))}"
+    return None
+
+
+# --- LoRA the model would never run -------------------------------------------------
+# A parent whose code reads a child's weight itself, F.linear(x, self.out_proj.weight),
+# instead of calling self.out_proj(x), would skip a LoRA layer put there: no error, no
+# gradient. We read the source of each module's forward, of the methods it reaches
+# (self.helper(...), super().forward(...)) and of the child methods it calls
+# (self.altup.correct(...)). A child that is read and never called is refused; one that
+# is also called (on other code paths) is adapted, and _BypassCheck raises at run time
+# when a forward skips it. Not seen: reads through local aliases or a module passed
+# as an argument, and code without Python source (TorchScript, C++).
+
+_METADATA = {"dtype", "device", "shape", "ndim", "requires_grad", "is_cuda", "is_meta", "size", "dim", "numel"}
+
+
+def _self_path(node):
+    """("a", "0", "b") for the expression self.a[0].b, else None."""
+    names = []
+    while isinstance(node, (ast.Attribute, ast.Subscript)):
+        if isinstance(node, ast.Attribute):
+            names.append(node.attr)
+        elif isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, int):
+            names.append(str(node.slice.value))  # self.layers[0]: the submodule named "layers.0"
+        else:
+            return None
+        node = node.value
+    return tuple(reversed(names)) if isinstance(node, ast.Name) and node.id == "self" and names else None
+
+
+@functools.lru_cache(maxsize=None)
+def _method_tree(cls, name, after=None):
+    """(syntax tree, defining class) of method `name` as Python finds it on cls, or on the
+    classes after `after` in its MRO (super().name). None: no plain method below nn.Module."""
+    mro = cls.__mro__
+    for klass in mro[mro.index(after) + 1:] if after else mro:
+        function = vars(klass).get(name)
+        if function is not None:
+            if klass is nn.Module or not inspect.isfunction(function):
+                return None
+            try:  # the function's own lines only: cheap even in a 5000-line module
+                return ast.parse(textwrap.dedent(inspect.getsource(function))), klass
+            except (OSError, TypeError, SyntaxError):
+                return None
+    return None
+
+
+def _is_tensor_use(node, parent_of):
+    """Whether self.<path>.weight at node is used as a tensor: not .dtype / .shape, not
+    isinstance / hasattr, not compared (self.fc.weight is None, ids == self.embed.weight[0])."""
+    parent = parent_of.get(node)
+    if isinstance(parent, ast.Attribute) and parent.attr in _METADATA:
+        return False
+    if isinstance(parent, ast.Call) and getattr(parent.func, "id", None) in ("isinstance", "hasattr"):
+        return False
+    while isinstance(parent_of.get(node), (ast.Subscript, ast.Attribute, ast.BinOp, ast.UnaryOp, ast.Compare)):
+        node = parent_of[node]
+        if isinstance(node, ast.Compare):
+            return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _uses(cls, method, after=None):
+    """What cls's `method` (as super() in class `after` finds it) does with self: (read, called,
+    supers). read: the paths self.<path> whose .weight it uses as a tensor (only the weight:
+    LoRA leaves the bias as it is); called: the paths it calls, self.<path>(...), which may end
+    in a method (("altup", "correct"), ("helper",)); supers: its super().<name>(...) calls."""
+    read, called, supers = set(), set(), set()
+    found = _method_tree(cls, method, after)
+    if found is None:
+        return frozenset(), frozenset(), frozenset()
+    tree, klass = found
+    parent_of = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    for node in ast.walk(tree):
+        func = node.func if isinstance(node, ast.Call) else None
+        if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Call) and getattr(func.value.func, "id", None) == "super":
+            supers.add((func.attr, klass))
+        elif func is not None and _self_path(func):
+            called.add(_self_path(func))
+        elif (isinstance(node, ast.Attribute) and node.attr == "weight" and isinstance(node.ctx, ast.Load)
+              and _self_path(node.value) and _is_tensor_use(node, parent_of)):
+            read.add(_self_path(node.value))
+    return frozenset(read), frozenset(called), frozenset(supers)
+
+
+def _submodule(module, path):
+    """module's submodule at path ("a", "0", "b"), or None."""
+    try:
+        return module.get_submodule(".".join(path))
+    except AttributeError:
+        return None
+
+
+def _direct_reads(modules, targets):
+    """[(reader name, reader, child path from the reader, child, whether any forward calls it)]
+    where the forward of `reader` (modules: named_modules) reads a target's weight (targets:
+    {id: module}): in its own methods, its super() methods, or methods of descendants it calls."""
+    called, found, seen = set(), set(), set()
+    jobs = [(name, module, (), module, "forward", None) for name, module in modules]
+    while jobs:
+        name, reader, prefix, module, method, after = jobs.pop()
+        if (id(reader), id(module), method, after) in seen:
+            continue
+        seen.add((id(reader), id(module), method, after))
+        read, calls, supers = _uses(type(module), method, after)
+        jobs += [(name, reader, prefix, module, m, klass) for m, klass in supers]
+        for path in calls:
+            callee, owner = _submodule(module, path), _submodule(module, path[:-1])
+            if callee is not None:
+                called.add(id(callee))
+            elif owner is not None:  # a method: self.helper(...), self.altup.correct(...)
+                jobs.append((name, reader, prefix + path[:-1], owner, path[-1], None))
+        for path in read:
+            child = _submodule(module, path)
+            if child is not None and id(child) in targets:
+                found.add((name, reader, ".".join(prefix + path), child))
+    return sorted(((n, r, p, c, id(c) in called) for n, r, p, c in found), key=lambda f: (f[0], f[2]))
+
+
+class _BypassCheck:
+    """Hooks on a reader whose forward reads LoRA children's weights directly on some code
+    paths: after each of its forwards, every enabled, unmerged LoRA child must have run,
+    or the forward raises instead of silently ignoring LoRA. Inside it, torch's fused
+    attention fast path (which reads weights itself) is switched off."""
+
+    def __init__(self, reader, paths):
+        self.paths, self.ran, self.fastpath = paths, set(), []
+        reader.register_forward_pre_hook(self.before)
+        reader.register_forward_hook(self.after, always_call=True)
+        for path in paths:
+            reader.get_submodule(path).register_forward_hook(self.child_ran)
+
+    def child_ran(self, child, args, output):
+        self.ran.add(id(child))
+
+    def _children(self, reader):
+        children = ((p, reader.get_submodule(p)) for p in self.paths)
+        return [(p, c) for p, c in children if isinstance(c, LoRALayer) and c.enabled and not c.merged]
+
+    def before(self, reader, args):
+        if not torch.compiler.is_compiling():
+            self.ran.clear()
+            self.fastpath.append(torch.backends.mha.get_fastpath_enabled())
+            torch.backends.mha.set_fastpath_enabled(False)
+
+    def after(self, reader, args, output):
+        if torch.compiler.is_compiling() or not self.fastpath:
+            return
+        torch.backends.mha.set_fastpath_enabled(self.fastpath.pop())
+        if output is None:  # the forward raised (this hook is always called): let its error through
+            return
+        skipped = [p for p, child in self._children(reader) if id(child) not in self.ran]
+        if skipped:
+            raise RuntimeError(
+                f"LoRA on {skipped} did not run: this {type(reader).__name__}'s forward read their weight directly "
+                "instead of calling them, so it computed the model without LoRA. For inference, merge_lora(model) "
+                "first (the merged weight is what it reads).")
+
+    @staticmethod
+    def remove_all(model):
+        for module in model.modules():
+            for hooks in (module._forward_pre_hooks, module._forward_hooks):
+                for key in [k for k, h in hooks.items() if isinstance(getattr(h, "__self__", None), _BypassCheck)]:
+                    del hooks[key]
+
+
+# --- tied weights ---------------------------------------------------------------------
+
+
+def _memory(tensor):
+    """What identifies a tensor's memory: two Parameters over the same storage (one made
+    from the other's .data) are tied as surely as one Parameter registered twice."""
+    try:
+        pointer = tensor.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # no storage (e.g. a DTensor)
+        pointer = 0
+    return (tensor.device, pointer) if pointer else id(tensor)  # meta tensors have no memory: by identity
+
+
+def _owners(modules):
+    """_memory(parameter) -> [(module, "module.param")] for every place a parameter's memory is registered."""
+    owners = collections.defaultdict(list)
+    for module_name, module in modules:
+        for param_name, param in module.named_parameters(recurse=False):
+            owners[_memory(param)].append((module, f"{module_name}.{param_name}" if module_name else param_name))
+    return owners
+
+
+def _is_sharded(tensor):
+    """A DTensor (FSDP2, tensor parallel), without importing torch.distributed."""
+    return hasattr(tensor, "full_tensor") and hasattr(tensor, "placements")
+
+
+def _shard_like(param, value):
+    """value, a full tensor, as param holds it: under FSDP2 only this rank's shard."""
+    if not _is_sharded(param):
+        return value
+    try:
+        from torch.distributed.tensor import distribute_tensor
+    except ImportError:  # torch < 2.5 keeps it here
+        from torch.distributed._tensor import distribute_tensor
+    return distribute_tensor(value, param.device_mesh, param.placements)
+
+
+# --- check everything, then change -----------------------------------------------------
+
+
+def _check_targets(modules, settings, skip_unused):
+    """Check every target of _attach_lora and change nothing (modules: named_modules;
+    settings: {name: layer kwargs}). Returns ({name: module}, {reader: {paths of children it
+    reads and that run elsewhere}}); raises ValueError naming the first problem; warns
+    before any change (with warnings as errors, a refusal still changes nothing)."""
+    if any(isinstance(m, LoRALayer) for _, m in modules):
+        raise ValueError("model already has LoRA layers; lora_min does not stack adapters")
+    by_name = dict(modules)
+    targets = {name: by_name[name] for name in settings}
+    for name, module in targets.items():
+        reason = _why_not_replaceable(module)
+        try:
+            if reason:
+                raise ValueError(f"it {reason}")
+            lora_class_for(module).check(module, **settings[name])
+        except ValueError as e:
+            raise ValueError(f"cannot add LoRA to {name!r}: {e}") from None
+    first = {}
+    for name, module in targets.items():
+        other = first.setdefault(id(module), name)
+        if settings[name] != settings[other]:
+            raise ValueError(f"{name!r} and {other!r} are the same module but are asked for different LoRA settings: "
+                             f"{settings[name]} vs {settings[other]}")
+    reads = _direct_reads(modules, {id(m): m for m in targets.values()})
+    for name in [n for n, m in targets.items() if any(c is m and not called for *_, c, called in reads)]:
+        rname, reader = next((n, r) for n, r, _, c, called in reads if c is targets[name] and not called)
+        if not skip_unused:
+            raise ValueError(f"cannot add LoRA to {name!r}: its parent {rname!r} ({type(reader).__name__}) reads its "
+                             "weight directly and never calls it, so LoRA there would be ignored")
+        warnings.warn(f"add_lora: skipping {name!r}: its parent {type(reader).__name__} reads its weight directly "
+                      "and never calls it, so LoRA there would be ignored", stacklevel=4)  # the caller of add_lora
+        del targets[name]
+    if not targets:
+        raise ValueError("the model has no nn.Linear that LoRA can adapt")
+    checked = collections.defaultdict(set)
+    for _, reader, path, child, called in reads:
+        if any(child is m for m in targets.values()):
+            checked[reader].add(path)
+    for reader, paths in checked.items():
+        warnings.warn(f"add_lora: {type(reader).__name__}'s forward reads the weight of {sorted(paths)} directly on "
+                      "some code paths, and sees W there, not W + ΔW; a forward that does not call them raises",
+                      stacklevel=4)
+    return targets, checked
+
+
+# --- files -------------------------------------------------------------------------------
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_adapter_tensors(expected, state, strict=True, source="the adapter"):
+    """expected: {key: (shape, dtype)}. Raise ValueError, naming the key, for missing /
+    unexpected keys (if strict) and for a value that is not a dense floating tensor of that
+    shape whose values stay finite in that dtype."""
+    if not isinstance(state, collections.abc.Mapping):
+        raise ValueError(f"{source}: expected a dict of tensors keyed by name, got a {type(state).__name__}")
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected), key=str)
+    if strict and (missing or unexpected):
+        raise ValueError(f"{source}: keys do not match the model: missing {missing}, unexpected {unexpected}")
+    for k in sorted(set(expected) & set(state)):
+        value, (shape, dtype) = state[k], expected[k]
+        if not isinstance(value, torch.Tensor):
+            problem = f"is a {type(value).__name__}, not a torch.Tensor"
+        elif value.is_meta:
+            problem = "is a meta tensor: it holds no values"
+        elif value.layout != torch.strided:
+            problem = f"is a {value.layout} tensor; adapters hold dense tensors"
+        elif not value.is_floating_point():
+            problem = f"has dtype {value.dtype}, not a floating-point dtype"
+        elif tuple(value.shape) != tuple(shape):
+            problem = f"has shape {tuple(value.shape)}, the model's is {tuple(shape)} (a different r or layer size?)"
+        elif not torch.isfinite(value.to(dtype)).all():
+            problem = f"has inf or NaN values (in the model's {dtype})"
+        else:
+            continue
+        raise ValueError(f"{source}: {k} {problem}")
+
+
+def _safe_torch_load(path, what):
+    """torch.load(weights_only=True): tensors and plain containers only, never arbitrary
+    pickled objects. Anything else is a ValueError naming the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:  # missing file, a folder, no permission: torch's own message is right
+        raise
+    except Exception as e:  # not a torch file, truncated, or pickled objects a safe load refuses
+        raise ValueError(f"{path} is not {what}: it cannot be read as a file of tensors ({type(e).__name__}); "
+                         "files that hold other Python objects are refused, never unpickled") from None
+
+
+def _read_adapter(path):
+    """The contents of a file written by save_adapter, checked: {"config": ..., "state_dict": ...}."""
+    what = "a lora_min adapter file (written by save_adapter)"
+    saved = _safe_torch_load(path, what)
+    if not (isinstance(saved, dict) and saved.get("format") == "lora_min.adapter"
+            and isinstance(saved.get("config"), dict) and isinstance(saved.get("state_dict"), dict)
+            and all(isinstance(v, torch.Tensor) for v in saved["state_dict"].values())):
+        raise ValueError(f"{path} is not {what}")
+    if saved.get("version") != 1:
+        raise ValueError(f"{path} is a lora_min adapter of format version {saved.get('version')!r}; this file reads version 1")
+    for name, settings in saved["config"].items():
+        if not (isinstance(name, str) and isinstance(settings, dict) and set(settings) == {"r", "alpha", "use_rslora"}
+                and _is_int(settings["r"]) and _is_number(settings["alpha"]) and isinstance(settings["use_rslora"], bool)):
+            raise ValueError(f"{path}: the settings of layer {name!r} are not {{'r': int, 'alpha': number, "
+                             f"'use_rslora': bool}}: {settings!r}")
+    return saved
+
+
+def _is_regex(v):
+    try:
+        re.compile(v)
+        return True
+    except (re.error, TypeError):
+        return False
+
+
+def _is_names(v):
+    """A list of module names, or one regex string (PEFT's two forms of target_modules)."""
+    return _is_regex(v) if isinstance(v, str) else isinstance(v, list) and all(isinstance(t, str) for t in v)
+
+
+def _is_pattern_dict(check):
+    """{name regex: value}; each key must compile inside PEFT's rule (see _peft_pattern_value)."""
+    return lambda v: isinstance(v, dict) and all(_is_regex(rf"(.*\.)?({k})$") and check(x) for k, x in v.items())
+
+
+# The one list of PEFT config fields lora_min reads: field -> (what its value must be,
+# the check). null means the default. Any other field must hold its default (null,
+# false, empty) or be one of _PEFT_NO_EFFECT; else it is a PEFT feature we refuse.
+_PEFT_FIELDS = {
+    "peft_type": ("'LORA' (lora_min reads only LoRA adapters)", lambda v: v == "LORA"),
+    "r": ("a positive int", lambda v: _is_int(v) and v > 0),
+    "lora_alpha": ("a positive number", lambda v: _is_number(v) and v > 0),
+    "target_modules": ("a list of module names or a regex string ('all-linear' is not supported: list the names)",
+                       lambda v: _is_names(v) and v != "all-linear"),
+    "exclude_modules": ("a list of module names or a regex string", _is_names),
+    "lora_dropout": ("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1),
+    "use_rslora": ("true or false", lambda v: isinstance(v, bool)),
+    "rank_pattern": ("an object {name regex: positive int}", _is_pattern_dict(lambda x: _is_int(x) and x > 0)),
+    "alpha_pattern": ("an object {name regex: positive number}", _is_pattern_dict(lambda x: _is_number(x) and x > 0)),
+    "bias": ("'none' (lora_min trains no biases)", lambda v: v == "none"),
+    # Initialisations that differ only in the starting A and B, which the file replaces:
+    "init_lora_weights": ("true, false or 'gaussian'", lambda v: v is True or v is False or v == "gaussian"),
+}
+_PEFT_REQUIRED = ("peft_type", "r", "lora_alpha", "target_modules")
+# Fields that do not change what the adapted model computes.
+_PEFT_NO_EFFECT = {"task_type", "base_model_name_or_path", "revision", "inference_mode", "peft_version",
+                   "auto_mapping", "megatron_core", "qalora_group_size"}
+
+
+def _read_peft_config(directory):
+    """directory/adapter_config.json, checked field by field (_PEFT_FIELDS): a bad value
+    is a ValueError naming the file, the field and the value, and every PEFT feature
+    lora_min does not implement is refused, naming the field, instead of being ignored."""
+    path = os.path.join(directory, "adapter_config.json")
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} is not a PEFT adapter config (a JSON object)")
+    for field in _PEFT_REQUIRED:
+        if config.get(field) is None:
+            raise ValueError(f"{path}: the field {field!r} is missing")
+    for field, value in config.items():
+        off = value is None or value is False or (isinstance(value, (str, list, dict)) and not value)  # 0 is not off
+        if field in _PEFT_FIELDS:
+            what, check = _PEFT_FIELDS[field]
+            if value is not None and not check(value):
+                raise ValueError(f"{path}: {field} = {value!r}: lora_min reads {what} here")
+        elif field not in _PEFT_NO_EFFECT and not off:
+            raise ValueError(f"{path}: {field} = {value!r} is a PEFT feature lora_min does not implement")
+    return config
+
+
 def _check_peft_base_weights(model, state, path):
     """PEFT also stores the base weights of targeted embeddings / heads (save_embedding_layers:
     "<name>.base_layer.weight", or "<name>.weight" after a vocabulary resize). Accept them
@@ -1427,48 +1383,10 @@ def _check_peft_base_weights(model, state, path):
     return {k: v for k, v in state.items() if k not in base_keys}
 
 
-def load_peft_adapter(model: nn.Module, directory) -> nn.Module:
-    """Add LoRA layers where a PEFT adapter says and load its weights; returns model.
-
-    model: the base model, without LoRA layers, as PEFT's base model would be
-    (module names must be those PEFT saw). Everything is checked before the model
-    is changed: every config field, targets no LoRA layer can adapt, and every
-    tensor's key, type and shape. New layers take the train / eval mode of the
-    modules they replace (PeftModel.from_pretrained gives eval models).
-    """
-    config = _read_peft_config(directory)
-    path, state = _read_peft_weights(directory)
-    names = [n for n, _ in model.named_modules(remove_duplicate=False) if n and _peft_targets(config, n)]
-    if not names:
-        raise ValueError(f"target_modules {config['target_modules']!r} of {directory} match no module of the model")
-    settings, expected, keys = {}, {}, {}
-    for n in names:
-        module = model.get_submodule(n)
-        reason = _cannot_adapt(module)
-        if reason:
-            raise ValueError(f"{directory} targets {n!r}, which lora_min cannot adapt: it {reason}")
-        settings[n] = dict(r=_peft_pattern_value(config.get("rank_pattern"), n, config["r"]),
-                           alpha=_peft_pattern_value(config.get("alpha_pattern"), n, config["lora_alpha"]),
-                           dropout=config.get("lora_dropout") or 0.0, use_rslora=bool(config.get("use_rslora")))
-        try:
-            lora_class_for(module).check(module, **dict(settings[n], dropout=0.0))
-        except ValueError as e:
-            raise ValueError(f"{directory}: the settings for {n!r} are invalid: {e}") from None
-        if module.weight.is_meta:
-            raise ValueError(f"{n!r} is on the meta device, with no memory to load into: materialise the model "
-                             "first (model.to_empty(device=...) and its base weights), then load the adapter")
-        for ab, key in _peft_keys(n, lora_class_for(module)).items():
-            expected[key] = (_peft_shapes(module, settings[n]["r"])[ab], module.weight.dtype)
-            keys[key] = f"{n}.{ab}"
-    state = _check_peft_base_weights(model, state, path)
-    _check_adapter_tensors(expected, state, source=path)
-    _attach_lora(model, settings)
-    own = {k: p.shape for k, p in _adapter_tensors(model).items()}
-    return _load_adapter_tensors(model, {keys[k]: v.reshape(own[keys[k]]) for k, v in state.items()}, True, path)
-
-
 # ---------------------------------------------------------------------------
-# The fast path: LoRALinear's forward and backward written out by hand
+# The fast path: LoRALinear's forward and backward written out by hand. The
+# same math as the lesson's forward (the tests check it); it pays in speed
+# (see benchmarks/bench_lora.py, which runs both side by side).
 # ---------------------------------------------------------------------------
 
 
@@ -1484,19 +1402,17 @@ class _LoRALinearFunction(torch.autograd.Function):
         dL/dx   = g W                    (N, in), plus dL/dx_l when x_l is x
         dL/dW   = g^T x,  dL/db = sum_N g     (only if W, b are being trained)
 
-    Autograd of lora_forward finds the same gradients (the tests check it);
-    writing them out lets every thin product run in the layout BLAS is fastest
+    Writing them out lets every thin product run in the layout BLAS is fastest
     at and accumulates the big product into the thin one's result in place
-    (addmm_) instead of adding two (N, out) or (N, in) tensors (what that buys:
-    the README's benchmark table).
+    (addmm_) instead of adding two (N, out) or (N, in) tensors.
 
     Everything else autograd offers still works, because backward is made of
     differentiable torch ops: double backward (gradient penalties), torch.func
     (grad, jacrev, vmap for per-sample gradients: generate_vmap_rule runs these
     same ops on batched tensors) and forward mode (jvp, jacfwd). Under vmap, torch
     runs the in-place addmm_ one sample at a time (and warns): correct, but slower
-    there than out-of-place ops would be, the price of the speed outside vmap. The one vmap that raises is over the frozen W alone:
-    an in-place add cannot widen a tensor that vmap does not batch.
+    there. The one vmap that raises is over the frozen W alone: an in-place add
+    cannot widen a tensor that vmap does not batch.
     """
 
     generate_vmap_rule = True
@@ -1560,15 +1476,36 @@ class _LoRALinearFunction(torch.autograd.Function):
         return (dy if db is None else dy + db), None
 
 
-def _lora_linear(x, x_lora, W, b, A, B, scale):
-    """y = x W^T + b + ((x_lora A^T) scale) B^T: the hand-written Function in eager mode.
-    The plain math instead under torch.compile (the compiler differentiates and fuses it
-    itself, and cannot trace a custom jvp, nor in torch 2.4 this kind of Function), for
-    nested (ragged) inputs, and for an adapter kept in another dtype than the base (e.g.
-    float32 LoRA on a bfloat16 model: the branch runs in the adapter's dtype)."""
-    x_lora = x if x_lora is None else x_lora
-    if x.is_nested or A.dtype != x.dtype:
-        return F.linear(x, W, b) + F.linear(F.linear(x_lora.to(A.dtype), A) * scale, B).to(x.dtype)
-    if torch.compiler.is_compiling():
-        return F.linear(x, W, b) + lora_update(x_lora, A, B, scale)
-    return _LoRALinearFunction.apply(x, None if x_lora is x else x_lora, W, b, A, B, scale)[0]
+def _autocast_dtype(device_type):
+    """The dtype autocast casts F.linear's inputs to on this device now, or None."""
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know, such as "meta"
+        return None
+    return torch.get_autocast_dtype(device_type) if enabled else None
+
+
+def _fast_path_applies(layer, x):
+    """The Function is for plain eager tensors of one dtype. torch.compile differentiates
+    and fuses the lesson's math itself (and cannot trace a custom jvp, nor in torch 2.4
+    this kind of Function); nested (ragged) inputs and adapters kept in another dtype than
+    the base take the lesson's path too."""
+    return not (torch.compiler.is_compiling() or x.is_nested or layer.lora_A.dtype != layer.weight.dtype
+)
+
+
+def _fast_lora_linear(layer, x):
+    """LoRALinear's adapted forward through _LoRALinearFunction. Autocast does not reach
+    inside an autograd.Function, so its inputs are cast here as autocast casts F.linear's:
+    floating tensors to its dtype, except float64."""
+    x_lora = layer.lora_dropout(x)
+    tensors = [x, None if x_lora is x else x_lora, layer.weight, layer.bias, layer.lora_A, layer.lora_B]
+    dtype = _autocast_dtype(x.device.type)
+    if dtype is None:
+        return _LoRALinearFunction.apply(*tensors, layer.scale)[0]
+    tensors = [t if t is None or not t.is_floating_point() or t.dtype == torch.float64 else t.to(dtype) for t in tensors]
+    with torch.autocast(x.device.type, enabled=False):
+        return _LoRALinearFunction.apply(*tensors, layer.scale)[0]
+
+
+LoRALinear.use_fast_path = True  # the switch (see LoRALinear): False runs the lesson's autograd forward
