@@ -300,8 +300,7 @@ class LoRALinear(LoRALayer):
 
 
 # ===========================================================================
-# The plumbing. Everything above is LoRA; everything below keeps a promise
-# about using it on real models and files, and is named for that promise.
+# The plumbing: everything above is LoRA; each part below keeps one promise.
 # ===========================================================================
 
 import ast  # noqa: E402  (the lesson above needs only torch)
@@ -316,14 +315,12 @@ import os  # noqa: E402
 import re  # noqa: E402
 import textwrap  # noqa: E402
 import warnings  # noqa: E402
-from typing import Iterator, NamedTuple, Sequence, Union  # noqa: E402
+from typing import Iterator, Sequence, Union  # noqa: E402
 
 from torch.nn.utils import parametrize  # noqa: E402
 
-# ---------------------------------------------------------------------------
-# The same idea on other layers: an embedding is a linear map of one-hot rows,
+# --- The same idea on other layers: an embedding is a linear map of one-hot rows,
 # a convolution a linear map of image patches. Each gets the same A, B and ΔW.
-# ---------------------------------------------------------------------------
 
 
 class LoRAEmbedding(LoRALayer):
@@ -455,14 +452,11 @@ def lora_class_for(module: nn.Module) -> Optional[type]:
     return next((cls for cls in LORA_CLASSES if isinstance(module, cls.base_types)), None)
 
 
-# ---------------------------------------------------------------------------
-# Adapting a model: one inventory of its modules, every check, then the change
-# ---------------------------------------------------------------------------
+# --- Adapting a model: one inventory of its modules, every check, then the change
 
 
 def lora_layers(model: nn.Module, remove_duplicate: bool = True) -> Iterator[tuple[str, LoRALayer]]:
-    """Yield (name, layer) for every LoRA layer in the model. A layer registered under
-    several names is yielded once, or under each name if remove_duplicate=False."""
+    """(name, layer) for every LoRA layer; a layer under several names once, or under each."""
     for name, module in model.named_modules(remove_duplicate=remove_duplicate):
         if isinstance(module, LoRALayer):
             yield name, module
@@ -475,8 +469,7 @@ def _matches(name, targets):
 
 
 def _target_names(modules, target_modules):
-    """The names add_lora adapts (modules: the model's named_modules): every nn.Linear,
-    or the modules target_modules names."""
+    """The names add_lora adapts: every nn.Linear, or the modules target_modules names."""
     if target_modules is None:
         return [n for n, m in modules if n and isinstance(m, nn.Linear)]
     if isinstance(target_modules, str):
@@ -513,12 +506,8 @@ def add_lora(model: nn.Module, r: int = 8, alpha: Optional[float] = None, dropou
 
 
 def _attach_lora(model, settings, skip_unused=False, modules=None):
-    """Replace each named module by its LoRA layer; settings: {name: layer kwargs}.
-
-    Everything is checked first (_check_targets), so a refusal leaves the model as
-    it was. A module registered under several names gets one LoRA layer (still
-    shared); a weight that another module also uses is recorded in shared_with.
-    skip_unused: drop, with a warning, targets whose parent never calls them."""
+    """Replace each module named in settings ({name: layer kwargs}) by its LoRA layer, after
+    every check (_check_targets); a module under several names gets one layer under each."""
     modules = modules if modules is not None else list(model.named_modules(remove_duplicate=False))
     settings = {n: dict(kwargs, dropout=0.0) if isinstance(model.get_submodule(n), nn.Embedding) else dict(kwargs)
                 for n, kwargs in settings.items()}  # an embedding's input is indices: no dropout (as PEFT)
@@ -571,8 +560,7 @@ def lora_disabled(model: nn.Module):
 
 
 def merge_lora(model: nn.Module) -> None:
-    """Fold ΔW into W in every LoRA layer (for inference at the plain layers' cost).
-    Every layer is checked first (also that W + ΔW is finite), so a refusal changes nothing."""
+    """Fold ΔW into W in every LoRA layer, after checking all of them (W + ΔW finite too)."""
     layers = list(lora_layers(model))
     for _, layer in layers:
         layer.check_writable("merge_lora")
@@ -609,10 +597,9 @@ def _exported_weight(name, layer):
 
 
 def _check_unshared(layers, what):
-    """Under FSDP2 ΔW needs all of A and B: refuse sharded layers (tied ones are fine: we copy)."""
-    for layer in layers:
-        if any(_is_sharded(p) for p in (layer.weight, layer.lora_A, layer.lora_B)):
-            layer.check_writable(what)
+    """Refuse sharded (FSDP2) layers: ΔW needs all of A and B. Tied ones are fine: we copy W."""
+    for layer in [layer for layer in layers if _is_sharded(layer.weight) or _is_sharded(layer.lora_A)]:
+        layer.check_writable(what)
 
 
 def merge_and_unload(model: nn.Module, inplace: bool = False) -> nn.Module:
@@ -672,9 +659,7 @@ def merged_state_dict(model: nn.Module) -> dict:
     return state
 
 
-class ParameterCount(NamedTuple):
-    trainable: int
-    total: int
+ParameterCount = collections.namedtuple("ParameterCount", ["trainable", "total"])
 
 
 def count_parameters(model: nn.Module) -> ParameterCount:
@@ -683,17 +668,12 @@ def count_parameters(model: nn.Module) -> ParameterCount:
     return ParameterCount(sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
 
 
-# ---------------------------------------------------------------------------
-# Adapter files: only lora_A / lora_B and the settings that give them meaning
-# ---------------------------------------------------------------------------
+# --- Adapter files: only lora_A / lora_B and the settings that give them meaning
 
 
 def lora_state_dict(model: nn.Module) -> dict:
-    """Only the adapter tensors (lora_A, lora_B), keyed as in model.state_dict().
-
-    Sharded (FSDP2) tensors are gathered into full ones, so under FSDP2 every
-    rank must call this (it is a collective); rank 0 can then save the result.
-    """
+    """Only the adapter tensors (lora_A, lora_B), keyed as in model.state_dict(). Sharded
+    (FSDP2) tensors are gathered: a collective, so every rank must call it."""
     return {k: v.full_tensor() if _is_sharded(v) else v for k, v in _adapter_tensors(model).items()}
 
 
@@ -743,24 +723,19 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
     saved = _read_adapter(path)
     want, have = saved["config"], _lora_config(model)
     if want != have:
-        def difference(n):
-            if n not in have:
-                return f"{n!r}: in the file, not a LoRA layer of the model"
-            if n not in want:
-                return f"{n!r}: a LoRA layer of the model, not in the file"
-            return f"{n!r}: file {want[n]} vs model {have[n]}"
-        diffs = [difference(n) for n in sorted(set(want) | set(have)) if want.get(n) != have.get(n)]
+        diffs = [f"{n!r}: in the file, not a LoRA layer of the model" if n not in have else
+                 f"{n!r}: a LoRA layer of the model, not in the file" if n not in want else
+                 f"{n!r}: file {want[n]} vs model {have[n]}"
+                 for n in sorted(set(want) | set(have)) if want.get(n) != have.get(n)]
         raise ValueError(f"adapter settings in {path} do not match the model's LoRA layers: " + "; ".join(diffs))
     return _load_adapter_tensors(model, saved["state_dict"], True, str(path))
 
 
-# ---------------------------------------------------------------------------
-# PEFT's adapter format (adapter_config.json + adapter_model.safetensors), read
+# --- PEFT's adapter format (adapter_config.json + adapter_model.safetensors), read
 # and written by Hugging Face PEFT, vLLM, TGI, ...: tensors are keyed
 # "base_model.model.<module name>.lora_A.weight" (embeddings: ".lora_embedding_A");
 # the config says which modules (target_modules) with which r and lora_alpha
 # (rank_pattern / alpha_pattern for the modules that differ).
-# ---------------------------------------------------------------------------
 
 _PEFT_PREFIX = "base_model.model."
 
@@ -798,9 +773,8 @@ def _peft_shapes(base, r):
 
 
 def _exact_peft_targets(model, names):
-    """target_modules that select exactly `names` under PEFT's rule: short names
-    ("q_proj") where they do, else full names, else a regex of the full names (a list
-    entry also matches dotted ends: ["0"] would select "1.0" too)."""
+    """target_modules that select exactly `names` under PEFT's rule: short names where they
+    do, else full names, else a regex (a list entry matches dotted ends: ["0"] selects "1.0")."""
     every = [n for n, _ in model.named_modules(remove_duplicate=False) if n]
     for targets in (sorted({n.rsplit(".", 1)[-1] for n in names}), sorted(names)):
         if {n for n in every if _matches(n, targets)} == set(names):
@@ -867,13 +841,13 @@ def save_peft_adapter(model: nn.Module, directory, base_model_name_or_path: Opti
     try:
         from safetensors.torch import save_file
     except ImportError:
-        written, stale = "adapter_model.bin", "adapter_model.safetensors"
-        torch.save(tensors, os.path.join(directory, written))
+        torch.save(tensors, os.path.join(directory, "adapter_model.bin"))
+        stale = "adapter_model.safetensors"
     else:
-        written, stale = "adapter_model.safetensors", "adapter_model.bin"
-        save_file(tensors, os.path.join(directory, written), metadata={"format": "pt"})
-    if os.path.exists(os.path.join(directory, stale)):  # an older adapter in the other format would
-        os.remove(os.path.join(directory, stale))  # be read instead of (or beside) this one
+        save_file(tensors, os.path.join(directory, "adapter_model.safetensors"), metadata={"format": "pt"})
+        stale = "adapter_model.bin"
+    if os.path.exists(os.path.join(directory, stale)):  # an older adapter in the other format would be read
+        os.remove(os.path.join(directory, stale))
 
 
 def load_peft_adapter(model: nn.Module, directory) -> nn.Module:
@@ -934,13 +908,10 @@ def _read_peft_weights(directory):
     return path, state
 
 
-# ---------------------------------------------------------------------------
-# The guards: misuse raises, naming what is wrong, and a refused call changes
+# --- The guards: misuse raises, naming what is wrong, and a refused call changes
 # nothing. In the order of the README's "Limits": settings (LoRALayer.check),
 # modules no layer computes exactly, LoRA the model would never run, tied
-# weights, check-then-change, files. Names: check_* raises, why_* returns a
-# reason (None: fine).
-# ---------------------------------------------------------------------------
+# weights, check-then-change, files. check_* raises; why_* returns a reason or None.
 
 # --- modules no LoRA layer computes exactly ---------------------------------------
 
@@ -1001,23 +972,6 @@ def _self_path(node):
     return tuple(reversed(names)) if isinstance(node, ast.Name) and node.id == "self" and names else None
 
 
-@functools.lru_cache(maxsize=None)
-def _method_tree(cls, name, after=None):
-    """(syntax tree, defining class) of method `name` as Python finds it on cls, or on the
-    classes after `after` in its MRO (super().name). None: no plain method below nn.Module."""
-    mro = cls.__mro__
-    for klass in mro[mro.index(after) + 1:] if after else mro:
-        function = vars(klass).get(name)
-        if function is not None:
-            if klass is nn.Module or not inspect.isfunction(function):
-                return None
-            try:  # the function's own lines only: cheap even in a 5000-line module
-                return ast.parse(textwrap.dedent(inspect.getsource(function))), klass
-            except (OSError, TypeError, SyntaxError):
-                return None
-    return None
-
-
 def _is_tensor_use(node, parent_of):
     """Whether self.<path>.weight at node is used as a tensor: not .dtype / .shape, not
     isinstance / hasattr, not compared (self.fc.weight is None, ids == self.embed.weight[0])."""
@@ -1035,19 +989,25 @@ def _is_tensor_use(node, parent_of):
 
 @functools.lru_cache(maxsize=None)
 def _uses(cls, method, after=None):
-    """What cls's `method` (as super() in class `after` finds it) does with self: (read, called,
-    supers). read: the paths self.<path> whose .weight it uses as a tensor (only the weight:
-    LoRA leaves the bias as it is); called: the paths it calls, self.<path>(...), which may end
-    in a method (("altup", "correct"), ("helper",)); supers: its super().<name>(...) calls."""
+    """What method `method` of cls (found after class `after` in its MRO, for super()) does
+    with self: (read, called, supers). read: the paths self.<path> whose .weight it uses as a
+    tensor (only the weight: LoRA leaves the bias as it is); called: the paths it calls,
+    self.<path>(...), which may end in a method (("altup", "correct"), ("helper",));
+    supers: its super().<name>(...) calls. Methods of nn.Module itself, or without Python
+    source, do nothing here."""
     read, called, supers = set(), set(), set()
-    found = _method_tree(cls, method, after)
-    if found is None:
-        return frozenset(), frozenset(), frozenset()
-    tree, klass = found
-    parent_of = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
-    for node in ast.walk(tree):
+    mro = cls.__mro__[cls.__mro__.index(after) + 1:] if after else cls.__mro__
+    klass = next((k for k in mro if method in vars(k)), nn.Module)
+    try:  # the function's own lines only: cheap even in a 5000-line module
+        tree = ast.parse(textwrap.dedent(inspect.getsource(vars(klass)[method])))
+    except (OSError, TypeError, SyntaxError, KeyError):
+        tree = None
+    parent_of = {} if tree is None or klass is nn.Module else {
+        child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    for node in parent_of:  # every node but the root
         func = node.func if isinstance(node, ast.Call) else None
-        if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Call) and getattr(func.value.func, "id", None) == "super":
+        receiver = getattr(func, "value", None)  # super() in super().forward(x)
+        if isinstance(receiver, ast.Call) and getattr(receiver.func, "id", None) == "super":
             supers.add((func.attr, klass))
         elif func is not None and _self_path(func):
             called.add(_self_path(func))
@@ -1092,10 +1052,9 @@ def _direct_reads(modules, targets):
 
 
 class _BypassCheck:
-    """Hooks on a reader whose forward reads LoRA children's weights directly on some code
-    paths: after each of its forwards, every enabled, unmerged LoRA child must have run,
-    or the forward raises instead of silently ignoring LoRA. Inside it, torch's fused
-    attention fast path (which reads weights itself) is switched off."""
+    """Hooks on a reader that reads LoRA children's weights directly on some code paths: after
+    its forward, each enabled, unmerged child must have run, or it raises. Inside it, torch's
+    fused attention fast path (which reads weights itself) is off."""
 
     def __init__(self, reader, paths):
         self.paths, self.ran, self.fastpath = paths, set(), []
@@ -1107,10 +1066,6 @@ class _BypassCheck:
     def child_ran(self, child, args, output):
         self.ran.add(id(child))
 
-    def _children(self, reader):
-        children = ((p, reader.get_submodule(p)) for p in self.paths)
-        return [(p, c) for p, c in children if isinstance(c, LoRALayer) and c.enabled and not c.merged]
-
     def before(self, reader, args):
         if not torch.compiler.is_compiling():
             self.ran.clear()
@@ -1121,10 +1076,9 @@ class _BypassCheck:
         if torch.compiler.is_compiling() or not self.fastpath:
             return
         torch.backends.mha.set_fastpath_enabled(self.fastpath.pop())
-        if output is None:  # the forward raised (this hook is always called): let its error through
-            return
-        skipped = [p for p, child in self._children(reader) if id(child) not in self.ran]
-        if skipped:
+        children = {p: reader.get_submodule(p) for p in self.paths}
+        skipped = [p for p, c in children.items() if c.enabled and not c.merged and id(c) not in self.ran]
+        if skipped and output is not None:  # None: the forward raised (this hook is always called)
             raise RuntimeError(
                 f"LoRA on {skipped} did not run: this {type(reader).__name__}'s forward read their weight directly "
                 "instead of calling them, so it computed the model without LoRA. For inference, merge_lora(model) "
@@ -1155,8 +1109,8 @@ def _owners(modules):
     """_memory(parameter) -> [(module, "module.param")] for every place a parameter's memory is registered."""
     owners = collections.defaultdict(list)
     for module_name, module in modules:
-        for param_name, param in module.named_parameters(recurse=False):
-            owners[_memory(param)].append((module, f"{module_name}.{param_name}" if module_name else param_name))
+        for param_name, param in module.named_parameters(prefix=module_name, recurse=False):
+            owners[_memory(param)].append((module, param_name))
     return owners
 
 
@@ -1180,10 +1134,8 @@ def _shard_like(param, value):
 
 
 def _check_targets(modules, settings, skip_unused):
-    """Check every target of _attach_lora and change nothing (modules: named_modules;
-    settings: {name: layer kwargs}). Returns ({name: module}, {reader: {paths of children it
-    reads and that run elsewhere}}); raises ValueError naming the first problem; warns
-    before any change (with warnings as errors, a refusal still changes nothing)."""
+    """Check every target and change nothing; warn before any change. Returns ({name: module},
+    {reader: {paths of children it reads that also run}}); raises ValueError naming the problem."""
     if any(isinstance(m, LoRALayer) for _, m in modules):
         raise ValueError("model already has LoRA layers; lora_min does not stack adapters")
     by_name = dict(modules)
@@ -1203,8 +1155,9 @@ def _check_targets(modules, settings, skip_unused):
             raise ValueError(f"{name!r} and {other!r} are the same module but are asked for different LoRA settings: "
                              f"{settings[name]} vs {settings[other]}")
     reads = _direct_reads(modules, {id(m): m for m in targets.values()})
-    for name in [n for n, m in targets.items() if any(c is m and not called for *_, c, called in reads)]:
-        rname, reader = next((n, r) for n, r, _, c, called in reads if c is targets[name] and not called)
+    never_called = {id(c): (n, r) for n, r, _, c, called in reads if not called}
+    for name in [n for n, m in targets.items() if id(m) in never_called]:
+        rname, reader = never_called[id(targets[name])]
         if not skip_unused:
             raise ValueError(f"cannot add LoRA to {name!r}: its parent {rname!r} ({type(reader).__name__}) reads its "
                              "weight directly and never calls it, so LoRA there would be ignored")
@@ -1213,9 +1166,9 @@ def _check_targets(modules, settings, skip_unused):
         del targets[name]
     if not targets:
         raise ValueError("the model has no nn.Linear that LoRA can adapt")
-    checked = collections.defaultdict(set)
+    checked = collections.defaultdict(set)  # the children that run, and are read too
     for _, reader, path, child, called in reads:
-        if any(child is m for m in targets.values()):
+        if called:
             checked[reader].add(path)
     for reader, paths in checked.items():
         warnings.warn(f"add_lora: {type(reader).__name__}'s forward reads the weight of {sorted(paths)} directly on "
@@ -1294,22 +1247,22 @@ def _read_adapter(path):
     return saved
 
 
-def _is_regex(v):
+def _is_regex(v, rule="{}"):
+    """Whether v compiles as a regex, inside PEFT's rule for pattern keys if given."""
     try:
-        re.compile(v)
-        return True
-    except (re.error, TypeError):
+        return isinstance(v, str) and bool(re.compile(rule.format(v)))
+    except re.error:
         return False
 
 
 def _is_names(v):
     """A list of module names, or one regex string (PEFT's two forms of target_modules)."""
-    return _is_regex(v) if isinstance(v, str) else isinstance(v, list) and all(isinstance(t, str) for t in v)
+    return _is_regex(v) or isinstance(v, list) and all(isinstance(t, str) for t in v)
 
 
 def _is_pattern_dict(check):
-    """{name regex: value}; each key must compile inside PEFT's rule (see _peft_pattern_value)."""
-    return lambda v: isinstance(v, dict) and all(_is_regex(rf"(.*\.)?({k})$") and check(x) for k, x in v.items())
+    """{name regex: value}, each key compiling inside PEFT's rule (see _peft_pattern_value)."""
+    return lambda v: isinstance(v, dict) and all(_is_regex(k, r"(.*\.)?({})$") and check(x) for k, x in v.items())
 
 
 # The one list of PEFT config fields lora_min reads: field -> (what its value must be,
@@ -1383,11 +1336,8 @@ def _check_peft_base_weights(model, state, path):
     return {k: v for k, v in state.items() if k not in base_keys}
 
 
-# ---------------------------------------------------------------------------
-# The fast path: LoRALinear's forward and backward written out by hand. The
-# same math as the lesson's forward (the tests check it); it pays in speed
-# (see benchmarks/bench_lora.py, which runs both side by side).
-# ---------------------------------------------------------------------------
+# --- The fast path: LoRALinear's forward and backward written out by hand: the
+# lesson's math (the tests check it), faster (benchmarks/bench_lora.py runs both).
 
 
 class _LoRALinearFunction(torch.autograd.Function):
@@ -1402,17 +1352,11 @@ class _LoRALinearFunction(torch.autograd.Function):
         dL/dx   = g W                    (N, in), plus dL/dx_l when x_l is x
         dL/dW   = g^T x,  dL/db = sum_N g     (only if W, b are being trained)
 
-    Writing them out lets every thin product run in the layout BLAS is fastest
-    at and accumulates the big product into the thin one's result in place
-    (addmm_) instead of adding two (N, out) or (N, in) tensors.
-
-    Everything else autograd offers still works, because backward is made of
-    differentiable torch ops: double backward (gradient penalties), torch.func
-    (grad, jacrev, vmap for per-sample gradients: generate_vmap_rule runs these
-    same ops on batched tensors) and forward mode (jvp, jacfwd). Under vmap, torch
-    runs the in-place addmm_ one sample at a time (and warns): correct, but slower
-    there. The one vmap that raises is over the frozen W alone: an in-place add
-    cannot widen a tensor that vmap does not batch.
+    Written out, every thin product runs in the layout BLAS is fastest at, and the
+    big product accumulates into the thin one's result in place (addmm_). Backward
+    is made of differentiable ops, so double backward, torch.func (grad, jacrev, vmap:
+    generate_vmap_rule) and forward mode (jvp) work; under vmap the in-place addmm_
+    runs one sample at a time (torch warns), and a vmap over the frozen W alone raises.
     """
 
     generate_vmap_rule = True
@@ -1476,36 +1420,22 @@ class _LoRALinearFunction(torch.autograd.Function):
         return (dy if db is None else dy + db), None
 
 
-def _autocast_dtype(device_type):
-    """The dtype autocast casts F.linear's inputs to on this device now, or None."""
-    try:
-        enabled = torch.is_autocast_enabled(device_type)
-    except RuntimeError:  # a device type autocast does not know, such as "meta"
-        return None
-    return torch.get_autocast_dtype(device_type) if enabled else None
-
-
 def _fast_path_applies(layer, x):
-    """The Function is for plain eager tensors of one dtype. torch.compile differentiates
-    and fuses the lesson's math itself (and cannot trace a custom jvp, nor in torch 2.4
-    this kind of Function); nested (ragged) inputs and adapters kept in another dtype than
-    the base take the lesson's path too."""
-    return not (torch.compiler.is_compiling() or x.is_nested or layer.lora_A.dtype != layer.weight.dtype
-)
+    """Plain eager tensors of one dtype, outside autocast (which cannot reach inside a Function).
+    torch.compile fuses the lesson's math itself (it cannot trace a custom jvp)."""
+    if torch.compiler.is_compiling() or x.is_nested or layer.lora_A.dtype != layer.weight.dtype:
+        return False
+    try:
+        return not torch.is_autocast_enabled(x.device.type)
+    except RuntimeError:  # a device type autocast does not know, such as "meta"
+        return True
 
 
 def _fast_lora_linear(layer, x):
-    """LoRALinear's adapted forward through _LoRALinearFunction. Autocast does not reach
-    inside an autograd.Function, so its inputs are cast here as autocast casts F.linear's:
-    floating tensors to its dtype, except float64."""
+    """LoRALinear's adapted forward through _LoRALinearFunction."""
     x_lora = layer.lora_dropout(x)
-    tensors = [x, None if x_lora is x else x_lora, layer.weight, layer.bias, layer.lora_A, layer.lora_B]
-    dtype = _autocast_dtype(x.device.type)
-    if dtype is None:
-        return _LoRALinearFunction.apply(*tensors, layer.scale)[0]
-    tensors = [t if t is None or not t.is_floating_point() or t.dtype == torch.float64 else t.to(dtype) for t in tensors]
-    with torch.autocast(x.device.type, enabled=False):
-        return _LoRALinearFunction.apply(*tensors, layer.scale)[0]
+    x_lora = None if x_lora is x else x_lora  # None: the same tensor (no dropout, or eval)
+    return _LoRALinearFunction.apply(x, x_lora, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scale)[0]
 
 
 LoRALinear.use_fast_path = True  # the switch (see LoRALinear): False runs the lesson's autograd forward

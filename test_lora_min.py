@@ -15,12 +15,16 @@ summation order differs), float32 1e-4 / 1e-4. Values are O(1) to O(10) and dot
 products are at most 24 terms long.
 """
 
+import ast
 import copy
+import types
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from hypothesis import given, strategies as st
 from torch.func import functional_call, grad, hessian, jacfwd, jacrev, stack_module_state, vmap
 from torch.nn.utils import parametrize
@@ -59,6 +63,94 @@ def parametrize_reference(linear, A, B, scale):
 def weights_like(y, seed):
     """Random weights for the loss (y * w).sum(): every output element gets its own gradient."""
     return torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=y.dtype)
+
+
+# --- the lesson: the first 300 lines of lora_min.py are a complete, runnable LoRA ----------------------
+
+
+def the_lesson():
+    """lora_min.py cut before its first top-level statement that starts after line 300 (the
+    decorators of a decorated definition count as its start), imported as a module of its own:
+    what a reader who stops there has."""
+    path = Path(L.__file__)
+    source = path.read_text()
+    starts = [min([n.lineno] + [d.lineno for d in getattr(n, "decorator_list", [])]) for n in ast.parse(source).body]
+    cut = next((line for line in starts if line > 300), None)
+    assert cut is not None, "lora_min.py is no longer than its lesson"
+    module = types.ModuleType("lora_min_lesson")
+    exec(compile("\n".join(source.splitlines()[: cut - 1]), f"{path} (lines 1-{cut - 1})", "exec"), module.__dict__)
+    return module
+
+
+@pytest.fixture(scope="module")
+def lesson():
+    return the_lesson()
+
+
+def test_the_lesson_is_the_first_300_lines_and_holds_the_layer(lesson):
+    assert {"lora_delta", "lora_update", "lora_forward", "LoRALayer", "LoRALinear"} <= set(vars(lesson))
+    assert "add_lora" not in vars(lesson)  # the plumbing comes after it
+
+
+@given(cases(dtypes=[torch.float64]), st.floats(0.0, 0.5))
+def test_the_lessons_layer_equals_the_plain_math_and_parametrize(lesson, case, dropout):
+    """Outputs and gradients of the cut file's LoRALinear (its own forward: no fast path exists
+    there) equal autograd of lora_forward and the parametrize LoRA, with dropout's mask shared."""
+    linear, full_layer, x = make(case)
+    layer = lesson.LoRALinear(copy.deepcopy(linear), r=case.r, alpha=case.alpha, use_rslora=case.use_rslora,
+                              dropout=dropout)
+    layer.load_state_dict(full_layer.state_dict())
+    torch.manual_seed(0)
+    y = layer(x)
+    torch.manual_seed(0)
+    x_lora = layer.lora_dropout(x)  # the same mask
+    expected = L.lora_forward(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scale) + (
+        L.lora_update(x_lora - x, layer.lora_A, layer.lora_B, layer.scale))
+    torch.testing.assert_close(y, expected, **TOL[case.dtype])
+    w = weights_like(y, 1)
+    ours = torch.autograd.grad((y * w).sum(), [layer.lora_A, layer.lora_B])
+    theirs = torch.autograd.grad((expected * w).sum(), [layer.lora_A, layer.lora_B])
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, **TOL[case.dtype])
+    if dropout == 0:
+        ref, lora = parametrize_reference(linear, layer.lora_A, layer.lora_B, layer.scale)
+        torch.testing.assert_close(layer(x), ref(x), **TOL[case.dtype])
+
+
+def test_the_lessons_layer_trains_merges_unmerges_disables_and_guards_its_states(lesson, tmp_path):
+    torch.manual_seed(0)
+    base = nn.Linear(8, 4)
+    W = base.weight.detach().clone()
+    layer = lesson.LoRALinear(base, r=2, alpha=4)
+    assert not base.weight.requires_grad and layer.lora_A.requires_grad and layer.lora_B.requires_grad
+    x = torch.randn(16, 8)
+    optimizer = torch.optim.SGD([layer.lora_A, layer.lora_B], lr=0.1)
+    for _ in range(3):  # trains: the loss falls, W stays W bit for bit
+        optimizer.zero_grad()
+        loss = (layer(x) - 1).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+    assert (layer(x) - 1).pow(2).mean() < loss and torch.equal(layer.weight, W)
+    assert layer.lora_B.abs().sum() > 0
+    y = layer(x).detach()
+    layer.enabled = False  # disabled: exactly the base layer
+    assert torch.equal(layer(x), F.linear(x, W, base.bias))
+    layer.enabled = True
+    layer.eval()
+    layer.merge()
+    torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="already merged"):
+        layer.merge()
+    with pytest.raises(RuntimeError, match="cannot disable a merged LoRA layer"):
+        layer.enabled = False
+    merged_checkpoint = copy.deepcopy(layer.state_dict())
+    layer.unmerge()
+    torch.testing.assert_close(layer.weight, W, rtol=0, atol=1e-6)
+    with pytest.raises(RuntimeError, match="unmerge\\(\\) on a LoRA layer that is not merged"):
+        layer.unmerge()
+    with pytest.raises(RuntimeError, match="the checkpoint was saved merged"):
+        layer.load_state_dict(merged_checkpoint)
+    torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-6)
 
 
 # --- equivalence with the parametrize approach and with autograd of the plain math ---------------------
