@@ -332,11 +332,9 @@ class LoRAEmbedding(LoRALayer):
         ΔW_table = (B @ A)^T * scale                       (num_embeddings, embedding_dim)
         y = W[idx] + (A^T[idx] B^T) * scale                 idx: (...) -> y: (..., embedding_dim)
 
-    A^T[idx] is just a lookup of A's columns, so the forward never forms ΔW.
-    Init: B = 0 as in the paper (not PEFT's / loralib's reverse), A ~ N(0, 1):
-    a one-hot input has one active entry, so the fan-in of kaiming's rule is 1.
-    padding_idx: as nn.Embedding, the pad row is a constant that passes no gradient
-    (to A or B); A's column for it starts at zero, so the pad vector stays fixed.
+    A^T[idx] is a lookup of A's columns: the forward never forms ΔW. Init: B = 0 as in
+    the paper, A ~ N(0, 1) (a one-hot input has fan-in 1). padding_idx: as in nn.Embedding,
+    the pad row is a constant that passes no gradient; A's column for it starts at zero.
     No dropout (an index cannot be dropped out; PEFT applies none either).
     """
 
@@ -397,9 +395,8 @@ class LoRAConv(LoRALayer):
         ΔW = (B @ A.flatten(1)).view(W.shape) * scale
         y = conv(x, W, b) + B · conv(dropout(x), A) * scale     (B per pixel: a 1x1 conv)
 
-    Both convolutions run the base class's own code (_conv_forward) with the
-    base's stride, padding, dilation and padding_mode, copied onto this layer,
-    so the unmerged layer computes exactly what the merged one does.
+    Both convolutions run the base class's own _conv_forward with the base's stride,
+    padding, dilation and padding_mode, so unmerged computes exactly what merged does.
     Grouped convolutions (groups > 1) are refused: their ΔW is block-diagonal.
     """
 
@@ -409,9 +406,7 @@ class LoRAConv(LoRALayer):
 
     @classmethod
     def why_unsupported(cls, base, dropout):
-        if base.groups != 1:
-            return f"groups={base.groups} (a grouped or depthwise convolution) is not supported"
-        return None
+        return f"groups={base.groups} (a grouped or depthwise convolution) is not supported" if base.groups != 1 else None
 
     @staticmethod
     def lora_shapes(conv, r):
@@ -472,16 +467,15 @@ def _target_names(modules, target_modules):
     """The names add_lora adapts: every nn.Linear, or the modules target_modules names."""
     if target_modules is None:
         return [n for n, m in modules if n and isinstance(m, nn.Linear)]
-    if isinstance(target_modules, str):
-        target_modules = [target_modules]
-    if not (isinstance(target_modules, (list, tuple)) and all(isinstance(t, str) for t in target_modules)):
+    targets = [target_modules] if isinstance(target_modules, str) else target_modules
+    if not (isinstance(targets, (list, tuple)) and all(isinstance(t, str) for t in targets)):
         raise ValueError(f"target_modules must be None, a module name or a list of names, got {target_modules!r}")
-    unmatched = [t for t in target_modules if not any(_matches(n, [t]) for n, _ in modules if n)]
+    unmatched = [t for t in targets if not any(_matches(n, [t]) for n, _ in modules if n)]
     if unmatched:
         adaptable = sorted({n for n, m in modules if n and lora_class_for(m)})
         raise ValueError(f"target_modules {unmatched} match no module in the model; the modules LoRA can adapt: "
                          f"{adaptable}")
-    return [n for n, _ in modules if n and _matches(n, target_modules)]
+    return [n for n, _ in modules if n and _matches(n, targets)]
 
 
 def add_lora(model: nn.Module, r: int = 8, alpha: Optional[float] = None, dropout: float = 0.0,
@@ -502,30 +496,33 @@ def add_lora(model: nn.Module, r: int = 8, alpha: Optional[float] = None, dropou
     modules = list(model.named_modules(remove_duplicate=False))
     settings = dict(r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init_std=init_std)
     names = _target_names(modules, target_modules)
-    return _attach_lora(model, {name: settings for name in names}, skip_unused=target_modules is None, modules=modules)
+    return _attach_lora(model, modules, {name: settings for name in names}, skip_unused=target_modules is None)
 
 
-def _attach_lora(model, settings, skip_unused=False, modules=None):
+def _attach_lora(model, modules, settings, skip_unused=False):
     """Replace each module named in settings ({name: layer kwargs}) by its LoRA layer, after
     every check (_check_targets); a module under several names gets one layer under each."""
-    modules = modules if modules is not None else list(model.named_modules(remove_duplicate=False))
     settings = {n: dict(kwargs, dropout=0.0) if isinstance(model.get_submodule(n), nn.Embedding) else dict(kwargs)
                 for n, kwargs in settings.items()}  # an embedding's input is indices: no dropout (as PEFT)
     targets, reads = _check_targets(modules, settings, skip_unused)
     owners, layers = _owners(modules), {}
     for name, module in targets.items():
         if id(module) not in layers:
-            layer = lora_class_for(module)(module, **settings[name])
+            layers[id(module)] = layer = lora_class_for(module)(module, **settings[name])
             params = [p for p in (module.weight, getattr(module, "bias", None)) if p is not None]
             layer.shared_with = tuple(n for p in params for m, n in owners[_memory(p)] if m is not module)
-            layers[id(module)] = layer
-    for name, module in modules:  # under every name it has, also those target_modules did not list
-        if id(module) in layers:
-            parent_name, _, child_name = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child_name, layers[id(module)])
-    for parent, paths in reads.items():
-        _BypassCheck(parent, sorted(paths))
+    _replace_modules(model, modules, layers)
+    for reader, paths in reads.items():
+        _BypassCheck(reader, sorted(paths))
     return mark_only_lora_as_trainable(model)
+
+
+def _replace_modules(model, modules, new):
+    """Put new[id(module)] in place of each such module, under every name it has."""
+    for name, module in modules:
+        if id(module) in new:
+            parent_name, _, child_name = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child_name, new[id(module)])
 
 
 def mark_only_lora_as_trainable(model: nn.Module) -> nn.Module:
@@ -596,8 +593,8 @@ def _exported_weight(name, layer):
         raise RuntimeError(f"{name or type(layer).__name__!r}: {e}") from None
 
 
-def _check_unshared(layers, what):
-    """Refuse sharded (FSDP2) layers: ΔW needs all of A and B. Tied ones are fine: we copy W."""
+def _check_exportable(layers, what):
+    """Refuse sharded (FSDP2) layers: ΔW needs all of A and B. Tied ones are fine: W is copied."""
     for layer in [layer for layer in layers if _is_sharded(layer.weight) or _is_sharded(layer.lora_A)]:
         layer.check_writable(what)
 
@@ -612,26 +609,20 @@ def merge_and_unload(model: nn.Module, inplace: bool = False) -> nn.Module:
     whole model first (twice its memory for a moment): to push merged weights
     somewhere without that copy, use merged_state_dict(model).
     """
-    _check_unshared([layer for _, layer in lora_layers(model)], "merge_and_unload")
+    _check_exportable([layer for _, layer in lora_layers(model)], "merge_and_unload")
     for name, layer in lora_layers(model):
         if _hooks(layer):
             raise ValueError(f"merge_and_unload: {name or type(layer).__name__!r} has hooks that replacing it with "
                              f"a plain layer would drop: {', '.join(_hooks(layer))}; remove them first")
-    if not inplace:
-        model = copy.deepcopy(model)
+    model = model if inplace else copy.deepcopy(model)
     plain = {}  # one plain layer per LoRA layer, also where it is registered under several names
-    for name, layer in list(lora_layers(model)):
+    for name, layer in lora_layers(model):
         weight = nn.Parameter(_exported_weight(name, layer).clone(), requires_grad=False)
         bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
-        module = layer.base_module(weight, bias)
-        module.train(layer.training)
-        if name == "":
-            return module
-        plain[id(layer)] = module
-    for name, module in list(model.named_modules(remove_duplicate=False)):
-        if id(module) in plain:
-            parent_name, _, child_name = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child_name, plain[id(module)])
+        plain[id(layer)] = layer.base_module(weight, bias).train(layer.training)
+    if isinstance(model, LoRALayer):
+        return plain[id(model)]
+    _replace_modules(model, list(model.named_modules(remove_duplicate=False)), plain)
     _BypassCheck.remove_all(model)
     return model
 
@@ -646,7 +637,7 @@ def merged_state_dict(model: nn.Module) -> dict:
     cycles it never writes into W, so nothing drifts.
     """
     layers = dict(lora_layers(model, remove_duplicate=False))
-    _check_unshared(layers.values(), "merged_state_dict")
+    _check_exportable(layers.values(), "merged_state_dict")
     state, exported = model.state_dict(), {}
     for name, layer in layers.items():
         prefix = f"{name}." if name else ""
@@ -882,7 +873,7 @@ def load_peft_adapter(model: nn.Module, directory) -> nn.Module:
             keys[key] = f"{n}.{ab}"
     state = _check_peft_base_weights(model, state, path)
     _check_adapter_tensors(expected, state, source=path)
-    _attach_lora(model, settings, modules=modules)
+    _attach_lora(model, modules, settings)
     own = {k: p.shape for k, p in _adapter_tensors(model).items()}
     return _load_adapter_tensors(model, {keys[k]: v.reshape(own[keys[k]]) for k, v in state.items()}, True, path)
 
