@@ -748,19 +748,15 @@ def _peft_targets(config, name):
     return matches(config["target_modules"]) and not (config.get("exclude_modules") and matches(config["exclude_modules"]))
 
 
-def _peft_keys(name, layer_class):
-    """{"lora_A": PEFT's key, "lora_B": ...} for the layer at `name`."""
-    if layer_class is LoRAEmbedding:
-        return {ab: f"{_PEFT_PREFIX}{name}.lora_embedding_{ab[-1]}" for ab in ("lora_A", "lora_B")}
-    return {ab: f"{_PEFT_PREFIX}{name}.{ab}.weight" for ab in ("lora_A", "lora_B")}
-
-
-def _peft_shapes(base, r):
-    """{"lora_A": shape, "lora_B": shape} as PEFT stores them (a conv's B as a 1x1 conv)."""
-    a_shape, b_shape = lora_class_for(base).lora_shapes(base, r)
-    if isinstance(base, LoRAConv.base_types):
-        b_shape = (*b_shape, *[1] * len(base.kernel_size))
-    return {"lora_A": a_shape, "lora_B": b_shape}
+def _peft_layout(name, cls, module, r):
+    """{"lora_A": (PEFT's key, PEFT's shape), "lora_B": ...} for the layer of type cls at `name`
+    (module: its base, or the layer). Embeddings: "lora_embedding_A", no ".weight"; conv B: 1x1 conv."""
+    a_shape, b_shape = cls.lora_shapes(module, r)
+    if cls is LoRAEmbedding:
+        return {ab: (f"{_PEFT_PREFIX}{name}.lora_embedding_{ab[-1]}", shape)
+                for ab, shape in (("lora_A", a_shape), ("lora_B", b_shape))}
+    b_shape = (*b_shape, *[1] * len(module.kernel_size)) if cls is LoRAConv else b_shape
+    return {ab: (f"{_PEFT_PREFIX}{name}.{ab}.weight", shape) for ab, shape in (("lora_A", a_shape), ("lora_B", b_shape))}
 
 
 def _exact_peft_targets(model, names):
@@ -821,11 +817,9 @@ def save_peft_adapter(model: nn.Module, directory, base_model_name_or_path: Opti
     tensors = {}
     for key, value in lora_state_dict(model).items():
         name, ab = key.rsplit(".", 1)
-        layer = layers[name]
-        if isinstance(layer, LoRAConv) and ab == "lora_B":  # PEFT's B is a 1x1 conv: (out, r, 1, ...)
-            value = value.view(*value.shape, *[1] * len(layer.kernel_size))
-        # Separate contiguous copies: safetensors refuses tensors that share memory.
-        tensors[_peft_keys(name, type(layer))[ab]] = value.detach().cpu().clone().contiguous()
+        peft_key, shape = _peft_layout(name, type(layers[name]), layers[name], layers[name].r)[ab]
+        # A copy of its own: safetensors refuses tensors that share memory.
+        tensors[peft_key] = value.detach().cpu().reshape(shape).clone(memory_format=torch.contiguous_format)
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "adapter_config.json"), "w") as f:
         f.write(config)
@@ -862,15 +856,14 @@ def load_peft_adapter(model: nn.Module, directory) -> nn.Module:
         reason = _why_not_replaceable(module)
         if reason:
             raise ValueError(f"{directory} targets {n!r}, which lora_min cannot adapt: it {reason}")
-        settings[n] = dict(r=_peft_pattern_value(config.get("rank_pattern"), n, config["r"]),
-                           alpha=_peft_pattern_value(config.get("alpha_pattern"), n, config["lora_alpha"]),
-                           dropout=config.get("lora_dropout") or 0.0, use_rslora=bool(config.get("use_rslora")))
         if module.weight.is_meta:
             raise ValueError(f"{n!r} is on the meta device, with no memory to load into: materialise the model "
                              "first (model.to_empty(device=...) and its base weights), then load the adapter")
-        for ab, key in _peft_keys(n, lora_class_for(module)).items():
-            expected[key] = (_peft_shapes(module, settings[n]["r"])[ab], module.weight.dtype)
-            keys[key] = f"{n}.{ab}"
+        settings[n] = dict(r=_peft_pattern_value(config.get("rank_pattern"), n, config["r"]),
+                           alpha=_peft_pattern_value(config.get("alpha_pattern"), n, config["lora_alpha"]),
+                           dropout=config.get("lora_dropout") or 0.0, use_rslora=bool(config.get("use_rslora")))
+        for ab, (key, shape) in _peft_layout(n, lora_class_for(module), module, settings[n]["r"]).items():
+            expected[key], keys[key] = (shape, module.weight.dtype), f"{n}.{ab}"
     state = _check_peft_base_weights(model, state, path)
     _check_adapter_tensors(expected, state, source=path)
     _attach_lora(model, modules, settings)
@@ -907,12 +900,11 @@ def _read_peft_weights(directory):
 # --- modules no LoRA layer computes exactly ---------------------------------------
 
 _HOOK_KINDS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks",
-               "_state_dict_pre_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks",
-               "_load_state_dict_post_hooks")
+               "_state_dict_pre_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
 
 
 def _hooks(module):
-    """Every hook registered on the module itself (but our own _BypassCheck), e.g. "backward pre hook fn"."""
+    """Every hook on the module itself but our own _BypassCheck's, e.g. "backward pre hook fn"."""
     return [f"{kind.strip('_').replace('_hooks', ' hook')} {getattr(h, '__qualname__', repr(h))}"
             for kind in _HOOK_KINDS for h in getattr(module, kind, {}).values()
             if not isinstance(getattr(h, "__self__", None), _BypassCheck)]
@@ -939,12 +931,11 @@ def _why_not_replaceable(module):
 # --- LoRA the model would never run -------------------------------------------------
 # A parent whose code reads a child's weight itself, F.linear(x, self.out_proj.weight),
 # instead of calling self.out_proj(x), would skip a LoRA layer put there: no error, no
-# gradient. We read the source of each module's forward, of the methods it reaches
-# (self.helper(...), super().forward(...)) and of the child methods it calls
-# (self.altup.correct(...)). A child that is read and never called is refused; one that
-# is also called (on other code paths) is adapted, and _BypassCheck raises at run time
-# when a forward skips it. Not seen: reads through local aliases or a module passed
-# as an argument, and code without Python source (TorchScript, C++).
+# gradient. We read the source of each module's forward and of what it calls on self
+# (self.helper(...), super().forward(...), self.altup.correct(...)). A child that is
+# read and never called is refused; one also called (on other code paths) is adapted,
+# and _BypassCheck raises when a forward skips it. Not seen: reads through local
+# aliases or a module passed as an argument, and code without Python source.
 
 _METADATA = {"dtype", "device", "shape", "ndim", "requires_grad", "is_cuda", "is_meta", "size", "dim", "numel"}
 
@@ -980,21 +971,18 @@ def _is_tensor_use(node, parent_of):
 
 @functools.lru_cache(maxsize=None)
 def _uses(cls, method, after=None):
-    """What method `method` of cls (found after class `after` in its MRO, for super()) does
-    with self: (read, called, supers). read: the paths self.<path> whose .weight it uses as a
-    tensor (only the weight: LoRA leaves the bias as it is); called: the paths it calls,
-    self.<path>(...), which may end in a method (("altup", "correct"), ("helper",));
-    supers: its super().<name>(...) calls. Methods of nn.Module itself, or without Python
-    source, do nothing here."""
-    read, called, supers = set(), set(), set()
+    """(read, called, supers) of cls's `method` (as found after class `after` in the MRO, for
+    super()): the paths self.<path> whose .weight it uses as a tensor (LoRA leaves the bias
+    alone), those it calls, self.<path>(...), a path that may end in a method (("altup",
+    "correct"), ("helper",)), and its super().<name>(...) calls."""
     mro = cls.__mro__[cls.__mro__.index(after) + 1:] if after else cls.__mro__
     klass = next((k for k in mro if method in vars(k)), nn.Module)
     try:  # the function's own lines only: cheap even in a 5000-line module
-        tree = ast.parse(textwrap.dedent(inspect.getsource(vars(klass)[method])))
-    except (OSError, TypeError, SyntaxError, KeyError):
+        tree = None if klass is nn.Module else ast.parse(textwrap.dedent(inspect.getsource(vars(klass)[method])))
+    except (OSError, TypeError, SyntaxError):  # no Python source
         tree = None
-    parent_of = {} if tree is None or klass is nn.Module else {
-        child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    parent_of = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)} if tree else {}
+    read, called, supers = set(), set(), set()
     for node in parent_of:  # every node but the root
         func = node.func if isinstance(node, ast.Call) else None
         receiver = getattr(func, "value", None)  # super() in super().forward(x)
@@ -1005,7 +993,7 @@ def _uses(cls, method, after=None):
         elif (isinstance(node, ast.Attribute) and node.attr == "weight" and isinstance(node.ctx, ast.Load)
               and _self_path(node.value) and _is_tensor_use(node, parent_of)):
             read.add(_self_path(node.value))
-    return frozenset(read), frozenset(called), frozenset(supers)
+    return read, called, supers
 
 
 def _submodule(module, path):
@@ -1017,13 +1005,14 @@ def _submodule(module, path):
 
 
 def _direct_reads(modules, targets):
-    """[(reader name, reader, child path from the reader, child, whether any forward calls it)]
-    where the forward of `reader` (modules: named_modules) reads a target's weight (targets:
-    {id: module}): in its own methods, its super() methods, or methods of descendants it calls."""
+    """[(reader name, reader, child path from it, child, whether any forward calls it)] where a
+    reader's forward reads the weight of a target (targets: {id: module}): in its own methods,
+    its super() methods, or the methods of descendants it calls."""
     called, found, seen = set(), set(), set()
     jobs = [(name, module, (), module, "forward", None) for name, module in modules]
     while jobs:
-        name, reader, prefix, module, method, after = jobs.pop()
+        job = jobs.pop()
+        name, reader, prefix, module, method, after = job
         if (id(reader), id(module), method, after) in seen:
             continue
         seen.add((id(reader), id(module), method, after))
@@ -1083,26 +1072,26 @@ class _BypassCheck:
                     del hooks[key]
 
 
-# --- tied weights ---------------------------------------------------------------------
-
-
-def _memory(tensor):
-    """What identifies a tensor's memory: two Parameters over the same storage (one made
-    from the other's .data) are tied as surely as one Parameter registered twice."""
-    try:
-        pointer = tensor.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError):  # no storage (e.g. a DTensor)
-        pointer = 0
-    return (tensor.device, pointer) if pointer else id(tensor)  # meta tensors have no memory: by identity
+# --- tied weights and sharded ones ---------------------------------------------------
 
 
 def _owners(modules):
-    """_memory(parameter) -> [(module, "module.param")] for every place a parameter's memory is registered."""
+    """{memory: [(module, "module.param")]} for every place a parameter is registered. Two
+    Parameters over one storage (one made from the other's .data) are tied as surely as one
+    Parameter registered twice; meta tensors and DTensors have no storage: identity counts."""
     owners = collections.defaultdict(list)
     for module_name, module in modules:
         for param_name, param in module.named_parameters(prefix=module_name, recurse=False):
             owners[_memory(param)].append((module, param_name))
     return owners
+
+
+def _memory(tensor):
+    try:
+        pointer = tensor.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        pointer = 0
+    return (tensor.device, pointer) if pointer else id(tensor)
 
 
 def _is_sharded(tensor):
@@ -1129,13 +1118,11 @@ def _check_targets(modules, settings, skip_unused):
     {reader: {paths of children it reads that also run}}); raises ValueError naming the problem."""
     if any(isinstance(m, LoRALayer) for _, m in modules):
         raise ValueError("model already has LoRA layers; lora_min does not stack adapters")
-    by_name = dict(modules)
-    targets = {name: by_name[name] for name in settings}
+    targets = {name: module for name, module in modules if name in settings}
     for name, module in targets.items():
-        reason = _why_not_replaceable(module)
         try:
-            if reason:
-                raise ValueError(f"it {reason}")
+            if _why_not_replaceable(module):
+                raise ValueError(f"it {_why_not_replaceable(module)}")
             lora_class_for(module).check(module, **settings[name])
         except ValueError as e:
             raise ValueError(f"cannot add LoRA to {name!r}: {e}") from None
@@ -1148,17 +1135,16 @@ def _check_targets(modules, settings, skip_unused):
     reads = _direct_reads(modules, {id(m): m for m in targets.values()})
     never_called = {id(c): (n, r) for n, r, _, c, called in reads if not called}
     for name in [n for n, m in targets.items() if id(m) in never_called]:
-        rname, reader = never_called[id(targets[name])]
+        rname, reader = never_called[id(targets.pop(name))]
         if not skip_unused:
             raise ValueError(f"cannot add LoRA to {name!r}: its parent {rname!r} ({type(reader).__name__}) reads its "
                              "weight directly and never calls it, so LoRA there would be ignored")
         warnings.warn(f"add_lora: skipping {name!r}: its parent {type(reader).__name__} reads its weight directly "
                       "and never calls it, so LoRA there would be ignored", stacklevel=4)  # the caller of add_lora
-        del targets[name]
     if not targets:
         raise ValueError("the model has no nn.Linear that LoRA can adapt")
     checked = collections.defaultdict(set)  # the children that run, and are read too
-    for _, reader, path, child, called in reads:
+    for _, reader, path, _, called in reads:
         if called:
             checked[reader].add(path)
     for reader, paths in checked.items():
@@ -1180,9 +1166,8 @@ def _is_number(v):
 
 
 def _check_adapter_tensors(expected, state, strict=True, source="the adapter"):
-    """expected: {key: (shape, dtype)}. Raise ValueError, naming the key, for missing /
-    unexpected keys (if strict) and for a value that is not a dense floating tensor of that
-    shape whose values stay finite in that dtype."""
+    """expected: {key: (shape, dtype)}. Refuse missing or unexpected keys (if strict) and any
+    value that is not a dense floating tensor of that shape, finite in that dtype."""
     if not isinstance(state, collections.abc.Mapping):
         raise ValueError(f"{source}: expected a dict of tensors keyed by name, got a {type(state).__name__}")
     missing = sorted(set(expected) - set(state))
@@ -1209,8 +1194,7 @@ def _check_adapter_tensors(expected, state, strict=True, source="the adapter"):
 
 
 def _safe_torch_load(path, what):
-    """torch.load(weights_only=True): tensors and plain containers only, never arbitrary
-    pickled objects. Anything else is a ValueError naming the file."""
+    """torch.load(weights_only=True): tensors and plain containers, never arbitrary objects."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except OSError:  # missing file, a folder, no permission: torch's own message is right
@@ -1281,9 +1265,7 @@ _PEFT_NO_EFFECT = {"task_type", "base_model_name_or_path", "revision", "inferenc
 
 
 def _read_peft_config(directory):
-    """directory/adapter_config.json, checked field by field (_PEFT_FIELDS): a bad value
-    is a ValueError naming the file, the field and the value, and every PEFT feature
-    lora_min does not implement is refused, naming the field, instead of being ignored."""
+    """directory/adapter_config.json, every field checked (_PEFT_FIELDS) or refused by name."""
     path = os.path.join(directory, "adapter_config.json")
     try:
         with open(path) as f:
@@ -1307,9 +1289,8 @@ def _read_peft_config(directory):
 
 
 def _check_peft_base_weights(model, state, path):
-    """PEFT also stores the base weights of targeted embeddings / heads (save_embedding_layers:
-    "<name>.base_layer.weight", or "<name>.weight" after a vocabulary resize). Accept them
-    where they equal the model's own; else refuse: lora_min never overwrites base weights."""
+    """state without the base weights PEFT may store (save_embedding_layers: "<name>.base_layer.weight",
+    or "<name>.weight"), each of which must equal the model's own: lora_min never overwrites them."""
     params = dict(model.named_parameters(remove_duplicate=False))
     base_keys = {}
     for key in state:
@@ -1327,8 +1308,8 @@ def _check_peft_base_weights(model, state, path):
     return {k: v for k, v in state.items() if k not in base_keys}
 
 
-# --- The fast path: LoRALinear's forward and backward written out by hand: the
-# lesson's math (the tests check it), faster (benchmarks/bench_lora.py runs both).
+# --- The fast path: LoRALinear's forward and backward written out by hand: the lesson's
+# math (the tests check it), faster (benchmarks/bench_lora.py runs both side by side).
 
 
 class _LoRALinearFunction(torch.autograd.Function):
@@ -1403,11 +1384,10 @@ class _LoRALinearFunction(torch.autograd.Function):
     def jvp(ctx, dx, dxl, dW, db, dA, dB, _):
         """Forward mode: dy = dx W^T + x dW^T + db + s (dx_l A^T + x_l dA^T) B^T + s (x_l A^T) dB^T."""
         x, x_lora, W, A, B = ctx.saved_tensors
-        s = ctx.scale
         xl, dxl = (x, dx) if x_lora is None else (x_lora, dxl)
-        zero = torch.zeros_like  # inputs without a tangent
-        dx, dxl, dW, dA, dB = (zero(t) if d is None else d for t, d in ((x, dx), (xl, dxl), (W, dW), (A, dA), (B, dB)))
-        dy = dx @ W.T + x @ dW.T + ((dxl @ A.T + xl @ dA.T) * s) @ B.T + ((xl @ A.T) * s) @ dB.T
+        dx, dxl, dW, dA, dB = (torch.zeros_like(t) if d is None else d  # inputs without a tangent
+                               for t, d in ((x, dx), (xl, dxl), (W, dW), (A, dA), (B, dB)))
+        dy = dx @ W.T + x @ dW.T + ((dxl @ A.T + xl @ dA.T) * ctx.scale) @ B.T + ((xl @ A.T) * ctx.scale) @ dB.T
         return (dy if db is None else dy + db), None
 
 
