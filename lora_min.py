@@ -15,10 +15,10 @@ y = x W^T + b + ((x A^T) B^T) * scale costs two thin matrix products, and backwa
 needs no (out, in) gradient. For inference, `merge()` folds ΔW into W once.
 
 The lesson comes first and runs on its own: the math, then LoRALayer and
-LoRALinear (all of LoRA). The plumbing follows, each part named for the promise
-it keeps: other layer types, adapting a model, adapter files (ours and PEFT's),
-the guards that make misuse fail loudly, and last the fast path (LoRALinear's
-backward written out by hand). Needs only torch (2.4 to 2.14) and the standard library.
+LoRALinear (all of LoRA; autograd differentiates it). The plumbing follows, each
+part named for the promise it keeps: other layer types, adapting a model, adapter
+files (ours and PEFT's), and the guards that make misuse fail loudly. Needs only
+torch (2.4 to 2.14) and the standard library.
 """
 import math
 from typing import Optional
@@ -268,9 +268,6 @@ class LoRALinear(LoRALayer):
     """
 
     base_types = (nn.Linear,)
-    # The switch: True (set at the end of this file) runs the same forward with a
-    # hand-written backward, faster; False runs the plain autograd forward below.
-    use_fast_path = False
 
     @staticmethod
     def lora_shapes(linear: nn.Linear, r: int) -> tuple:
@@ -286,8 +283,6 @@ class LoRALinear(LoRALayer):
         return F.linear(x, self.weight, self.bias)
 
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.use_fast_path and _fast_path_applies(self, x):
-            return _fast_lora_linear(self, x)
         y = F.linear(x, self.weight, self.bias)  # x W^T + b: (..., out)
         x_lora = self.lora_dropout(x).to(self.lora_A.dtype)  # the branch runs in the adapter's dtype
         h = F.linear(x_lora, self.lora_A) * self.scale  # dropout(x) A^T * scale: (..., r)
@@ -1306,107 +1301,3 @@ def _check_peft_base_weights(model, state, path):
                              f"{name!r} (a resized vocabulary or other fine-tuned base weights?); lora_min loads "
                              "adapters only and never overwrites base weights: load those weights into the model first")
     return {k: v for k, v in state.items() if k not in base_keys}
-
-
-# --- The fast path: LoRALinear's forward and backward written out by hand: the lesson's
-# math (the tests check it), faster (benchmarks/bench_lora.py runs both side by side).
-
-
-class _LoRALinearFunction(torch.autograd.Function):
-    """y = x W^T + b + ((x_l A^T) s) B^T, with its gradients written out by hand.
-
-    x: (N, in) (leading dimensions flattened), x_l: the LoRA branch's input
-    (dropout(x), or None for x itself), h = x_l A^T s: (N, r), g = dL/dy: (N, out). Then
-
-        dL/dB   = g^T h                  (out, r)
-        dL/dA   = s (g B)^T x_l          (r, in)
-        dL/dx_l = s (g B) A              (N, in)
-        dL/dx   = g W                    (N, in), plus dL/dx_l when x_l is x
-        dL/dW   = g^T x,  dL/db = sum_N g     (only if W, b are being trained)
-
-    Written out, every thin product runs in the layout BLAS is fastest at, and the
-    big product accumulates into the thin one's result in place (addmm_). Backward
-    is made of differentiable ops, so double backward, torch.func (grad, jacrev, vmap:
-    generate_vmap_rule) and forward mode (jvp) work; under vmap the in-place addmm_
-    runs one sample at a time (torch warns), and a vmap over the frozen W alone raises.
-    """
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x, x_lora, W, b, A, B, scale):
-        x2 = x.reshape(-1, x.shape[-1])
-        xl2 = x2 if x_lora is None else x_lora.reshape(-1, x.shape[-1])
-        h = (xl2 @ A.T) * scale  # (N, r)
-        y = h @ B.T if b is None else torch.addmm(b, h, B.T)  # the thin product first, then
-        y.addmm_(x2, W.T)  # the frozen product added in place: no second (N, out) tensor
-        return y.view(*x.shape[:-1], W.shape[0]), h  # h only for backward (not differentiable)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, x_lora, W, b, A, B, scale = inputs
-        _, h = output
-        ctx.mark_non_differentiable(h)
-        ctx.save_for_backward(x, x_lora, W, A, B, h)
-        ctx.save_for_forward(x, x_lora, W, A, B)
-        ctx.scale = scale
-
-    @staticmethod
-    def backward(ctx, g, _):
-        x, x_lora, W, A, B, h = ctx.saved_tensors
-        need_x, need_xl, need_W, need_b, need_A, need_B, _ = ctx.needs_input_grad
-        s = ctx.scale
-        x2 = x.reshape(-1, x.shape[-1])
-        xl2 = x2 if x_lora is None else x_lora.reshape(-1, x.shape[-1])
-        if torch.is_grad_enabled():  # create_graph=True: h must be a function of A and x_l for the
-            h = (xl2 @ A.T) * s  # second derivatives; the saved h is a constant
-        g = g.reshape(-1, W.shape[0])
-        gB = (g @ B) * s  # (N, r)
-        dx = dxl = dW = db = dA = dB = None
-        if x_lora is None and need_x:
-            dx = (gB @ A).addmm_(g, W).view(x.shape)  # both paths into x, in one buffer
-        else:
-            dx = (g @ W).view(x.shape) if need_x else None
-            dxl = (gB @ A).view(x.shape) if need_xl else None
-        if need_W:
-            dW = g.T @ x2  # the frozen path sees x itself, never the dropped-out x_l
-        if need_b:
-            db = g.sum(0)
-        if need_A:
-            dA = gB.T @ xl2
-        if need_B:
-            # (r, out) then transposed is ~3x faster than g^T h; contiguous like lora_B
-            # itself (the gradient layout DDP and optimizers expect; the copy is tiny)
-            dB = (h.T @ g).T.contiguous()
-        return dx, dxl, dW, db, dA, dB, None
-
-    @staticmethod
-    def jvp(ctx, dx, dxl, dW, db, dA, dB, _):
-        """Forward mode: dy = dx W^T + x dW^T + db + s (dx_l A^T + x_l dA^T) B^T + s (x_l A^T) dB^T."""
-        x, x_lora, W, A, B = ctx.saved_tensors
-        xl, dxl = (x, dx) if x_lora is None else (x_lora, dxl)
-        dx, dxl, dW, dA, dB = (torch.zeros_like(t) if d is None else d  # inputs without a tangent
-                               for t, d in ((x, dx), (xl, dxl), (W, dW), (A, dA), (B, dB)))
-        dy = dx @ W.T + x @ dW.T + ((dxl @ A.T + xl @ dA.T) * ctx.scale) @ B.T + ((xl @ A.T) * ctx.scale) @ dB.T
-        return (dy if db is None else dy + db), None
-
-
-def _fast_path_applies(layer, x):
-    """Plain eager tensors of one dtype, outside autocast (which cannot reach inside a Function).
-    torch.compile fuses the lesson's math itself (it cannot trace a custom jvp)."""
-    if torch.compiler.is_compiling() or x.is_nested or layer.lora_A.dtype != layer.weight.dtype:
-        return False
-    try:
-        return not torch.is_autocast_enabled(x.device.type)
-    except RuntimeError:  # a device type autocast does not know, such as "meta"
-        return True
-
-
-def _fast_lora_linear(layer, x):
-    """LoRALinear's adapted forward through _LoRALinearFunction."""
-    x_lora = layer.lora_dropout(x)
-    x_lora = None if x_lora is x else x_lora  # None: the same tensor (no dropout, or eval)
-    return _LoRALinearFunction.apply(x, x_lora, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scale)[0]
-
-
-LoRALinear.use_fast_path = True  # the switch (see LoRALinear): False runs the lesson's autograd forward

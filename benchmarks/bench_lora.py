@@ -89,13 +89,6 @@ def make_lora_min(d, r, device, dtype):
     return layer, [layer.lora_A, layer.lora_B]
 
 
-def make_lora_min_autograd(d, r, device, dtype):
-    """lora_min.LoRALinear with the fast path switched off: the lesson's forward, autograd's backward."""
-    layer, params = make_lora_min(d, r, device, dtype)
-    layer.use_fast_path = False
-    return layer, params
-
-
 def make_parametrize(d, r, device, dtype):
     layer = base_linear(d, device, dtype).requires_grad_(False)
     lora = ParametrizeLoRA(d, d, r, 2 * r, device, dtype)
@@ -123,7 +116,6 @@ def make_loralib(d, r, device, dtype):
 IMPLEMENTATIONS = {
     "frozen nn.Linear (floor)": make_frozen,
     "lora_min.LoRALinear": make_lora_min,
-    "lora_min, autograd (no fast path)": make_lora_min_autograd,
     "parametrize LoRA": make_parametrize,
     "PEFT lora.Linear": make_peft,
     "loralib.Linear": make_loralib,
