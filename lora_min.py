@@ -141,8 +141,8 @@ class LoRALayer(nn.Module):
         if not isinstance(use_rslora, bool):
             raise ValueError(f"use_rslora must be True or False, got {use_rslora!r}")
         if base.weight.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-            raise ValueError(f"{cls.__name__} needs a float16 / bfloat16 / float32 / float64 weight, got {base.weight.dtype} "
-                             "(quantized weights are not supported)")
+            raise ValueError(f"{cls.__name__} needs a float16 / bfloat16 / float32 / float64 weight, got "
+                             f"{base.weight.dtype} (quantized weights are not supported)")
         reason = cls.why_unsupported(base, dropout)
         if reason:
             raise ValueError(f"{cls.__name__} cannot adapt this {type(base).__name__}: {reason}")
@@ -211,8 +211,9 @@ class LoRALayer(nn.Module):
             raise RuntimeError(f"{what}() on sharded (FSDP2 / DTensor) parameters: each rank holds a slice of W; "
                                "load a full state dict into an unsharded model and merge that")
         if self.shared_with:
-            raise RuntimeError(f"{what}() would write W + ΔW into a weight that is shared with {list(self.shared_with)} "
-                               "(tied weights): those would change too. Use merge_and_unload(model), which copies it.")
+            raise RuntimeError(f"{what}() would write W + ΔW into a weight that is shared with "
+                               f"{list(self.shared_with)} (tied weights): those would change too. Use "
+                               "merge_and_unload(model), which copies it.")
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -254,8 +255,8 @@ class LoRALayer(nn.Module):
 
     def extra_repr(self) -> str:
         base = self.base_module(self.weight, self.bias)  # the layer it adapts (repr only: shares the Parameters)
-        return (f"{type(base).__name__}({base.extra_repr()}), r={self.r}, alpha={self.alpha:g}, scale={self.scale:.4g}, "
-                f"enabled={self.enabled}, merged={self.merged}")
+        return (f"{type(base).__name__}({base.extra_repr()}), r={self.r}, alpha={self.alpha:g}, "
+                f"scale={self.scale:.4g}, enabled={self.enabled}, merged={self.merged}")
 
 
 class LoRALinear(LoRALayer):
@@ -401,7 +402,9 @@ class LoRAConv(LoRALayer):
 
     @classmethod
     def why_unsupported(cls, base, dropout):
-        return f"groups={base.groups} (a grouped or depthwise convolution) is not supported" if base.groups != 1 else None
+        if base.groups != 1:
+            return f"groups={base.groups} (a grouped or depthwise convolution) is not supported"
+        return None
 
     @staticmethod
     def lora_shapes(conv, r):
@@ -487,7 +490,7 @@ def add_lora(model: nn.Module, r: int = 8, alpha: Optional[float] = None, dropou
     and never calls) raises, naming it; nothing is changed then.
     """
     if isinstance(model, LORA_CLASSES + tuple(t for cls in LORA_CLASSES for t in cls.base_types)):
-        raise TypeError("add_lora adapts the layers inside a model; wrap a lone layer yourself, e.g. LoRALinear(linear)")
+        raise TypeError("add_lora adapts the layers inside a model; wrap a lone layer yourself: LoRALinear(linear)")
     modules = list(model.named_modules(remove_duplicate=False))
     settings = dict(r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init_std=init_std)
     names = _target_names(modules, target_modules)
@@ -595,15 +598,10 @@ def _check_exportable(layers, what):
 
 
 def merge_and_unload(model: nn.Module, inplace: bool = False) -> nn.Module:
-    """A model whose every LoRA layer is its plain layer, computing what it computes now.
-
-    Enabled layers get weight W + ΔW, disabled ones W; the result has the original
-    model's state_dict keys and needs no LoRA code. Weights are copied, so tied
-    weights stay correct (they are untied: the other owner keeps W). The input
-    model is left untouched unless inplace=True; inplace=False deep-copies the
-    whole model first (twice its memory for a moment): to push merged weights
-    somewhere without that copy, use merged_state_dict(model).
-    """
+    """A model whose every LoRA layer is its plain layer, computing what it computes now:
+    weight W + ΔW (W if disabled), the original state_dict keys, no LoRA code. Weights are
+    copied, so tied weights stay correct (untied: the other owner keeps W). inplace=False
+    deep-copies the model first (twice its memory for a moment; merged_state_dict does not)."""
     _check_exportable([layer for _, layer in lora_layers(model)], "merge_and_unload")
     for name, layer in lora_layers(model):
         if _hooks(layer):
@@ -623,14 +621,10 @@ def merge_and_unload(model: nn.Module, inplace: bool = False) -> nn.Module:
 
 
 def merged_state_dict(model: nn.Module) -> dict:
-    """The state_dict of merge_and_unload(model), without copying or changing the model.
-
-    Adapted layers' weights are W + ΔW (computed one layer at a time, in at least
-    float32, rounded once); every other tensor is model.state_dict()'s own (shared,
-    not copied); the lora_A / lora_B / merged-flag keys are left out. Use it to push
-    merged weights to an inference server every few steps: unlike merge() / unmerge()
-    cycles it never writes into W, so nothing drifts.
-    """
+    """The state_dict of merge_and_unload(model), without copying or changing the model: W + ΔW
+    one layer at a time (in at least float32, rounded once), every other tensor model.state_dict()'s
+    own, no lora_A / lora_B / merged-flag keys. For pushing merged weights to an inference server
+    every few steps: unlike merge() / unmerge() cycles it never writes into W, so nothing drifts."""
     layers = dict(lora_layers(model, remove_duplicate=False))
     _check_exportable(layers.values(), "merged_state_dict")
     state, exported = model.state_dict(), {}
@@ -695,7 +689,7 @@ def _load_adapter_tensors(model, state, strict, source):
 
 def _lora_config(model):
     """The settings that give the adapter tensors meaning, as plain Python values."""
-    return {name: {"r": layer.r, "alpha": layer.alpha, "use_rslora": layer.use_rslora} for name, layer in lora_layers(model)}
+    return {name: {"r": m.r, "alpha": m.alpha, "use_rslora": m.use_rslora} for name, m in lora_layers(model)}
 
 
 def save_adapter(model: nn.Module, path) -> None:
@@ -740,18 +734,18 @@ def _peft_targets(config, name):
     def matches(spec):
         return bool(re.fullmatch(spec, name)) if isinstance(spec, str) else _matches(name, spec)
 
-    return matches(config["target_modules"]) and not (config.get("exclude_modules") and matches(config["exclude_modules"]))
+    excluded = config.get("exclude_modules")
+    return matches(config["target_modules"]) and not (excluded and matches(excluded))
 
 
 def _peft_layout(name, cls, module, r):
     """{"lora_A": (PEFT's key, PEFT's shape), "lora_B": ...} for the layer of type cls at `name`
     (module: its base, or the layer). Embeddings: "lora_embedding_A", no ".weight"; conv B: 1x1 conv."""
     a_shape, b_shape = cls.lora_shapes(module, r)
-    if cls is LoRAEmbedding:
-        return {ab: (f"{_PEFT_PREFIX}{name}.lora_embedding_{ab[-1]}", shape)
-                for ab, shape in (("lora_A", a_shape), ("lora_B", b_shape))}
-    b_shape = (*b_shape, *[1] * len(module.kernel_size)) if cls is LoRAConv else b_shape
-    return {ab: (f"{_PEFT_PREFIX}{name}.{ab}.weight", shape) for ab, shape in (("lora_A", a_shape), ("lora_B", b_shape))}
+    if cls is LoRAConv:
+        b_shape = (*b_shape, *[1] * len(module.kernel_size))
+    key = f"{_PEFT_PREFIX}{name}." + ("lora_embedding_{}" if cls is LoRAEmbedding else "lora_{}.weight")
+    return {"lora_A": (key.format("A"), a_shape), "lora_B": (key.format("B"), b_shape)}
 
 
 def _exact_peft_targets(model, names):
@@ -766,7 +760,7 @@ def _exact_peft_targets(model, names):
 
 def _peft_config(model, layers, base_model_name_or_path):
     """adapter_config.json's content for these {name: LoRA layer} layers of model."""
-    with_dropout = {n: layer for n, layer in layers.items() if not isinstance(layer, LoRAEmbedding)}  # (see LoRAEmbedding)
+    with_dropout = {n: layer for n, layer in layers.items() if not isinstance(layer, LoRAEmbedding)}  # (none there)
     for setting, group in (("use_rslora", layers), ("dropout", with_dropout)):
         values = {n: getattr(layer, setting) for n, layer in group.items()}
         if len(set(values.values())) > 1:
@@ -793,11 +787,9 @@ def _peft_config(model, layers, base_model_name_or_path):
 
 
 def save_peft_adapter(model: nn.Module, directory, base_model_name_or_path: Optional[str] = None) -> None:
-    """Write the adapter as PEFT does: directory/adapter_config.json and
-    adapter_model.safetensors (adapter_model.bin when safetensors is not installed),
-    so that peft.PeftModel.from_pretrained(base, directory) computes what this model
-    computes with every LoRA layer enabled (the adapter's weights, whatever the
-    layers' enabled / merged state now)."""
+    """Write the adapter as PEFT does (adapter_config.json, adapter_model.safetensors, or .bin
+    without safetensors): peft.PeftModel.from_pretrained(base, directory) then computes what
+    this model computes with every LoRA layer enabled and unmerged."""
     layers = dict(lora_layers(model, remove_duplicate=False))
     if not layers or "" in layers:
         raise ValueError("save_peft_adapter needs a model with LoRA layers inside it (see add_lora)")
@@ -831,14 +823,10 @@ def save_peft_adapter(model: nn.Module, directory, base_model_name_or_path: Opti
 
 
 def load_peft_adapter(model: nn.Module, directory) -> nn.Module:
-    """Add LoRA layers where a PEFT adapter says and load its weights; returns model.
-
-    model: the base model, without LoRA layers, as PEFT's base model would be
-    (module names must be those PEFT saw). Everything is checked before the model
-    is changed: every config field, targets no LoRA layer can adapt, and every
-    tensor's key, type and shape. New layers take the train / eval mode of the
-    modules they replace (PeftModel.from_pretrained gives eval models).
-    """
+    """Add LoRA layers where a PEFT adapter says and load its weights; returns model, the base
+    model without LoRA layers (module names as PEFT saw them). Every config field, target and
+    tensor is checked before the model changes. New layers take the train / eval mode of the
+    modules they replace (PeftModel.from_pretrained gives eval models)."""
     config = _read_peft_config(directory)
     path, state = _read_peft_weights(directory)
     modules = list(model.named_modules(remove_duplicate=False))
@@ -895,7 +883,8 @@ def _read_peft_weights(directory):
 # --- modules no LoRA layer computes exactly ---------------------------------------
 
 _HOOK_KINDS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks",
-               "_state_dict_pre_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+               "_state_dict_pre_hooks", "_state_dict_hooks",
+               "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
 
 
 def _hooks(module):
@@ -1208,10 +1197,12 @@ def _read_adapter(path):
             and all(isinstance(v, torch.Tensor) for v in saved["state_dict"].values())):
         raise ValueError(f"{path} is not {what}")
     if saved.get("version") != 1:
-        raise ValueError(f"{path} is a lora_min adapter of format version {saved.get('version')!r}; this file reads version 1")
+        raise ValueError(f"{path} is a lora_min adapter of format version {saved.get('version')!r}; "
+                         "this file reads version 1")
     for name, settings in saved["config"].items():
         if not (isinstance(name, str) and isinstance(settings, dict) and set(settings) == {"r", "alpha", "use_rslora"}
-                and _is_int(settings["r"]) and _is_number(settings["alpha"]) and isinstance(settings["use_rslora"], bool)):
+                and _is_int(settings["r"]) and _is_number(settings["alpha"])
+                and isinstance(settings["use_rslora"], bool)):
             raise ValueError(f"{path}: the settings of layer {name!r} are not {{'r': int, 'alpha': number, "
                              f"'use_rslora': bool}}: {settings!r}")
     return saved
