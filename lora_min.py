@@ -124,7 +124,8 @@ class LoRALayer(nn.Module):
         self.train(base.training)  # a new layer behaves as the one it replaces (eval stays eval)
 
     @classmethod
-    def check(cls, base, r=8, alpha=None, dropout=0.0, use_rslora=False, init_std=None):
+    def check(cls, base: nn.Module, r: int = 8, alpha: Optional[float] = None, dropout: float = 0.0,
+              use_rslora: bool = False, init_std: Optional[float] = None) -> None:
         """Raise ValueError if this layer type cannot adapt `base` with these settings."""
         def number(v):
             return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
@@ -148,7 +149,7 @@ class LoRALayer(nn.Module):
             raise ValueError(f"{cls.__name__} cannot adapt this {type(base).__name__}: {reason}")
 
     @classmethod
-    def why_unsupported(cls, base, dropout) -> Optional[str]:
+    def why_unsupported(cls, base: nn.Module, dropout: float) -> Optional[str]:
         """Why this layer type cannot compute `base` exactly with this dropout (None if it can)."""
         return None
 
@@ -337,7 +338,7 @@ class LoRAEmbedding(LoRALayer):
     base_types = (nn.Embedding,)
 
     @classmethod
-    def why_unsupported(cls, base, dropout):
+    def why_unsupported(cls, base: nn.Embedding, dropout: float) -> Optional[str]:
         if base.max_norm is not None:  # F.embedding renormalises W's rows in place: W + ΔW would need it
             return f"max_norm={base.max_norm} renormalises the stored table, which LoRA's factored lookup cannot do"
         if base.scale_grad_by_freq:  # the B gradient would not be scaled as the merged table's is
@@ -347,34 +348,34 @@ class LoRAEmbedding(LoRALayer):
         return None
 
     @staticmethod
-    def lora_shapes(embedding, r):
+    def lora_shapes(embedding: nn.Embedding, r: int) -> tuple:
         return (r, embedding.num_embeddings), (embedding.embedding_dim, r)
 
-    def keep_base_settings(self, embedding):
+    def keep_base_settings(self, embedding: nn.Embedding) -> None:
         self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
         self.padding_idx, self.sparse = embedding.padding_idx, embedding.sparse
 
-    def reset_lora_parameters(self, init_std=None):
+    def reset_lora_parameters(self, init_std: Optional[float] = None) -> None:
         """A ~ N(0, init_std^2) (std 1 by default), B = 0, A's padding_idx column = 0."""
         super().reset_lora_parameters(1.0 if init_std is None else init_std)
         if self.padding_idx is not None:
             with torch.no_grad():
                 self.lora_A[:, self.padding_idx] = 0
 
-    def as_weight(self, delta):
+    def as_weight(self, delta: torch.Tensor) -> torch.Tensor:
         return delta.T
 
-    def base_forward(self, idx):
+    def base_forward(self, idx: torch.Tensor) -> torch.Tensor:
         return F.embedding(idx, self.weight, self.padding_idx, sparse=self.sparse)
 
-    def adapted_forward(self, idx):
+    def adapted_forward(self, idx: torch.Tensor) -> torch.Tensor:
         h = F.embedding(idx, self.lora_A.T, self.padding_idx)  # (..., r): column idx of A
         update = ((h * self.scale) @ self.lora_B.T).to(self.weight.dtype)  # (an adapter kept in another dtype)
         if self.padding_idx is not None:  # the pad row is a constant, as nn.Embedding treats it
             update = torch.where((idx == self.padding_idx).unsqueeze(-1), update.detach(), update)
         return self.base_forward(idx) + update
 
-    def base_module(self, weight, bias):
+    def base_module(self, weight: nn.Parameter, bias: None) -> nn.Embedding:
         embedding = nn.Embedding(self.num_embeddings, self.embedding_dim, self.padding_idx, sparse=self.sparse,
                                  device="meta")
         embedding.weight = weight
@@ -401,36 +402,36 @@ class LoRAConv(LoRALayer):
                  "padding_mode", "_reversed_padding_repeated_twice")
 
     @classmethod
-    def why_unsupported(cls, base, dropout):
+    def why_unsupported(cls, base: nn.Module, dropout: float) -> Optional[str]:
         if base.groups != 1:
             return f"groups={base.groups} (a grouped or depthwise convolution) is not supported"
         return None
 
     @staticmethod
-    def lora_shapes(conv, r):
+    def lora_shapes(conv: nn.Module, r: int) -> tuple:
         return (r, conv.in_channels, *conv.kernel_size), (conv.out_channels, r)
 
-    def keep_base_settings(self, conv):
+    def keep_base_settings(self, conv: nn.Module) -> None:
         self.conv_class = next(t for t in self.base_types if isinstance(conv, t))
         for name in self._SETTINGS:
             setattr(self, name, getattr(conv, name))
 
-    def as_weight(self, delta):
+    def as_weight(self, delta: torch.Tensor) -> torch.Tensor:
         return delta.view(self.weight.shape)
 
     def _conv(self, x, weight, bias):
         return self.conv_class._conv_forward(self, x, weight, bias)
 
-    def base_forward(self, x):
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv(x, self.weight, self.bias)
 
-    def adapted_forward(self, x):
+    def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_forward(x)
         h = self._conv(self.lora_dropout(x).to(self.lora_A.dtype), self.lora_A, None) * self.scale  # (N, r, *spatial)
         pointwise = (F.conv1d, F.conv2d, F.conv3d)[len(self.kernel_size) - 1]  # B per pixel: a 1x1 convolution
         return y + pointwise(h, self.lora_B.view(*self.lora_B.shape, *[1] * len(self.kernel_size))).to(y.dtype)
 
-    def base_module(self, weight, bias):
+    def base_module(self, weight: nn.Parameter, bias: Optional[nn.Parameter]) -> nn.Module:
         conv = self.conv_class(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
                                self.dilation, self.groups, bias is not None, self.padding_mode, device="meta")
         conv.weight, conv.bias = weight, bias
@@ -543,7 +544,7 @@ def set_lora_enabled(model: nn.Module, enabled: bool) -> None:
 
 
 @contextlib.contextmanager
-def lora_disabled(model: nn.Module):
+def lora_disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model inside the block; restores each layer's previous state on exit."""
     previous = [(layer, layer.enabled) for _, layer in lora_layers(model)]
     set_lora_enabled(model, False)
@@ -692,13 +693,13 @@ def _lora_config(model):
     return {name: {"r": m.r, "alpha": m.alpha, "use_rslora": m.use_rslora} for name, m in lora_layers(model)}
 
 
-def save_adapter(model: nn.Module, path) -> None:
+def save_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     """Save only the adapter: its tensors plus r, alpha, scaling rule and target modules."""
     state = {k: v.detach().cpu() for k, v in lora_state_dict(model).items()}
     torch.save({"format": "lora_min.adapter", "version": 1, "config": _lora_config(model), "state_dict": state}, path)
 
 
-def load_adapter(model: nn.Module, path) -> nn.Module:
+def load_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
     """Load a file written by save_adapter into a model with matching LoRA layers."""
     saved = _read_adapter(path)
     want, have = saved["config"], _lora_config(model)
@@ -786,7 +787,8 @@ def _peft_config(model, layers, base_model_name_or_path):
     return config
 
 
-def save_peft_adapter(model: nn.Module, directory, base_model_name_or_path: Optional[str] = None) -> None:
+def save_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike],
+                      base_model_name_or_path: Optional[str] = None) -> None:
     """Write the adapter as PEFT does (adapter_config.json, adapter_model.safetensors, or .bin
     without safetensors): peft.PeftModel.from_pretrained(base, directory) then computes what
     this model computes with every LoRA layer enabled and unmerged."""
@@ -822,7 +824,7 @@ def save_peft_adapter(model: nn.Module, directory, base_model_name_or_path: Opti
         os.remove(os.path.join(directory, stale))
 
 
-def load_peft_adapter(model: nn.Module, directory) -> nn.Module:
+def load_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike]) -> nn.Module:
     """Add LoRA layers where a PEFT adapter says and load its weights; returns model, the base
     model without LoRA layers (module names as PEFT saw them). Every config field, target and
     tensor is checked before the model changes. New layers take the train / eval mode of the
