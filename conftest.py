@@ -1,11 +1,13 @@
 """Shared pytest setup and the helpers more than one test file uses.
 
 - the hypothesis profile: deterministic, fast runs (the same examples every run);
-- tolerances and drawn cases: TOL, FLOAT_DTYPES, the `cases` strategy and `make`;
-- small models: `mlp`, `Block` (fc -> tanh -> out), `Attention` (q_proj, qq_proj, v_proj,
-  out_proj), `tied` (two linears, one weight), `randomize_B`, `lora_names`;
+- tolerances and drawn cases: TOL, EXACT, FLOAT_DTYPES, the `cases` strategy and `make`;
+- small models: `mlp`, `Block` (fc -> tanh -> out), `two_blocks`, `Attention` (q_proj, qq_proj,
+  v_proj, out_proj), `tied` (two linears, one weight), `Mixed` (an embedding, two convs and two
+  linears), `cnn`, `randomize_B`, `randomize`, `lora_names`;
+- one small model of each layer type with LoRA: `MODEL_KINDS` and `adapted(kind)`;
 - the refusal oracle: `snapshot` / `assert_unchanged` (a refused call changes nothing);
-- files: `write_peft_config`, and `Payload`, a pickle that runs code when unpickled;
+- files: `write_peft_config`, `write_peft`, and `Payload`, a pickle that runs code when unpickled;
 - tiny transformers models (built from configs, no downloads): `tiny_llama`, `lora_llama`,
   `tokens`, `randomize_adapter`, `train_language_model`.
 Test files import them: `from conftest import ...`.
@@ -123,6 +125,16 @@ class Attention(nn.Module):
         return self.out_proj(self.act(self.q_proj(x) + self.qq_proj(x) + self.v_proj(x)))
 
 
+def two_blocks():
+    """Sequential(Block(), Block()): linears "0.fc", "0.out", "1.fc", "1.out" (4 -> 4)."""
+    return nn.Sequential(Block(), Block())
+
+
+def lora_two_blocks(**kwargs):
+    """two_blocks() with rank-2 LoRA (random B) on every linear."""
+    return randomize_B(L.add_lora(two_blocks(), r=2, **kwargs))
+
+
 def tied():
     """Sequential(Linear, Tanh, Linear) whose two linears share one weight Parameter, with LoRA
     (random B) on "2" only, in eval mode."""
@@ -143,6 +155,137 @@ def randomize_B(model, seed=1):
         for _, layer in L.lora_layers(model):
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g, dtype=layer.lora_B.dtype))
     return model
+
+
+class Mixed(nn.Module):
+    """Embedding -> Conv1d (reflect) -> Conv2d (dilated, 'same') -> Linear -> Linear (head, never adapted)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(20, 6, padding_idx=0)
+        self.conv1 = nn.Conv1d(6, 8, 3, padding=1, padding_mode="reflect")
+        self.conv2 = nn.Conv2d(1, 2, 3, padding="same", dilation=2, padding_mode="circular")
+        self.fc = nn.Linear(16, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, idx):
+        h = self.embed(idx)  # (N, T, 6)
+        h = torch.tanh(self.conv1(h.transpose(1, 2)))  # (N, 8, T)
+        h = self.conv2(h.unsqueeze(1))  # (N, 2, 8, T)
+        h = h.flatten(1, 2).transpose(1, 2)  # (N, T, 16)
+        return self.head(torch.tanh(self.fc(h)))
+
+
+MIXED_TARGETS = ["embed", "conv1", "conv2", "fc"]
+
+
+def mixed(dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    return Mixed().to(dtype)
+
+
+class Tables(nn.Module):
+    """Token and position embeddings (as GPT-2's wte and wpe) -> Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(20, 6, padding_idx=0), nn.Embedding(7, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, idx):
+        return self.head(self.tok(idx) + self.pos(torch.arange(idx.shape[-1], device=idx.device)))
+
+
+def tables(dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    return Tables().to(dtype)
+
+
+def cnn(dtype=torch.float64, seed=0):
+    """Conv2d "0" (3 -> 8, padding 1) -> ReLU -> Conv2d "2" (8 -> 8, stride 2) -> ReLU -> Flatten -> Linear "5"."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(8 * 3 * 3, 5)).to(dtype).eval()
+
+
+def ids(seed=1, batch=2, length=7, vocab=20):
+    """Token indices for Mixed and Tables; the first is the embedding's padding_idx 0."""
+    out = torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+    out[0, 0] = 0
+    return out
+
+
+def images(seed=1, dtype=torch.float64):
+    return torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def randomize(model, seed=1, scale=1.0):
+    """Random A and B in every LoRA layer (A's pad columns kept zero, as the layer keeps them)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in L.lora_layers(model):
+            for p in (layer.lora_A, layer.lora_B):
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
+            if isinstance(layer, L.LoRAEmbedding) and layer.padding_idx is not None:
+                layer.lora_A[:, layer.padding_idx] = 0
+    return model
+
+
+def expected_lora_shapes(module, r):
+    """The shapes of A and B for a plain module, from its own attributes: linear (r, in), (out, r);
+    embedding (r, num_embeddings), (embedding_dim, r); conv (r, in_channels, *kernel_size), (out_channels, r)."""
+    if isinstance(module, nn.Embedding):
+        return (r, module.num_embeddings), (module.embedding_dim, r)
+    if isinstance(module, nn.Linear):
+        return (r, module.in_features), (module.out_features, r)
+    return (r, module.in_channels, *module.kernel_size), (module.out_channels, r)
+
+
+def lora_mixed(dtype=torch.float64, **kwargs):
+    """(the frozen base model, a copy with LoRA on MIXED_TARGETS and random A, B). Frozen as LoRA
+    freezes it: torch's F.linear may take another kernel (other rounding) for a weight that requires grad."""
+    base = mixed(dtype).requires_grad_(False)
+    return base, randomize(L.add_lora(copy.deepcopy(base), r=3, alpha=5, target_modules=MIXED_TARGETS, **kwargs))
+
+
+# --- one small float64 model of each layer type, with LoRA ------------------------------------------------
+
+# kind: (the architecture (dtype, seed) -> model, add_lora's settings, the input)
+MODEL_KINDS = {
+    "linear": (mlp, dict(r=2, alpha=3.0, target_modules=["2.0", "3"]),
+               lambda: torch.randn(4, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)),
+    "embedding": (tables, dict(r=3, alpha=5, target_modules=["tok", "pos"]), ids),
+    "conv": (cnn, dict(r=3, alpha=6, target_modules=["0", "2"]), images),
+    "all three": (mixed, dict(r=3, alpha=5, target_modules=MIXED_TARGETS), ids),
+}
+
+
+@dataclass
+class Adapted:
+    """A small model of one kind: `base` (frozen, eval mode), `model` (a copy with LoRA on two or more
+    layers of that kind, random A and B), an input `x`, and how to make them again."""
+    kind: str
+    base: nn.Module
+    model: nn.Module
+    x: torch.Tensor
+    settings: dict  # add_lora's arguments
+
+    def architecture(self, seed=0):
+        """The base model's architecture with other random weights (seed 0: the base's own)."""
+        return MODEL_KINDS[self.kind][0](torch.float64, seed).eval()
+
+    def fresh(self):
+        """The base with a new (B = 0) adapter of the same settings: what an adapter file loads into."""
+        return L.add_lora(copy.deepcopy(self.base), **self.settings)
+
+
+def adapted(kind, device=None):
+    """Adapted(kind); on `device` ("meta": no memory, the input stays on the CPU)."""
+    architecture, settings, x = MODEL_KINDS[kind]
+    with torch.device(device or "cpu"):
+        base = architecture(torch.float64, 0).eval().requires_grad_(False)  # frozen: see lora_mixed
+        model = randomize(L.add_lora(copy.deepcopy(base), **settings))
+    return Adapted(kind, base, model, x(), settings)
 
 
 # --- the refusal oracle: a snapshot of everything a call could change ---------------------------------
@@ -175,6 +318,17 @@ def write_peft_config(folder, **fields):
     """folder/adapter_config.json: a minimal valid PEFT LoRA config (r = lora_alpha = 2, target "0"), with `fields` on top."""
     config = {"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["0"], "bias": "none", **fields}
     (folder / "adapter_config.json").write_text(json.dumps(config))
+
+
+def write_peft(folder, model_names, shapes=None, **fields):
+    """A PEFT adapter folder for linears of size 4: config fields and rank-2 A, B tensors (shapes: others)."""
+    r = 2
+    write_peft_config(folder, **{"target_modules": model_names, **fields})
+    tensors = {}
+    for name in model_names:
+        tensors[f"base_model.model.{name}.lora_A.weight"] = torch.randn(r, 4)
+        tensors[f"base_model.model.{name}.lora_B.weight"] = torch.randn(4, r)
+    torch.save({**tensors, **(shapes or {})}, folder / "adapter_model.bin")
 
 
 class Payload:
