@@ -1,25 +1,32 @@
-"""The specification of LoRA on nn.Embedding (LoRAEmbedding) and nn.Conv1d/2d/3d (LoRAConv).
+"""The specification of the LoRA layers, LoRALinear, LoRAEmbedding and LoRAConv, side by side.
 
-Above all: each layer computes what independent oracles compute from the same W, A
-and B, in every setting hypothesis draws:
+Above all: each layer computes what independent oracles compute from the same W, A and B, in
+every setting hypothesis draws:
 
-    embedding   F.embedding(idx, W + (B @ A)^T * scale, padding_idx), and the classic
-                torch.nn.utils.parametrize LoRA on a plain nn.Embedding (outputs, and
-                the gradients of A and B)
+    every type  the classic torch.nn.utils.parametrize LoRA on the plain layer, whose weight is
+                W + ΔW (outputs, and the gradients of A, B and a floating input x)
+    embedding   F.embedding(idx, W + (B @ A)^T * scale, padding_idx)
     conv        F.pad + F.conv{1,2,3}d with W + (B @ A.flatten(1)).view(W.shape) * scale,
                 written out here from the settings (stride, padding ints / 'same' /
-                'valid', dilation, padding_mode), and the parametrize LoRA on a plain
-                nn.ConvNd (outputs, and the gradients of A, B and x)
+                'valid', dilation, padding_mode)
 
-and then everything that works for linears works for them too: merge / unmerge,
-enable / disable, merge_and_unload, merged_state_dict, adapter files, PEFT's format
-(oracle: PEFT itself), torch.compile and autocast.
+Every behaviour the three types share is one test parametrized over the type (KINDS: linear,
+embedding, conv): the shapes and init of A and B, enable / disable, merge / unmerge (and the
+exact rounding of a merge), train / eval, merge_and_unload of one layer, devices and dtypes
+(meta, autocast, adapters in another dtype than the base, nested inputs), torch.compile.
+LoRALinear's own math, autograd and fast path: test_lora_min.py; whole models: test_model.py;
+refusals: test_misuse.py; PEFT's format: test_peft.py.
 
-Tolerances (torch.testing.assert_close, rtol / atol): float64 1e-10 / 1e-10 (only the
-summation order differs), float32 1e-4 / 1e-4; bfloat16 autocast 2e-2 / 5e-2.
+Sections: oracles; drawing cases; embeddings and convolutions against their own oracles; every
+type against parametrize; gradcheck; shapes and init; dropout; enable / disable; merge / unmerge;
+merge_and_unload of one layer; devices and dtypes; torch.compile.
+
+Tolerances (conftest.TOL, torch.testing.assert_close, rtol / atol): float64 1e-10 / 1e-10 (only
+the summation order differs), float32 1e-4 / 1e-4; bfloat16 autocast 2e-2 / 5e-2.
 """
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -31,19 +38,24 @@ from hypothesis import given, settings, strategies as st
 from torch.nn.utils import parametrize
 
 import lora_min as L
+from conftest import (EXACT, FLOAT_DTYPES, MODEL_KINDS, TOL, Case, adapted, assert_unchanged, cases as linear_cases,
+                      expected_lora_shapes, lora_mixed, ids, make as make_linear, snapshot)
 
-TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-4)}
-EXACT = TOL[torch.float64]
 BF16 = dict(rtol=2e-2, atol=5e-2)
-FLOAT_DTYPES = [torch.float32, torch.float64]
+KINDS = ["linear", "embedding", "conv"]
 CONV_CLASSES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 PADDING_MODES = ["zeros", "reflect", "replicate", "circular"]
-# Tests that build convolutions run half the profile's examples each (50 by default): several
-# such tests draw from the same space, each with its own derandomized examples.
+# Tests that build convolutions run half the profile's examples (50 by default) for each layer type:
+# several such tests draw from the same space, each with its own derandomized examples.
 CONV_SETTINGS = settings(max_examples=max(10, settings.default.max_examples // 2))
 
 
 # --- independent oracles -------------------------------------------------------------------------------
+
+
+def linear_delta(A, B, scale):
+    """ΔW of a linear weight (out, in)."""
+    return (B @ A) * scale
 
 
 def embedding_delta(A, B, scale):
@@ -71,7 +83,7 @@ class LoRAParametrization(nn.Module):
 
 def parametrize_reference(base, layer):
     """A frozen copy of the plain layer whose weight is parametrized by copies of layer's A and B."""
-    delta = embedding_delta if isinstance(layer, L.LoRAEmbedding) else conv_delta
+    delta = {L.LoRALinear: linear_delta, L.LoRAEmbedding: embedding_delta, L.LoRAConv: conv_delta}[type(layer)]
     ref = copy.deepcopy(base).requires_grad_(False)
     if isinstance(ref, nn.Embedding):  # a sparse gradient of the table cannot flow back through B @ A
         ref.sparse = False  # (sparse changes only the format of W's gradient, and W is frozen)
@@ -230,93 +242,34 @@ def lora_positions(base, x):
 
 
 def make(case):
+    """(the plain layer, its LoRA layer with random A and nonzero B, an input) for a case of any type."""
+    if isinstance(case, Case):
+        return make_linear(case)
     return make_embedding(case) if isinstance(case, EmbeddingCase) else make_conv(case)
 
 
-def layer_cases(dtypes=FLOAT_DTYPES):
-    """Either layer type, every setting."""
-    return embedding_cases(dtypes) | conv_cases(dtypes)
+def drawn(kind, dtypes=FLOAT_DTYPES):
+    """The strategy that draws cases of this layer type, in every setting."""
+    return {"linear": linear_cases, "embedding": embedding_cases, "conv": conv_cases}[kind](dtypes)
 
 
-# --- small models that hold all three layer types --------------------------------------------------------
+# One fixed case of each type (float64), for the tests that do not draw: example(kind, dtype=...).
+EXAMPLES = {
+    "linear": Case(in_f=6, out_f=4, r=2, alpha=4.0, use_rslora=False, bias=True, batch=(3,), dtype=torch.float64,
+                   seed=0),
+    "embedding": EmbeddingCase(num=12, dim=5, r=3, alpha=6.0, use_rslora=False, padding_idx=1, sparse=False,
+                               idx_shape=(2, 4), dtype=torch.float64, seed=0),
+    "conv": ConvCase(n=2, in_ch=3, out_ch=4, kernel=(3, 3), stride=(1, 2), padding=(1, 1), dilation=(1, 1),
+                     padding_mode="zeros", bias=True, batch=2, spatial=(6, 7), r=2, alpha=4.0, use_rslora=False,
+                     dtype=torch.float64, seed=0),
+}
 
 
-class Mixed(nn.Module):
-    """Embedding -> Conv1d (reflect) -> Conv2d (dilated, 'same') -> Linear -> Linear (head, never adapted)."""
-
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(20, 6, padding_idx=0)
-        self.conv1 = nn.Conv1d(6, 8, 3, padding=1, padding_mode="reflect")
-        self.conv2 = nn.Conv2d(1, 2, 3, padding="same", dilation=2, padding_mode="circular")
-        self.fc = nn.Linear(16, 5)
-        self.head = nn.Linear(5, 3)
-
-    def forward(self, idx):
-        h = self.embed(idx)  # (N, T, 6)
-        h = torch.tanh(self.conv1(h.transpose(1, 2)))  # (N, 8, T)
-        h = self.conv2(h.unsqueeze(1))  # (N, 2, 8, T)
-        h = h.flatten(1, 2).transpose(1, 2)  # (N, T, 16)
-        return self.head(torch.tanh(self.fc(h)))
+def example(kind, **changes):
+    return make(dataclasses.replace(EXAMPLES[kind], **changes))
 
 
-MIXED_TARGETS = ["embed", "conv1", "conv2", "fc"]
-
-
-def mixed(dtype=torch.float64, seed=0):
-    torch.manual_seed(seed)
-    return Mixed().to(dtype)
-
-
-def randomize(model, seed=1, scale=1.0):
-    """Random A and B (A's pad columns kept zero, as the layer keeps them)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in L.lora_layers(model):
-            for p in (layer.lora_A, layer.lora_B):
-                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
-            if isinstance(layer, L.LoRAEmbedding) and layer.padding_idx is not None:
-                layer.lora_A[:, layer.padding_idx] = 0
-    return model
-
-
-def lora_mixed(dtype=torch.float64, **kwargs):
-    """(the frozen base model, a copy with LoRA on MIXED_TARGETS and random A, B). Frozen as LoRA
-    freezes it: torch's F.linear may take another kernel (other rounding) for a weight that requires grad."""
-    base = mixed(dtype).requires_grad_(False)
-    return base, randomize(L.add_lora(copy.deepcopy(base), r=3, alpha=5, target_modules=MIXED_TARGETS, **kwargs))
-
-
-def ids(seed=1, batch=2, length=7, vocab=20):
-    out = torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
-    out[0, 0] = 0  # the embedding's padding_idx
-    return out
-
-
-def tiny_llama(tie=False, seed=0, dtype=torch.float64):
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, vocab_size=100, max_position_embeddings=64,
-                                      tie_word_embeddings=tie, attn_implementation="eager")
-    return transformers.LlamaForCausalLM(config).to(dtype).eval()
-
-
-def tokens(seed=1, batch=2, length=7):
-    return torch.randint(0, 100, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def cnn(dtype=torch.float64, seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2), nn.ReLU(),
-                         nn.Flatten(), nn.Linear(8 * 3 * 3, 5)).to(dtype).eval()
-
-
-def images(seed=1, dtype=torch.float64):
-    return torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(seed), dtype=dtype)
-
-
-# --- equivalence with independent oracles: embeddings -----------------------------------------------------
+# --- embeddings against their own oracles -----------------------------------------------------
 
 
 @given(embedding_cases())
@@ -334,24 +287,6 @@ def test_embedding_delta_weight_is_the_transposed_update(case):
     assert layer.delta_weight().shape == (case.num, case.dim)
     torch.testing.assert_close(layer.delta_weight(), embedding_delta(layer.lora_A, layer.lora_B, layer.scale),
                                **TOL[case.dtype])
-
-
-@given(embedding_cases(dtypes=[torch.float64]))
-def test_embedding_equals_parametrize_outputs_and_gradients(case):
-    """Outputs and the gradients of A and B equal the parametrize LoRA's (float64, 1e-10)."""
-    base, layer, idx = make_embedding(case)
-    ref, ref_lora = parametrize_reference(base, layer)
-    y, y_ref = layer(idx), ref(idx)
-    torch.testing.assert_close(y, y_ref, **EXACT)
-    changed = lora_positions(base, idx)
-    if changed.any():
-        assert not torch.allclose(y[changed], base(idx)[changed], **EXACT), "LoRA must change the output"
-    w = torch.randn(y.shape, generator=torch.Generator().manual_seed(case.seed + 1), dtype=case.dtype)
-    (y * w).sum().backward()
-    (y_ref * w).sum().backward()
-    torch.testing.assert_close(layer.lora_A.grad, ref_lora.lora_A.grad, **EXACT)
-    torch.testing.assert_close(layer.lora_B.grad, ref_lora.lora_B.grad, **EXACT)
-    assert layer.weight.grad is None
 
 
 def test_embedding_gradients_equal_parametrize_for_an_adapter_whose_pad_column_is_not_zero():
@@ -374,7 +309,7 @@ def test_embedding_gradients_equal_parametrize_for_an_adapter_whose_pad_column_i
     torch.testing.assert_close(layer.lora_B.grad, ref_lora.lora_B.grad, **EXACT)
 
 
-# --- equivalence with independent oracles: convolutions ---------------------------------------------------
+# --- convolutions against their own oracles ---------------------------------------------------
 
 
 @CONV_SETTINGS
@@ -404,75 +339,38 @@ def test_conv_by_hand_oracle_is_the_plain_conv(case):
     torch.testing.assert_close(conv_by_hand(case, x, base.weight, base.bias), base(x), **TOL[case.dtype])
 
 
+# --- every type against the parametrize LoRA ----------------------------------------------------------
+
+
+# Linears in float32 and float64; embeddings and convs (longer sums) in float64 at 1e-10.
+PARAMETRIZE_DTYPES = {"linear": FLOAT_DTYPES, "embedding": [torch.float64], "conv": [torch.float64]}
+
+
+@pytest.mark.parametrize("kind", KINDS)
 @CONV_SETTINGS
-@given(conv_cases(dtypes=[torch.float64]))
-def test_conv_equals_parametrize_outputs_and_gradients(case):
-    """Outputs and the gradients of A, B and x equal the parametrize LoRA's (float64, 1e-10)."""
-    base, layer, x = make_conv(case)
+@given(data=st.data())
+def test_equals_parametrize_outputs_and_gradients(kind, data):
+    """Outputs and the gradients of A, B and x (where x is not indices) equal the parametrize LoRA's;
+    the frozen W and b get no gradient."""
+    case = data.draw(drawn(kind, PARAMETRIZE_DTYPES[kind]), label="case")
+    base, layer, x = make(case)
+    tol = TOL[case.dtype]
     ref, ref_lora = parametrize_reference(base, layer)
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    floating = x.is_floating_point()
+    x1, x2 = (x.clone().requires_grad_(), x.clone().requires_grad_()) if floating else (x, x)
     y, y_ref = layer(x1), ref(x2)
-    torch.testing.assert_close(y, y_ref, **EXACT)
-    assert not torch.allclose(y, base(x), **EXACT), "LoRA must change the output"
+    torch.testing.assert_close(y, y_ref, **tol)
+    changed = lora_positions(base, x)
+    if changed.any():
+        assert not torch.allclose(y[changed], base(x)[changed], **tol), "LoRA must change the output"
     w = torch.randn(y.shape, generator=torch.Generator().manual_seed(case.seed + 1), dtype=case.dtype)
     (y * w).sum().backward()
     (y_ref * w).sum().backward()
-    torch.testing.assert_close(layer.lora_A.grad, ref_lora.lora_A.grad, **EXACT)
-    torch.testing.assert_close(layer.lora_B.grad, ref_lora.lora_B.grad, **EXACT)
-    torch.testing.assert_close(x1.grad, x2.grad, **EXACT)
+    torch.testing.assert_close(layer.lora_A.grad, ref_lora.lora_A.grad, **tol)
+    torch.testing.assert_close(layer.lora_B.grad, ref_lora.lora_B.grad, **tol)
+    if floating:
+        torch.testing.assert_close(x1.grad, x2.grad, **tol)
     assert layer.weight.grad is None and (layer.bias is None or layer.bias.grad is None)
-
-
-@CONV_SETTINGS
-@given(conv_cases())
-def test_conv_lora_shapes_follow_the_base_kernel(case):
-    """A: (r, in_channels, *kernel_size), B: (out_channels, r), in W's dtype; W and b are the base's Parameters."""
-    base = make_conv(case)[0]
-    layer = L.LoRAConv(base, r=case.r)
-    assert layer.lora_A.shape == (case.r, case.in_ch, *case.kernel) and layer.lora_B.shape == (case.out_ch, case.r)
-    assert layer.lora_A.dtype == layer.lora_B.dtype == case.dtype
-    assert layer.weight is base.weight and layer.bias is base.bias and not layer.weight.requires_grad
-
-
-# --- merge / unmerge ------------------------------------------------------------------------------------
-
-
-@CONV_SETTINGS
-@given(layer_cases())
-def test_merged_output_equals_unmerged(case):
-    """merge() folds ΔW into W and the plain forward then computes the unmerged output, for
-    every stride, padding, dilation and padding_mode (PEFT's conv drops the last two)."""
-    _, layer, x = make(case)
-    layer.eval()
-    y = layer(x)
-    layer.merge()
-    assert layer.merged
-    torch.testing.assert_close(layer(x), y, **TOL[case.dtype])
-
-
-@CONV_SETTINGS
-@given(layer_cases())
-def test_merged_weight_is_W_plus_delta(case):
-    base, layer, _ = make(case)
-    W, delta = base.weight.detach().clone(), layer.delta_weight().detach()
-    layer.merge()
-    torch.testing.assert_close(layer.weight, W + delta, **TOL[case.dtype])
-
-
-@CONV_SETTINGS
-@given(layer_cases())
-def test_unmerge_restores_W_within_the_documented_bound(case):
-    """|unmerge(merge(W)) - W| <= eps(dtype) * (|W| + |ΔW|), elementwise; and the output is the unmerged one again."""
-    base, layer, x = make(case)
-    layer.eval()
-    y = layer(x)
-    W, delta = base.weight.detach().clone(), layer.delta_weight().detach()
-    layer.merge()
-    layer.unmerge()
-    assert not layer.merged
-    bound = torch.finfo(case.dtype).eps * (W.abs() + delta.abs())
-    assert ((layer.weight - W).abs() <= bound).all()
-    torch.testing.assert_close(layer(x), y, **TOL[case.dtype])
 
 
 # --- complete under autograd: gradcheck and gradgradcheck (float64) ------------------------------------------
@@ -519,15 +417,34 @@ def test_conv_gradcheck_and_gradgradcheck_full_jacobians(case):
     assert torch.autograd.gradgradcheck(f, inputs)
 
 
-# --- initialisation ------------------------------------------------------------------------------------------
+# --- shapes and init --------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @CONV_SETTINGS
-@given(layer_cases(), st.sampled_from([None, 1.0, 0.02]))
-def test_fresh_layer_has_zero_B_and_equals_the_base_exactly(case, init_std):
+@given(data=st.data())
+def test_lora_shapes_follow_the_base_layer_and_only_A_and_B_train(kind, data):
+    """A and B have the type's shapes (conftest.expected_lora_shapes: linear (r, in), (out, r); embedding
+    (r, num), (dim, r); conv (r, in, *kernel), (out, r)) in W's dtype and train; W and b are the base's
+    own Parameters, frozen."""
+    case = data.draw(drawn(kind), label="case")
+    base = make(case)[0]
+    layer = L.lora_class_for(base)(base, r=case.r)
+    assert (layer.lora_A.shape, layer.lora_B.shape) == expected_lora_shapes(base, case.r)
+    assert layer.lora_A.dtype == layer.lora_B.dtype == case.dtype
+    assert layer.lora_A.requires_grad and layer.lora_B.requires_grad
+    assert layer.weight is base.weight and layer.bias is getattr(base, "bias", None)
+    assert not layer.weight.requires_grad and (layer.bias is None or not layer.bias.requires_grad)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@CONV_SETTINGS
+@given(data=st.data(), init_std=st.sampled_from([None, 1.0, 0.02]))
+def test_fresh_layer_has_zero_B_and_equals_the_base_exactly(kind, data, init_std):
+    """B = 0 and A != 0 at the start, so a new layer computes its base layer bit for bit."""
+    case = data.draw(drawn(kind), label="case")
     base, _, x = make(case)
-    cls = L.LoRAEmbedding if isinstance(case, EmbeddingCase) else L.LoRAConv
-    layer = cls(copy.deepcopy(base), r=case.r, alpha=case.alpha, init_std=init_std)
+    layer = L.lora_class_for(base)(copy.deepcopy(base), r=case.r, alpha=case.alpha, init_std=init_std)
     assert torch.count_nonzero(layer.lora_B) == 0 and torch.count_nonzero(layer.lora_A) > 0
     assert torch.equal(layer(x), base(x))
 
@@ -599,73 +516,17 @@ def test_conv_A_is_kaiming_uniform_with_fan_in_of_the_whole_patch(conv, r):
     assert A.abs().max() <= bound and A.abs().max() > 0.99 * bound
 
 
-# --- refusals, by name ----------------------------------------------------------------------------------------
-
-
-class DoubledConv(nn.Conv2d):
-    """An nn.Conv2d subclass that computes something else."""
-
-    def forward(self, x):
-        return 2 * super().forward(x)
-
-
-@pytest.mark.parametrize("module, match", [
-    (lambda: nn.Embedding(10, 4, max_norm=1.0), r"'0': LoRAEmbedding cannot adapt this Embedding: max_norm=1.0"),
-    (lambda: nn.Embedding(10, 4, scale_grad_by_freq=True), r"'0': LoRAEmbedding cannot adapt.*scale_grad_by_freq"),
-    (lambda: nn.Conv2d(4, 4, 3, groups=4), r"'0': LoRAConv cannot adapt this Conv2d: groups=4"),
-    (lambda: nn.Conv1d(4, 6, 3, groups=2), r"'0': LoRAConv cannot adapt this Conv1d: groups=2"),
-    (lambda: nn.ConvTranspose2d(3, 4, 3), r"'0': it is a ConvTranspose2d, not an nn.Linear, nn.Embedding or nn.Conv"),
-    (lambda: DoubledConv(3, 4, 3), r"'0': it is a DoubledConv, a subclass with its own forward\(\)"),
-])
-def test_add_lora_refuses_modules_it_cannot_compute_exactly(module, match):
-    """A ValueError naming the module and the reason; the model is left as it was."""
-    target = module()
-    model = nn.Sequential(target)
-    with pytest.raises(ValueError, match=match):
-        L.add_lora(model, r=2, target_modules=["0"])
-    assert model[0] is target and not list(L.lora_layers(model))
-
-
-@pytest.mark.parametrize("module, match", [
-    (lambda: nn.Embedding(10, 4, max_norm=1.0), "max_norm"),
-    (lambda: nn.Embedding(10, 4, scale_grad_by_freq=True), "scale_grad_by_freq"),
-    (lambda: nn.Conv2d(4, 4, 3, groups=4), "groups=4"),
-])
-def test_layer_constructors_refuse_the_same_modules(module, match):
-    with pytest.raises(ValueError, match=match):
-        L.lora_class_for(module())(module(), r=2)
-
-
-def test_lora_embedding_refuses_dropout():
-    with pytest.raises(ValueError, match="dropout does not apply to an embedding"):
-        L.LoRAEmbedding(nn.Embedding(10, 4), r=2, dropout=0.1)
-
-
-def test_lora_conv_refuses_conv_transpose():
-    with pytest.raises(TypeError, match="LoRAConv adapts nn.Conv1d / nn.Conv2d / nn.Conv3d, got ConvTranspose2d"):
-        L.LoRAConv(nn.ConvTranspose2d(3, 4, 3))
-
-
 # --- dropout ------------------------------------------------------------------------------------------------
 
 
-def test_add_lora_dropout_reaches_linears_and_convs_but_not_embeddings():
-    model = L.add_lora(mixed(), r=2, dropout=0.1, target_modules=MIXED_TARGETS)
-    assert isinstance(model.embed.lora_dropout, nn.Identity) and model.embed.dropout == 0.0
-    for layer in (model.conv1, model.conv2, model.fc):
-        assert isinstance(layer.lora_dropout, nn.Dropout) and layer.lora_dropout.p == 0.1
-
-
-def test_conv_dropout_changes_training_outputs_only():
+@pytest.mark.parametrize("kind", ["linear", "conv"])  # an embedding refuses dropout (test_misuse.py)
+def test_dropout_changes_training_outputs_only(kind):
     """Dropout on the LoRA branch's input: training outputs differ from the layer without it;
     eval outputs equal it exactly and are deterministic."""
     torch.manual_seed(0)
-    conv = nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect")
-    plain = L.LoRAConv(copy.deepcopy(conv), r=2)
-    nn.init.normal_(plain.lora_B)
-    dropped = L.LoRAConv(copy.deepcopy(conv), r=2, dropout=0.5)
+    base, plain, x = example(kind)
+    dropped = type(plain)(copy.deepcopy(base), r=plain.r, alpha=plain.alpha, dropout=0.5)
     dropped.load_state_dict(plain.state_dict())
-    x = torch.randn(2, 3, 6, 6)
     assert not torch.allclose(dropped.train()(x), plain.train()(x))
     assert torch.equal(dropped.eval()(x), plain.eval()(x))
     assert torch.equal(dropped(x), dropped(x))
@@ -685,117 +546,277 @@ def test_conv_dropout_reaches_the_lora_branch_only():
     torch.testing.assert_close(y, expected)
 
 
-# --- what works for linears works here: enable / disable ------------------------------------------------------
+# --- enable / disable -------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @CONV_SETTINGS
-@given(layer_cases())
-def test_disabled_layer_equals_the_base_exactly(case):
-    base, layer, x = make(case)
+@given(data=st.data())
+def test_disabled_layer_equals_the_base_exactly_and_enabling_brings_back_its_output(kind, data):
+    base, layer, x = make(data.draw(drawn(kind), label="case"))
+    y = layer(x)
     layer.enabled = False
     assert torch.equal(layer(x), base(x))
     layer.enabled = True
+    assert torch.equal(layer(x), y)
     changed = lora_positions(base, x)
     if changed.any():
-        assert not torch.equal(layer(x)[changed], base(x)[changed])
+        assert not torch.equal(y[changed], base(x)[changed])
 
 
-def test_lora_disabled_runs_the_base_model_exactly_and_restores_each_state():
-    base, model = lora_mixed()
-    x = ids()
-    y = model(x)
-    assert not torch.allclose(y, base(x))
-    model.conv2.enabled = False  # a mixed state must come back as it was
-    state = [layer.enabled for _, layer in L.lora_layers(model)]
-    with L.lora_disabled(model):
-        assert torch.equal(model(x), base(x))
-    assert [layer.enabled for _, layer in L.lora_layers(model)] == state
-    L.set_lora_enabled(model, True)
-    assert torch.equal(model(x), y)
+# --- merge / unmerge ------------------------------------------------------------------------------------
 
 
-# --- merge_lora / unmerge_lora / merge_and_unload --------------------------------------------------------------
+def merge_case(data, kind):
+    """(a drawn case of this type, its layer in eval mode, x, the unmerged output y, W, ΔW)."""
+    case = data.draw(drawn(kind), label="case")
+    base, layer, x = make(case)
+    layer.eval()
+    return case, layer, x, layer(x), base.weight.detach().clone(), layer.delta_weight().detach()
 
 
-def test_merge_lora_equals_unmerged_and_unmerge_lora_restores_each_W():
-    base, model = lora_mixed()
-    model.eval()
-    x = ids()
-    y = model(x)
-    L.merge_lora(model)
-    assert all(layer.merged for _, layer in L.lora_layers(model))
-    torch.testing.assert_close(model(x), y, **EXACT)
-    L.unmerge_lora(model)
-    for name, layer in L.lora_layers(model):
-        W = base.get_submodule(name).weight
-        bound = torch.finfo(W.dtype).eps * (W.abs() + layer.delta_weight().abs())
-        assert not layer.merged and ((layer.weight - W).abs() <= bound).all(), name
-    torch.testing.assert_close(model(x), y, **EXACT)
+def unmerge_bound(W, delta, dtype):
+    """The documented bound on |W after merge + unmerge - W|: eps(dtype) * (|W| + |ΔW|), in float64."""
+    return torch.finfo(dtype).eps * (W.double().abs() + delta.double().abs())
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @CONV_SETTINGS
-@given(layer_cases())
-def test_merge_and_unload_gives_the_plain_layer_with_the_same_settings(case):
-    base, layer, _ = make(case)
-    plain = L.merge_and_unload(nn.Sequential(layer))[0]
-    assert type(plain) is type(base)
-    names = ["num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"] \
-        if isinstance(base, nn.Embedding) else \
-        ["in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode",
-         "_reversed_padding_repeated_twice"]
-    for name in names:
-        assert getattr(plain, name) == getattr(base, name), name
-    assert (getattr(plain, "bias", None) is None) == (getattr(base, "bias", None) is None)
-    assert not any(p.requires_grad for p in plain.parameters())
+@given(data=st.data())
+def test_merge_folds_delta_into_the_weight_and_keeps_the_outputs(kind, data):
+    """merge() folds ΔW into W and the plain forward then computes the unmerged output, for every
+    setting drawn (a conv's stride, padding, dilation and padding_mode: PEFT's conv drops the last two)."""
+    case, layer, x, y, W, delta = merge_case(data, kind)
+    layer.merge()
+    assert layer.merged
+    torch.testing.assert_close(layer.weight, W + delta, **TOL[case.dtype])
+    torch.testing.assert_close(layer(x), y, **TOL[case.dtype])
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @CONV_SETTINGS
-@given(layer_cases())
-def test_merge_and_unload_output_equals_the_lora_layer(case):
-    _, layer, x = make(case)
-    plain = L.merge_and_unload(nn.Sequential(layer))
-    assert isinstance(layer, L.LoRALayer) and not layer.merged  # the input is left as it was
-    torch.testing.assert_close(plain(x), layer(x), **TOL[case.dtype])
+@given(data=st.data())
+def test_unmerge_restores_W_within_the_documented_bound_and_the_outputs(kind, data):
+    """|unmerge(merge(W)) - W| <= eps(dtype) * (|W| + |ΔW|), elementwise; and the output is the unmerged one again."""
+    case, layer, x, y, W, delta = merge_case(data, kind)
+    layer.merge()
+    layer.unmerge()
+    assert not layer.merged
+    assert ((layer.weight.double() - W.double()).abs() <= unmerge_bound(W, delta, case.dtype)).all()
+    torch.testing.assert_close(layer(x), y, **TOL[case.dtype])
 
 
-def test_merge_and_unload_of_a_model_loads_into_the_original_architecture():
-    base, model = lora_mixed()
-    x = ids()
-    y = model.eval()(x)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_merge_rounds_W_plus_delta_once_from_float32_bit_for_bit(kind, dtype):
+    """merge(), merged_state_dict and merge_and_unload all write (W.float() + delta_weight(float32))
+    rounded once to W's dtype, bit for bit: not W + ΔW computed in the weight's own half precision."""
+    _, layer, _ = example(kind, dtype=dtype)
+    W = layer.weight.detach().clone()
+    expected = (W.float() + layer.delta_weight(torch.float32)).to(dtype)
+    assert not torch.equal(expected, W)  # the adapter changes W
+    if dtype != torch.float32:  # rounding twice (ΔW, then the sum, in half precision) gives other bits here
+        assert not torch.equal(W + layer.delta_weight(), expected)
+    model = nn.Sequential(layer)
+    assert torch.equal(L.merged_state_dict(model)["0.weight"], expected)
+    assert torch.equal(L.merge_and_unload(model)[0].weight, expected)
+    layer.merge()
+    assert torch.equal(layer.weight, expected)
+    assert torch.equal(L.merged_state_dict(model)["0.weight"], expected)  # merged: the weight as it is
+    assert torch.equal(L.merge_and_unload(model)[0].weight, expected)
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_train_and_eval_never_touch_the_weights(kind, merged):
+    """Merging is explicit: eval() and train() change no tensor and no merged state."""
+    _, layer, _ = example(kind)
+    if merged:
+        layer.merge()
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    for _ in range(2):
+        layer.eval()
+        layer.train()
+    assert layer.merged == merged
+    assert layer.state_dict().keys() == before.keys()
+    assert all(torch.equal(before[k], v) for k, v in layer.state_dict().items())
+
+
+# --- merge_and_unload of one layer ----------------------------------------------------------------------
+
+
+PLAIN_SETTINGS = {  # the attributes that make a plain layer compute what it computes
+    nn.Linear: ["in_features", "out_features"],
+    nn.Embedding: ["num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq",
+                   "sparse"],
+    nn.modules.conv._ConvNd: ["in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+                              "padding_mode", "_reversed_padding_repeated_twice"],
+}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@CONV_SETTINGS
+@given(data=st.data())
+def test_merge_and_unload_gives_the_plain_layer_with_the_same_settings(kind, data):
+    """In a model and as a bare layer: the base's own class, settings and bias, frozen."""
+    base, layer, x = make(data.draw(drawn(kind), label="case"))
+    names = next(names for cls, names in PLAIN_SETTINGS.items() if isinstance(base, cls))
+    for plain in (L.merge_and_unload(nn.Sequential(layer))[0], L.merge_and_unload(layer)):
+        assert type(plain) is type(base)
+        for name in names:
+            assert getattr(plain, name) == getattr(base, name), name
+        assert (getattr(plain, "bias", None) is None) == (getattr(base, "bias", None) is None)
+        assert not any(p.requires_grad for p in plain.parameters())
+    torch.testing.assert_close(plain(x), layer(x), **TOL[layer.weight.dtype])  # the bare one computes it too
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@CONV_SETTINGS
+@given(data=st.data())
+def test_merge_and_unload_computes_what_the_layer_computes_in_the_plain_architecture(kind, data):
+    """Sequential(layer, ReLU) -> a plain model with the base model's state_dict keys, loadable with no
+    LoRA code, computing the LoRA model's output; the input model is left as it was."""
+    case = data.draw(drawn(kind), label="case")
+    base, layer, x = make(case)
+    model = nn.Sequential(layer, nn.ReLU())
+    before = snapshot(model)
     plain = L.merge_and_unload(model)
-    assert not list(L.lora_layers(plain))
-    assert set(plain.state_dict()) == set(base.state_dict())
-    fresh = mixed(seed=5)
-    fresh.load_state_dict(plain.state_dict())  # no LoRA code needed
-    torch.testing.assert_close(fresh(x), y, **EXACT)
+    assert_unchanged(model, before)
+    torch.testing.assert_close(plain(x), model(x), **TOL[case.dtype])
+    original = nn.Sequential(copy.deepcopy(base), nn.ReLU())
+    assert set(plain.state_dict()) == set(original.state_dict())
+    original.load_state_dict(plain.state_dict())
+    torch.testing.assert_close(original(x), model(x), **TOL[case.dtype])
 
 
-# --- adapters: lora_state_dict, save_adapter --------------------------------------------------------------------
+# --- devices and dtypes ---------------------------------------------------------------------------------
 
 
-def test_lora_state_dict_round_trip():
-    base, model = lora_mixed()
-    state = L.lora_state_dict(model)
-    assert set(state) == {f"{n}.{ab}" for n in MIXED_TARGETS for ab in ("lora_A", "lora_B")}
-    assert state["embed.lora_A"].shape == (3, 20) and state["embed.lora_B"].shape == (6, 3)
-    assert state["conv2.lora_A"].shape == (3, 1, 3, 3) and state["conv2.lora_B"].shape == (2, 3)
-    fresh = L.add_lora(copy.deepcopy(base), r=3, alpha=5, target_modules=MIXED_TARGETS)
-    x = ids()
-    assert not torch.equal(fresh(x), model(x))
-    L.load_lora_state_dict(fresh, state)
-    assert torch.equal(fresh(x), model(x))
+ON_META = {  # kind: (the plain layer on the meta device, an input there)
+    "linear": (lambda: nn.Linear(4, 3, device="meta"), lambda: torch.empty(2, 4, device="meta")),
+    "embedding": (lambda: nn.Embedding(10, 3, device="meta"), lambda: torch.zeros(2, 5, dtype=torch.long, device="meta")),
+    "conv": (lambda: nn.Conv2d(4, 3, 3, device="meta"), lambda: torch.empty(2, 4, 8, 8, device="meta")),
+}
 
 
-def test_save_and_load_adapter_round_trip(tmp_path):
-    base, model = lora_mixed()
-    L.save_adapter(model, tmp_path / "adapter.pt")
-    fresh = L.add_lora(copy.deepcopy(base), r=3, alpha=5, target_modules=MIXED_TARGETS)
-    L.load_adapter(fresh, tmp_path / "adapter.pt")
-    x = ids()
-    assert torch.equal(fresh(x), model(x))
+@pytest.mark.parametrize("kind", KINDS)
+def test_forward_on_the_meta_device_gives_the_base_layers_shape(kind):
+    base, x = ON_META[kind][0](), ON_META[kind][1]()
+    layer = L.lora_class_for(base)(base, r=2)
+    assert layer(x).shape == base(x).shape and layer(x).device.type == "meta"
 
 
-# --- torch.compile, autocast, train / eval ----------------------------------------------------------------------
+@pytest.mark.parametrize("kind", KINDS)
+def test_on_the_meta_device_merge_unmerge_and_the_merged_exports_work_without_values(kind):
+    """A model is often built on meta first: merge() has no values to check for overflow, and must
+    not try; it flips merged. merged_state_dict and merge_and_unload give meta tensors of W's shape."""
+    base = ON_META[kind][0]()
+    layer = L.lora_class_for(base)(base, r=2)
+
+    def check_exports():
+        weight = L.merged_state_dict(nn.Sequential(layer))["0.weight"]
+        plain = L.merge_and_unload(nn.Sequential(layer))[0]
+        assert weight.is_meta and weight.shape == base.weight.shape
+        assert type(plain) is type(base) and plain.weight.is_meta
+
+    check_exports()  # unmerged: W + ΔW, computed on meta
+    layer.merge()
+    assert layer.merged and layer.weight.is_meta
+    check_exports()  # merged: the weight as it is
+    layer.unmerge()
+    assert not layer.merged
+
+
+def autocast_weight_and_input_dtypes():
+    """(kind, weight dtype, input dtype): every pair for linears and convs; an embedding's input is indices."""
+    dtypes = [torch.float64, torch.float32, torch.bfloat16]
+    floating = [pytest.param(kind, w, i, id=f"{kind}-{str(w)[6:]}-weight-{str(i)[6:]}-input")
+                for kind in ("linear", "conv") for w in dtypes for i in dtypes]
+    return floating + [pytest.param("embedding", w, None, id=f"embedding-{str(w)[6:]}-weight") for w in dtypes]
+
+
+@pytest.mark.parametrize("kind, weight_dtype, input_dtype", autocast_weight_and_input_dtypes())
+def test_under_cpu_autocast_the_layer_casts_what_its_base_layer_casts(kind, weight_dtype, input_dtype):
+    """B = 0: the same product as the base layer's, in the dtype autocast gives the base; where torch
+    refuses the mix (float64 with bfloat16), so does the layer."""
+    torch.manual_seed(0)
+    base, _, x = example(kind, dtype=torch.float32)
+    base = base.to(weight_dtype)
+    layer = L.lora_class_for(base)(copy.deepcopy(base), r=2)
+    x = x if input_dtype is None else x.to(input_dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        try:
+            expected = base(x)
+        except RuntimeError:  # mixed float64 and bfloat16: torch refuses, so must we
+            with pytest.raises(RuntimeError):
+                layer(x)
+            return
+        got = layer(x)
+    assert got.dtype == expected.dtype
+    torch.testing.assert_close(got, expected, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("case", [
+    Case(32, 16, 4, 4.0, False, True, (8,), torch.float32, 0),
+    EmbeddingCase(40, 16, 4, 8.0, False, 1, False, (3, 5), torch.float32, 0),
+    ConvCase(1, 3, 4, (3,), (2,), (1,), (2,), "reflect", True, 2, (12,), 4, 8.0, False, torch.float32, 0),
+    ConvCase(2, 3, 4, (3, 2), (1, 1), "same", (1, 2), "circular", True, 2, (7, 8), 4, 8.0, False, torch.float32, 0),
+    ConvCase(3, 2, 3, (2, 2, 2), (1, 2, 1), (1, 0, 1), (1, 1, 1), "zeros", False, None, (5, 5, 5), 2, 2.0, True,
+             torch.float32, 0),
+], ids=["linear", "embedding", "conv1d-reflect", "conv2d-same-circular", "conv3d-unbatched"])
+def test_autocast_bfloat16_equals_parametrize_under_the_same_autocast(case):
+    """Under CPU autocast: the output dtype the plain layer gives, the parametrize LoRA's values, and
+    float32 gradients of A and B equal to its gradients."""
+    base, layer, x = make(case)
+    with torch.no_grad():
+        for p in (base.weight, layer.weight, layer.lora_A, layer.lora_B):
+            p.mul_(0.3)  # O(1) outputs: the bfloat16 tolerance is absolute in part
+    ref, ref_lora = parametrize_reference(base, layer)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, y_ref = layer(x), ref(x)
+    # F.embedding is not autocast (float32 lookup + bfloat16 matmul -> float32); linears and convolutions are.
+    assert y.dtype == y_ref.dtype == (torch.float32 if isinstance(case, EmbeddingCase) else torch.bfloat16)
+    torch.testing.assert_close(y, y_ref, **BF16)
+    grads = torch.autograd.grad(y.float().sum(), [layer.lora_A, layer.lora_B])
+    grads_ref = torch.autograd.grad(y_ref.float().sum(), [ref_lora.lora_A, ref_lora.lora_B])
+    for a, b in zip(grads, grads_ref):
+        assert a.dtype == torch.float32  # gradients reach the float32 parameters
+        torch.testing.assert_close(a, b, **BF16)
+
+
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+def test_a_float64_model_runs_under_autocast_after_add_lora(kind):
+    """Autocast leaves float64 alone, in the base model and in its LoRA layers."""
+    small = adapted(kind)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert small.model(small.x).dtype == torch.float64
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_float32_adapter_on_a_bfloat16_base_computes_in_float32_and_returns_the_bases_dtype(kind):
+    torch.manual_seed(0)
+    base, _, x = example(kind, dtype=torch.float32)
+    base = base.to(torch.bfloat16)
+    layer = L.lora_class_for(base)(base, r=2)
+    layer.lora_A.data, layer.lora_B.data = layer.lora_A.data.float(), torch.randn(layer.lora_B.shape)
+    x = x if not x.is_floating_point() else x.to(torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    merged = L.merge_and_unload(nn.Sequential(layer))[0]
+    torch.testing.assert_close(y, merged(x), rtol=2e-2, atol=2e-2)
+
+
+def test_nested_tensor_inputs_compute_what_the_plain_math_computes():
+    torch.manual_seed(0)
+    layer = L.LoRALinear(nn.Linear(4, 3), r=2)
+    nn.init.normal_(layer.lora_B)
+    parts = [torch.randn(2, 4), torch.randn(5, 4)]
+    out = layer(torch.nested.nested_tensor(parts))
+    for got, x in zip(out.unbind(), parts):
+        torch.testing.assert_close(got, layer(x))
+
+
+# --- torch.compile ------------------------------------------------------------------------------------------
 
 
 @pytest.mark.slow  # compiles a forward and a backward graph with inductor
@@ -810,314 +831,3 @@ def test_torch_compile_fullgraph_equals_eager_for_all_three_layer_types():
     params = [p for p in model.parameters() if p.requires_grad]
     for a, b in zip(torch.autograd.grad(y_compiled.pow(2).sum(), params), torch.autograd.grad(y_eager.pow(2).sum(), params)):
         torch.testing.assert_close(a, b, **close)
-
-
-@pytest.mark.parametrize("case", [
-    EmbeddingCase(40, 16, 4, 8.0, False, 1, False, (3, 5), torch.float32, 0),
-    ConvCase(1, 3, 4, (3,), (2,), (1,), (2,), "reflect", True, 2, (12,), 4, 8.0, False, torch.float32, 0),
-    ConvCase(2, 3, 4, (3, 2), (1, 1), "same", (1, 2), "circular", True, 2, (7, 8), 4, 8.0, False, torch.float32, 0),
-    ConvCase(3, 2, 3, (2, 2, 2), (1, 2, 1), (1, 0, 1), (1, 1, 1), "zeros", False, None, (5, 5, 5), 2, 2.0, True,
-             torch.float32, 0),
-], ids=["embedding", "conv1d-reflect", "conv2d-same-circular", "conv3d-unbatched"])
-def test_autocast_bfloat16_equals_parametrize_under_the_same_autocast(case):
-    base, layer, x = make(case)
-    with torch.no_grad():
-        for p in (base.weight, layer.weight, layer.lora_A, layer.lora_B):
-            p.mul_(0.3)  # O(1) outputs: the bfloat16 tolerance is absolute in part
-    ref, _ = parametrize_reference(base, layer)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y, y_ref = layer(x), ref(x)
-    # F.embedding is not autocast (float32 lookup + bfloat16 matmul -> float32); convolutions are.
-    assert y.dtype == y_ref.dtype == (torch.float32 if isinstance(case, EmbeddingCase) else torch.bfloat16)
-    torch.testing.assert_close(y, y_ref, **BF16)
-
-
-@pytest.mark.parametrize("training", [False, True])
-def test_new_layers_take_the_train_or_eval_mode_of_the_modules_they_replace(training):
-    model = mixed().train(training)
-    L.add_lora(model, r=2, dropout=0.1, target_modules=MIXED_TARGETS)
-    for _, layer in L.lora_layers(model):
-        assert layer.training == training and layer.lora_dropout.training == training
-
-
-def test_train_and_eval_never_touch_the_weights():
-    _, model = lora_mixed()
-    model.eval()
-    L.merge_lora(model)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    model.train()
-    model.eval()
-    assert all(layer.merged for _, layer in L.lora_layers(model))
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-
-
-# --- tied embeddings: LoRA on embed_tokens of a Llama whose lm_head is the same Parameter -------------------------
-
-
-def tied_llama_with_lora_on_embed_tokens():
-    base = tiny_llama(tie=True)
-    model = randomize(L.add_lora(copy.deepcopy(base), r=4, target_modules=["embed_tokens"]), scale=0.1)
-    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied: training is fine
-    return base, model
-
-
-def test_tied_embed_tokens_merge_refuses_naming_lm_head():
-    _, model = tied_llama_with_lora_on_embed_tokens()
-    assert model.model.embed_tokens.shared_with == ("lm_head.weight",)
-    with pytest.raises(RuntimeError, match=r"shared with \['lm_head\.weight'\]"):
-        model.model.embed_tokens.merge()
-
-
-def test_tied_embed_tokens_merge_lora_refuses_and_changes_nothing():
-    _, model = tied_llama_with_lora_on_embed_tokens()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(RuntimeError, match=r"lm_head\.weight.*merge_and_unload"):
-        L.merge_lora(model)
-    assert not model.model.embed_tokens.merged
-    assert set(model.state_dict()) == set(before)
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-
-
-def test_tied_embed_tokens_merge_and_unload_logits_equal_the_lora_model():
-    base, model = tied_llama_with_lora_on_embed_tokens()
-    x = tokens()
-    logits = model(x).logits
-    assert not torch.allclose(logits, base(x).logits, **EXACT)  # the adapter does something
-    plain = L.merge_and_unload(model)
-    assert type(plain.model.embed_tokens) is nn.Embedding
-    torch.testing.assert_close(plain(x).logits, logits, rtol=1e-9, atol=1e-9)
-    assert torch.equal(plain.lm_head.weight, base.lm_head.weight)  # untied: the head keeps W
-
-
-# --- PEFT, both ways (the oracle is PEFT itself) -----------------------------------------------------------------
-
-
-def randomize_peft(peft_model, seed=3, scale=0.1):
-    """Random values for every LoRA tensor of a PEFT model (its init has A or B at zero)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
-    return peft_model
-
-
-def peft_from_pretrained(base, directory):
-    peft = pytest.importorskip("peft")
-    return peft.PeftModel.from_pretrained(copy.deepcopy(base), str(directory)).eval()
-
-
-def read_safetensors(path):
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
-
-
-LLAMA_TARGETS = ["embed_tokens", "q_proj", "v_proj"]
-
-
-def llama_with_lora_on_embed_tokens():
-    base = tiny_llama()
-    return base, randomize(L.add_lora(copy.deepcopy(base), r=4, alpha=8, target_modules=LLAMA_TARGETS), scale=0.1)
-
-
-def test_save_peft_adapter_with_embed_tokens_loads_in_peft_with_equal_logits(tmp_path):
-    base, model = llama_with_lora_on_embed_tokens()
-    L.save_peft_adapter(model, tmp_path)
-    x = tokens()
-    logits = model(x).logits
-    assert not torch.allclose(logits, base(x).logits, **EXACT)
-    torch.testing.assert_close(peft_from_pretrained(base, tmp_path)(input_ids=x).logits, logits, **EXACT)
-
-
-def test_save_peft_adapter_writes_embedding_keys_without_weight_suffix(tmp_path):
-    _, model = llama_with_lora_on_embed_tokens()
-    L.save_peft_adapter(model, tmp_path)
-    shapes = {k: tuple(v.shape) for k, v in read_safetensors(tmp_path / "adapter_model.safetensors").items()}
-    assert shapes["base_model.model.model.embed_tokens.lora_embedding_A"] == (4, 100)  # (r, vocab)
-    assert shapes["base_model.model.model.embed_tokens.lora_embedding_B"] == (32, 4)  # (dim, r)
-    assert not any("embed_tokens" in k and k.endswith(".weight") for k in shapes)
-    assert len(shapes) == 2 + 2 * 2 * 2  # embedding + (q_proj, v_proj) x 2 layers, A and B each
-
-
-def peft_llama_with_lora_on_embed_tokens(directory):
-    peft = pytest.importorskip("peft")
-    base = tiny_llama()
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"], lora_dropout=0.1)
-    theirs = randomize_peft(peft.get_peft_model(copy.deepcopy(base), config)).eval()
-    theirs.save_pretrained(str(directory))
-    return base, theirs
-
-
-def test_peft_adapter_with_embed_tokens_loads_in_lora_min_with_equal_logits(tmp_path):
-    base, theirs = peft_llama_with_lora_on_embed_tokens(tmp_path)
-    ours = L.load_peft_adapter(copy.deepcopy(base), tmp_path).eval()
-    assert isinstance(ours.model.embed_tokens, L.LoRAEmbedding) and ours.model.embed_tokens.dropout == 0.0
-    assert ours.model.layers[0].self_attn.q_proj.dropout == 0.1
-    x = tokens()
-    logits = ours(x).logits
-    assert not torch.allclose(logits, base(x).logits, **EXACT)
-    torch.testing.assert_close(logits, theirs(input_ids=x).logits, **EXACT)
-
-
-def test_load_peft_adapter_accepts_the_base_layer_weight_peft_writes_when_it_equals_the_models(tmp_path):
-    base, _ = peft_llama_with_lora_on_embed_tokens(tmp_path)
-    state = read_safetensors(tmp_path / "adapter_model.safetensors")
-    assert torch.equal(state["base_model.model.model.embed_tokens.base_layer.weight"], base.model.embed_tokens.weight)
-    model = L.load_peft_adapter(copy.deepcopy(base), tmp_path)
-    assert torch.equal(model.model.embed_tokens.weight, base.model.embed_tokens.weight)
-
-
-def test_load_peft_adapter_refuses_a_base_layer_weight_that_differs_from_the_models(tmp_path):
-    from safetensors.torch import save_file
-
-    base, _ = peft_llama_with_lora_on_embed_tokens(tmp_path)
-    path = tmp_path / "adapter_model.safetensors"
-    state = read_safetensors(path)
-    state["base_model.model.model.embed_tokens.base_layer.weight"][5, 3] += 1.0  # e.g. a fine-tuned base
-    save_file(state, str(path), metadata={"format": "pt"})
-    model = copy.deepcopy(base)
-    with pytest.raises(ValueError, match=r"carries its own base weight 'base_model\.model\.model\.embed_tokens\.base_layer"):
-        L.load_peft_adapter(model, tmp_path)
-    assert not list(L.lora_layers(model))  # refused before changing anything
-
-
-CNN_TARGETS = ["0", "2"]
-
-
-def test_cnn_adapter_saved_by_lora_min_loads_in_peft_with_equal_outputs(tmp_path):
-    base = cnn()
-    ours = randomize(L.add_lora(copy.deepcopy(base), r=3, alpha=6, target_modules=CNN_TARGETS), scale=0.3).eval()
-    L.save_peft_adapter(ours, tmp_path)
-    x = images()
-    y = ours(x)
-    assert not torch.allclose(y, base(x), **EXACT)
-    torch.testing.assert_close(peft_from_pretrained(base, tmp_path)(x), y, **EXACT)
-
-
-def test_cnn_adapter_saved_by_peft_loads_in_lora_min_with_equal_outputs(tmp_path):
-    peft = pytest.importorskip("peft")
-    base = cnn()
-    theirs = randomize_peft(peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
-        r=3, lora_alpha=6, target_modules=CNN_TARGETS, lora_dropout=0.1)), scale=0.3).eval()
-    theirs.save_pretrained(str(tmp_path))
-    ours = L.load_peft_adapter(copy.deepcopy(base), tmp_path).eval()
-    assert [type(ours[i]) for i in (0, 2)] == [L.LoRAConv, L.LoRAConv]
-    x = images()
-    y = ours(x)
-    assert not torch.allclose(y, base(x), **EXACT)
-    torch.testing.assert_close(y, theirs(x), **EXACT)
-
-
-def test_cnn_peft_files_hold_conv_shaped_A_and_1x1_B_both_ways(tmp_path):
-    """PEFT's layout: lora_A.weight (r, in, kh, kw), lora_B.weight (out, r, 1, 1); lora_min writes the same."""
-    peft = pytest.importorskip("peft")
-    base = cnn()
-    peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=3, target_modules=CNN_TARGETS)).save_pretrained(
-        str(tmp_path / "peft"))
-    L.save_peft_adapter(L.add_lora(copy.deepcopy(base), r=3, target_modules=CNN_TARGETS), tmp_path / "ours")
-    expected = {"base_model.model.0.lora_A.weight": (3, 3, 3, 3), "base_model.model.0.lora_B.weight": (8, 3, 1, 1),
-                "base_model.model.2.lora_A.weight": (3, 8, 3, 3), "base_model.model.2.lora_B.weight": (8, 3, 1, 1)}
-    for directory in ("peft", "ours"):
-        state = read_safetensors(tmp_path / directory / "adapter_model.safetensors")
-        assert {k: tuple(v.shape) for k, v in state.items()} == expected, directory
-
-
-# --- merged_state_dict -------------------------------------------------------------------------------------------
-
-
-def mixed_with_disabled_and_merged_layers():
-    """LoRA on linear, embedding and both convs; fc disabled, conv1 merged; head without LoRA."""
-    base, model = lora_mixed()
-    model.eval()
-    model.fc.enabled = False
-    model.conv1.merge()
-    return base, model
-
-
-def test_merged_state_dict_equals_the_state_dict_of_merge_and_unload():
-    _, model = mixed_with_disabled_and_merged_layers()
-    state, expected = L.merged_state_dict(model), L.merge_and_unload(model).state_dict()
-    assert list(state) == list(expected)
-    for k in expected:
-        assert torch.equal(state[k], expected[k]), k
-
-
-def test_merged_state_dict_holds_W_plus_delta_for_enabled_layers_and_W_for_disabled_ones():
-    base, model = mixed_with_disabled_and_merged_layers()
-    state = L.merged_state_dict(model)
-    for name in ("embed", "conv2"):
-        layer = getattr(model, name)
-        torch.testing.assert_close(state[f"{name}.weight"], getattr(base, name).weight + layer.delta_weight(), **EXACT)
-    torch.testing.assert_close(state["conv1.weight"], base.conv1.weight + model.conv1.delta_weight(), **EXACT)
-    assert torch.equal(state["fc.weight"], base.fc.weight)
-
-
-def test_merged_state_dict_has_no_lora_keys():
-    _, model = mixed_with_disabled_and_merged_layers()
-    assert "conv1.lora_merged" in model.state_dict()  # the merged layer's flag is in the model's own
-    state = L.merged_state_dict(model)
-    assert not [k for k in state if k.rsplit(".", 1)[-1] in ("lora_A", "lora_B", "lora_merged")]
-    assert set(state) == set(mixed().state_dict())
-
-
-def test_merged_state_dict_leaves_the_model_bit_for_bit_unchanged_after_1000_calls():
-    _, model = mixed_with_disabled_and_merged_layers()
-    before = {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()}
-    flags = [(layer.enabled, layer.merged) for _, layer in L.lora_layers(model)]
-    for _ in range(1000):
-        L.merged_state_dict(model)
-    for n, p in model.named_parameters():
-        assert torch.equal(p, before[n][0]) and p.requires_grad == before[n][1], n
-    assert [(layer.enabled, layer.merged) for _, layer in L.lora_layers(model)] == flags
-
-
-def test_merged_state_dict_shares_the_tensors_it_does_not_merge():
-    """Layers without LoRA, base biases and (here) the merged layer's weight: the model's own memory, not copies."""
-    _, model = mixed_with_disabled_and_merged_layers()
-    state = L.merged_state_dict(model)
-    shared = {"head.weight": model.head.weight, "head.bias": model.head.bias, "embed.weight": None,
-              "conv1.bias": model.conv1.bias, "conv2.bias": model.conv2.bias, "fc.bias": model.fc.bias,
-              "conv1.weight": model.conv1.weight, "fc.weight": model.fc.weight}
-    for key, param in shared.items():
-        if param is not None:
-            assert state[key].data_ptr() == param.data_ptr(), key
-    assert state["embed.weight"].data_ptr() != model.embed.weight.data_ptr()  # merged: a new tensor
-    assert state["conv2.weight"].data_ptr() != model.conv2.weight.data_ptr()
-
-
-def test_merged_state_dict_with_a_tied_lm_head_keeps_the_embedding_W():
-    base = tiny_llama(tie=True)
-    model = randomize(L.add_lora(copy.deepcopy(base), r=4, target_modules=["lm_head"]), scale=0.1)
-    assert model.lm_head.shared_with == ("model.embed_tokens.weight",)
-    state = L.merged_state_dict(model)
-    assert torch.equal(state["model.embed_tokens.weight"], base.model.embed_tokens.weight)
-    torch.testing.assert_close(state["lm_head.weight"], base.lm_head.weight + model.lm_head.delta_weight(), **EXACT)
-    expected = L.merge_and_unload(model).state_dict()
-    assert set(state) == set(expected) and all(torch.equal(state[k], expected[k]) for k in expected)
-
-
-def bf16_mixed():
-    base, model = lora_mixed(dtype=torch.bfloat16)
-    return base, randomize(model, scale=0.5).eval()
-
-
-def test_merge_unmerge_cycles_drift_in_bfloat16():
-    """The contrast that makes merged_state_dict worth having: 100 merge_lora / unmerge_lora cycles
-    round W + ΔW and W + ΔW - ΔW to bfloat16 each time, and W moves."""
-    base, model = bf16_mixed()
-    for _ in range(100):
-        L.merge_lora(model)
-        L.unmerge_lora(model)
-    for name, layer in L.lora_layers(model):
-        assert not torch.equal(layer.weight, base.get_submodule(name).weight), name
-
-
-def test_merged_state_dict_calls_do_not_drift_in_bfloat16():
-    base, model = bf16_mixed()
-    first = L.merged_state_dict(model)
-    for _ in range(100):
-        state = L.merged_state_dict(model)
-    for name, _ in L.lora_layers(model):
-        assert torch.equal(model.get_submodule(name).weight, base.get_submodule(name).weight), name
-    assert all(torch.equal(state[k], first[k]) for k in first)
