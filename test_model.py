@@ -1,9 +1,15 @@
 """The specification of the model-level helpers: LoRA put into, and taken out of, whole models.
 
-Sections: which modules add_lora adapts (targets); trainable parameters and training;
-the state_dict; enable / disable of a whole model; merge_and_unload; modules registered
-twice and tied weights; adapter files (lora_state_dict, save_adapter / load_adapter).
-Refusals of all of these: test_misuse.py; PEFT's file format: test_peft.py.
+Every behaviour that does not depend on the layer type runs on a small model of each kind
+(conftest.MODEL_KINDS: LoRA on linears, on embeddings, on convs, and on all three in one model).
+
+Sections: which modules add_lora adapts (targets) and what it never changes; what each new layer
+takes from the module it replaces; trainable parameters and training; the state_dict and
+checkpoints; enable / disable of a whole model; merge_lora / unmerge_lora; merge_and_unload;
+merged_state_dict; the meta device; modules registered twice and tied weights; adapter files
+(lora_state_dict, save_adapter / load_adapter).
+One layer at a time: test_layers.py; refusals of all of these: test_misuse.py; PEFT's file
+format: test_peft.py.
 """
 
 import copy
@@ -11,13 +17,17 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from hypothesis import given
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 import lora_min as L
-from conftest import TOL, Attention, assert_unchanged, cases, lora_names, make, mlp, randomize_B, snapshot, tied
+from conftest import (EXACT, MIXED_TARGETS, MODEL_KINDS, Attention, Block, adapted, assert_unchanged,
+                      expected_lora_shapes, lora_mixed, lora_names, lora_two_blocks, mixed, mlp, randomize, randomize_B,
+                      snapshot, tied)
 
-# --- targets: which modules add_lora adapts -------------------------------------------------------------
+KINDS = list(MODEL_KINDS)
+
+
+# --- targets: which modules add_lora adapts, and what it never changes ---------------------------------
 
 
 def lora_mlp():
@@ -51,9 +61,22 @@ def test_targets_match_whole_dotted_names_never_substrings():
     assert lora_names(model) == ["0.q_proj"]  # not 0.qq_proj
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_add_lora_adapts_the_named_modules_of_each_kind(kind):
+    small = adapted(kind)
+    assert lora_names(small.model) == small.settings["target_modules"]
+
+
 def test_linear_subclasses_that_keep_linear_forward_are_adapted():
     model = L.add_lora(nn.Sequential(NonDynamicallyQuantizableLinear(4, 3)), r=2)
     assert isinstance(model[0], L.LoRALinear)
+
+
+@pytest.mark.parametrize("targets", [["0", "2.0"], ("0", "2.0"), "2.0", None], ids=["a list", "a tuple", "a str", "None"])
+def test_add_lora_never_changes_the_arguments_it_is_given(targets):
+    given = copy.deepcopy(targets)
+    L.add_lora(mlp(), r=2, alpha=4.0, target_modules=targets)
+    assert targets == given and type(targets) is type(given)
 
 
 @pytest.mark.parametrize("make_model, helper", [
@@ -64,6 +87,27 @@ def test_linear_subclasses_that_keep_linear_forward_are_adapted():
 def test_helpers_that_change_a_model_return_it(make_model, helper):
     model = make_model()
     assert helper(model) is model
+
+
+# --- what each new layer takes from the module it replaces ---------------------------------------------
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_new_lora_layers_take_the_train_or_eval_mode_of_the_modules_they_replace(kind, training):
+    """A new layer (and its dropout) behaves as the module it replaces: eval stays eval."""
+    small = adapted(kind)
+    model = L.add_lora(copy.deepcopy(small.base).train(training), dropout=0.1, **small.settings)
+    assert len(lora_names(model)) >= 2
+    for _, layer in L.lora_layers(model):
+        assert layer.training == training and layer.lora_dropout.training == training
+
+
+def test_add_lora_dropout_reaches_linears_and_convs_but_not_embeddings():
+    model = L.add_lora(mixed(), r=2, dropout=0.1, target_modules=MIXED_TARGETS)
+    assert isinstance(model.embed.lora_dropout, nn.Identity) and model.embed.dropout == 0.0
+    for layer in (model.conv1, model.conv2, model.fc):
+        assert isinstance(layer.lora_dropout, nn.Dropout) and layer.lora_dropout.p == 0.1
 
 
 # --- trainable parameters and training ----------------------------------------------------------------
@@ -104,50 +148,83 @@ def test_count_parameters_mnist_mlp():
     assert f"{100 * trainable / total_before:.3f}%" == "0.242%"
 
 
-# --- the state_dict --------------------------------------------------------------------------------------
+# --- the state_dict and checkpoints ----------------------------------------------------------------------
 
 
-def test_state_dict_keys_are_the_base_keys_plus_lora_A_and_B():
-    base = mlp()
-    model = L.add_lora(copy.deepcopy(base), r=2)
-    lora_keys = {k for k in model.state_dict() if k.endswith(("lora_A", "lora_B"))}
-    assert set(model.state_dict()) == set(base.state_dict()) | lora_keys
+def lora_keys(model):
+    return {k for k in model.state_dict() if k.endswith(("lora_A", "lora_B"))}
 
 
-def test_a_base_checkpoint_loads_non_strictly_missing_only_the_lora_keys():
-    base = mlp()
-    model = L.add_lora(copy.deepcopy(base), r=2)
-    lora_keys = {k for k in model.state_dict() if k.endswith(("lora_A", "lora_B"))}
-    result = model.load_state_dict(base.state_dict(), strict=False)
-    assert set(result.missing_keys) == lora_keys and not result.unexpected_keys
+@pytest.mark.parametrize("kind", KINDS)
+def test_state_dict_keys_are_the_base_keys_plus_lora_A_and_B(kind):
+    small = adapted(kind)
+    assert lora_keys(small.model) == {f"{n}.{ab}" for n in lora_names(small.model) for ab in ("lora_A", "lora_B")}
+    assert set(small.model.state_dict()) == set(small.base.state_dict()) | lora_keys(small.model)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_base_checkpoint_loads_non_strictly_missing_only_the_lora_keys(kind):
+    small = adapted(kind)
+    other = small.architecture(seed=5).state_dict()
+    result = small.model.load_state_dict(other, strict=False)
+    assert set(result.missing_keys) == lora_keys(small.model) and not result.unexpected_keys
+    assert all(torch.equal(small.model.state_dict()[k], v) for k, v in other.items())
+
+
+def test_a_merged_layer_accepts_a_partial_checkpoint_of_a_parameter_outside_any_layer():
+    """Only keys of the layer itself count: a root parameter's key ("scale") is none of them."""
+    model = lora_two_blocks()
+    model.scale = nn.Parameter(torch.ones(()))
+    model[0].fc.merge()
+    model.load_state_dict({"scale": torch.full((), 3.0)}, strict=False)
+    assert model.scale.item() == 3.0
+
+
+def test_a_merged_layer_accepts_a_partial_checkpoint_without_its_keys():
+    """A checkpoint holding none of a merged layer's keys says nothing about its merge state: it loads;
+    one that holds a key of the layer, saved unmerged, is refused."""
+    model = lora_two_blocks()
+    model[0].fc.merge()
+    other = {"1.out.bias": torch.full((4,), 7.0)}
+    result = model.load_state_dict(other, strict=False)
+    assert torch.equal(model[1].out.bias, other["1.out.bias"]) and "0.fc.weight" in result.missing_keys
+    with pytest.raises(RuntimeError, match="0.fc: the checkpoint was saved unmerged"):
+        model.load_state_dict({"0.fc.lora_A": torch.zeros(2, 4)}, strict=False)
 
 
 # --- enable / disable a whole model ---------------------------------------------------------------------
 
 
-def test_lora_disabled_computes_the_base_model_exactly():
-    model, x = lora_mlp(), torch.randn(3, 6)
-    with L.lora_disabled(model):
-        assert torch.equal(model(x), mlp()(x))
+@pytest.mark.parametrize("kind", KINDS)
+def test_lora_disabled_computes_the_base_model_exactly(kind):
+    small = adapted(kind)
+    assert not torch.allclose(small.model(small.x), small.base(small.x))  # the adapter does something
+    with L.lora_disabled(small.model):
+        assert torch.equal(small.model(small.x), small.base(small.x))
 
 
-def test_set_lora_enabled_true_restores_the_adapted_output():
-    model, x = lora_mlp(), torch.randn(3, 6)
-    y_lora = model(x)
-    L.set_lora_enabled(model, False)
-    L.set_lora_enabled(model, True)
-    assert torch.equal(model(x), y_lora)
+@pytest.mark.parametrize("kind", KINDS)
+def test_set_lora_enabled_true_restores_the_adapted_output(kind):
+    small = adapted(kind)
+    y_lora = small.model(small.x)
+    L.set_lora_enabled(small.model, False)
+    assert torch.equal(small.model(small.x), small.base(small.x))
+    L.set_lora_enabled(small.model, True)
+    assert torch.equal(small.model(small.x), y_lora)
 
 
-def test_lora_disabled_nests_and_restores_a_mixed_state():
-    model = lora_mlp()
-    layers = [layer for _, layer in L.lora_layers(model)]
+@pytest.mark.parametrize("kind", KINDS)
+def test_lora_disabled_nests_and_restores_a_mixed_state(kind):
+    small = adapted(kind)
+    layers = [layer for _, layer in L.lora_layers(small.model)]
     layers[1].enabled = False  # a mixed state must come back as it was
-    with L.lora_disabled(model):
-        with L.lora_disabled(model):
+    state = [layer.enabled for layer in layers]
+    with L.lora_disabled(small.model):
+        with L.lora_disabled(small.model):
             assert not any(layer.enabled for layer in layers)
+            assert torch.equal(small.model(small.x), small.base(small.x))
         assert not any(layer.enabled for layer in layers)
-    assert [layer.enabled for layer in layers] == [True, False, True]
+    assert [layer.enabled for layer in layers] == state == [i != 1 for i in range(len(layers))]
 
 
 def test_lora_disabled_restores_the_state_after_an_exception():
@@ -160,72 +237,205 @@ def test_lora_disabled_restores_the_state_after_an_exception():
     assert [layer.enabled for layer in layers] == [True, False, True]
 
 
+# --- merge_lora / unmerge_lora -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_merge_lora_equals_unmerged_and_unmerge_lora_restores_each_W(kind):
+    small = adapted(kind)
+    model, x = small.model.eval(), small.x
+    y = model(x)
+    L.merge_lora(model)
+    assert all(layer.merged for _, layer in L.lora_layers(model))
+    torch.testing.assert_close(model(x), y, **EXACT)
+    L.unmerge_lora(model)
+    for name, layer in L.lora_layers(model):
+        W = small.base.get_submodule(name).weight
+        bound = torch.finfo(W.dtype).eps * (W.abs() + layer.delta_weight().abs())
+        assert not layer.merged and ((layer.weight - W).abs() <= bound).all(), name
+    torch.testing.assert_close(model(x), y, **EXACT)
+
+
+def bf16_mixed():
+    base, model = lora_mixed(dtype=torch.bfloat16)
+    return base, randomize(model, scale=0.5).eval()
+
+
+def test_merge_unmerge_cycles_drift_in_bfloat16():
+    """The contrast that makes merged_state_dict worth having: 100 merge_lora / unmerge_lora cycles
+    round W + ΔW and W + ΔW - ΔW to bfloat16 each time, and W moves."""
+    base, model = bf16_mixed()
+    for _ in range(100):
+        L.merge_lora(model)
+        L.unmerge_lora(model)
+    for name, layer in L.lora_layers(model):
+        assert not torch.equal(layer.weight, base.get_submodule(name).weight), name
+
+
 # --- merge_and_unload: an ordinary model computing what the LoRA model computes ----------------------------
 
 
-def lora_sequential(case):
-    """(the plain Sequential(linear, ReLU), the same with the drawn LoRALinear, input x)."""
-    linear, layer, x = make(case)
-    return nn.Sequential(copy.deepcopy(linear), nn.ReLU()), nn.Sequential(layer, nn.ReLU()), x
+@pytest.mark.parametrize("kind", KINDS)
+def test_merge_and_unload_of_a_model_loads_into_the_original_architecture(kind):
+    """No LoRA layer left, the base model's state_dict keys, loadable with no LoRA code (into the same
+    architecture with other weights), computing the LoRA model's output."""
+    small = adapted(kind)
+    y = small.model(small.x)
+    plain = L.merge_and_unload(small.model)
+    assert not list(L.lora_layers(plain))
+    assert set(plain.state_dict()) == set(small.base.state_dict())
+    fresh = small.architecture(seed=5)
+    fresh.load_state_dict(plain.state_dict())  # no LoRA code needed
+    torch.testing.assert_close(fresh(small.x), y, **EXACT)
 
 
-@given(cases())
-def test_merge_and_unload_computes_what_the_model_computes(case):
-    _, model, x = lora_sequential(case)
-    torch.testing.assert_close(L.merge_and_unload(model)(x), model(x), **TOL[case.dtype])
-
-
-@given(cases())
-def test_merge_and_unload_state_dict_loads_into_the_plain_architecture(case):
-    """Same keys as the model without LoRA, loadable with no LoRA code, computing the LoRA model's output."""
-    original, model, x = lora_sequential(case)
-    plain = L.merge_and_unload(model)
-    assert set(plain.state_dict()) == set(original.state_dict())
-    original.load_state_dict(plain.state_dict())
-    torch.testing.assert_close(original(x), model(x), **TOL[case.dtype])
-
-
-def test_merge_and_unload_leaves_plain_frozen_layers():
-    plain = L.merge_and_unload(lora_mlp())
+@pytest.mark.parametrize("kind", KINDS)
+def test_merge_and_unload_leaves_plain_frozen_layers(kind):
+    plain = L.merge_and_unload(adapted(kind).model)
     assert not any(isinstance(m, L.LoRALayer) for m in plain.modules())
     assert not any(p.requires_grad for p in plain.parameters())  # the exported base stays frozen
 
 
-def test_merge_and_unload_leaves_its_input_untouched():
-    model = lora_mlp()
+@pytest.mark.parametrize("kind", KINDS)
+def test_merge_and_unload_leaves_its_input_untouched(kind):
+    model = adapted(kind).model
     before = snapshot(model)
     L.merge_and_unload(model)
     assert_unchanged(model, before)
 
 
-def test_merge_and_unload_of_a_bare_layer_is_an_nn_linear():
-    layer = randomize_B(nn.Sequential(L.LoRALinear(nn.Linear(4, 3), r=2)))[0]
-    x = torch.randn(5, 4)
-    plain = L.merge_and_unload(layer)
-    assert type(plain) is nn.Linear
-    torch.testing.assert_close(plain(x), layer(x))
-
-
 @pytest.mark.parametrize("state", ["disabled", "merged"])
-def test_merge_and_unload_exports_what_the_model_computes_now(state):
+@pytest.mark.parametrize("kind", KINDS)
+def test_merge_and_unload_exports_what_the_model_computes_now(kind, state):
     """Disabled layers export W, merged ones their weight as it is (W + ΔW)."""
-    model = randomize_B(L.add_lora(mlp(torch.float64), r=2)).eval()
-    x = torch.randn(5, 6, dtype=torch.float64)
+    small = adapted(kind)
+    model = small.model.eval()
     if state == "disabled":
         L.set_lora_enabled(model, False)
     else:
         L.merge_lora(model)
-    torch.testing.assert_close(L.merge_and_unload(model)(x), model(x))
+    torch.testing.assert_close(L.merge_and_unload(model)(small.x), model(small.x), **EXACT)
 
 
-def test_merge_and_unload_inplace_replaces_the_layers_of_the_model_itself():
-    model = randomize_B(L.add_lora(mlp(torch.float64), r=2))
-    x = torch.randn(5, 6, dtype=torch.float64)
+@pytest.mark.parametrize("kind", KINDS)
+def test_merge_and_unload_inplace_replaces_the_layers_of_the_model_itself(kind):
+    small = adapted(kind)
+    model = small.model.eval()
     L.merge_lora(model)
-    y = model.eval()(x)
+    y = model(small.x)
     plain = L.merge_and_unload(model, inplace=True)
     assert plain is model and not list(L.lora_layers(model))
-    torch.testing.assert_close(plain(x), y)
+    torch.testing.assert_close(plain(small.x), y, **EXACT)
+
+
+# --- merged_state_dict: merge_and_unload's state_dict, without a copy of the model ---------------------------
+
+
+def mixed_with_disabled_and_merged_layers():
+    """LoRA on linear, embedding and both convs; fc disabled, conv1 merged; head without LoRA."""
+    base, model = lora_mixed()
+    model.eval()
+    model.fc.enabled = False
+    model.conv1.merge()
+    return base, model
+
+
+def assert_same_state(state, expected):
+    """The same keys in the same order, and bit-for-bit equal tensors."""
+    assert list(state) == list(expected)
+    for k in expected:
+        assert torch.equal(state[k], expected[k]), k
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_merged_state_dict_equals_the_state_dict_of_merge_and_unload(kind):
+    model = adapted(kind).model
+    assert_same_state(L.merged_state_dict(model), L.merge_and_unload(model).state_dict())
+
+
+def test_merged_state_dict_of_disabled_and_merged_layers_equals_the_state_dict_of_merge_and_unload():
+    _, model = mixed_with_disabled_and_merged_layers()
+    assert_same_state(L.merged_state_dict(model), L.merge_and_unload(model).state_dict())
+
+
+def test_merged_state_dict_holds_W_plus_delta_for_enabled_layers_and_W_for_disabled_ones():
+    base, model = mixed_with_disabled_and_merged_layers()
+    state = L.merged_state_dict(model)
+    for name in ("embed", "conv2"):
+        layer = getattr(model, name)
+        torch.testing.assert_close(state[f"{name}.weight"], getattr(base, name).weight + layer.delta_weight(), **EXACT)
+    torch.testing.assert_close(state["conv1.weight"], base.conv1.weight + model.conv1.delta_weight(), **EXACT)
+    assert torch.equal(state["fc.weight"], base.fc.weight)
+
+
+def test_merged_state_dict_has_no_lora_keys():
+    _, model = mixed_with_disabled_and_merged_layers()
+    assert "conv1.lora_merged" in model.state_dict()  # the merged layer's flag is in the model's own
+    state = L.merged_state_dict(model)
+    assert not [k for k in state if k.rsplit(".", 1)[-1] in ("lora_A", "lora_B", "lora_merged")]
+    assert set(state) == set(mixed().state_dict())
+
+
+def test_merged_state_dict_leaves_the_model_bit_for_bit_unchanged_after_1000_calls():
+    _, model = mixed_with_disabled_and_merged_layers()
+    before = snapshot(model)
+    for _ in range(1000):
+        L.merged_state_dict(model)
+    assert_unchanged(model, before)
+
+
+def test_merged_state_dict_shares_the_tensors_it_does_not_merge():
+    """Layers without LoRA, base biases and (here) the merged layer's weight: the model's own memory, not copies."""
+    _, model = mixed_with_disabled_and_merged_layers()
+    state = L.merged_state_dict(model)
+    shared = {"head.weight": model.head.weight, "head.bias": model.head.bias, "conv1.bias": model.conv1.bias,
+              "conv2.bias": model.conv2.bias, "fc.bias": model.fc.bias, "conv1.weight": model.conv1.weight,
+              "fc.weight": model.fc.weight}
+    for key, param in shared.items():
+        assert state[key].data_ptr() == param.data_ptr(), key
+    assert state["embed.weight"].data_ptr() != model.embed.weight.data_ptr()  # merged: a new tensor
+    assert state["conv2.weight"].data_ptr() != model.conv2.weight.data_ptr()
+
+
+def test_merged_state_dict_of_a_layer_registered_under_two_names_holds_both_keys():
+    """Sequential(linear, Tanh, the same linear): "0.weight" and "2.weight" are both there (as in
+    state_dict), both W + ΔW, and the whole equals merge_and_unload's state_dict."""
+    model = shared_twice()
+    state = L.merged_state_dict(model)
+    assert {"0.weight", "0.bias", "2.weight", "2.bias"} <= set(state)
+    torch.testing.assert_close(state["2.weight"], model[0].weight + model[0].delta_weight())
+    assert torch.equal(state["0.weight"], state["2.weight"])
+    assert_same_state(state, L.merge_and_unload(model).state_dict())
+
+
+def test_merged_state_dict_calls_do_not_drift_in_bfloat16():
+    base, model = bf16_mixed()
+    first = L.merged_state_dict(model)
+    for _ in range(100):
+        state = L.merged_state_dict(model)
+    for name, _ in L.lora_layers(model):
+        assert torch.equal(model.get_submodule(name).weight, base.get_submodule(name).weight), name
+    assert all(torch.equal(state[k], first[k]) for k in first)
+
+
+# --- the meta device: a model built without memory, to be materialised later -----------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_on_the_meta_device_merge_lora_and_merged_state_dict_work_without_values(kind):
+    """merge_lora has no values to check for overflow there, and must not try: it flips every layer's
+    merged; merged_state_dict (unmerged and merged) gives meta tensors of the base's keys and shapes."""
+    small = adapted(kind, device="meta")
+    model = small.model.eval()
+    shapes = {k: v.shape for k, v in small.base.state_dict().items()}
+    for merge in (None, L.merge_lora):
+        if merge:
+            merge(model)
+        state = L.merged_state_dict(model)
+        assert {k: v.shape for k, v in state.items()} == shapes and all(v.is_meta for v in state.values())
+    assert all(layer.merged for _, layer in L.lora_layers(model))
+    L.unmerge_lora(model)
+    assert not any(layer.merged for _, layer in L.lora_layers(model))
 
 
 # --- modules registered twice and tied weights -----------------------------------------------------------
@@ -240,6 +450,21 @@ def shared_twice():
 def test_a_module_registered_twice_gets_one_lora_layer_that_shares_nothing_else():
     model = shared_twice()
     assert model[0] is model[2] and isinstance(model[0], L.LoRALinear) and model[0].shared_with == ()
+
+
+def test_a_module_registered_twice_but_named_once_is_adapted_under_both_names():
+    model = nn.Module()
+    model.a = nn.Linear(4, 4)
+    model.b = model.a  # one module, two names; only "a" is targeted
+    L.add_lora(model, r=2, target_modules=["a"])
+    assert model.a is model.b and isinstance(model.b, L.LoRALinear)
+
+
+def test_a_module_registered_twice_is_looked_up_before_anything_changes():
+    model, block = nn.Module(), Block()
+    model.a = model.b = block
+    L.add_lora(model)  # "a.fc" replaced first must not make "b.fc" resolve to the new layer
+    assert model.a.fc is model.b.fc and isinstance(model.a.fc, L.LoRALinear)
 
 
 def test_merge_and_unload_keeps_a_module_registered_twice_shared():
@@ -258,8 +483,20 @@ def test_merge_lora_merges_a_module_registered_twice_once():
     torch.testing.assert_close(model(x), y)
 
 
-def test_add_lora_records_a_tied_weight_in_shared_with():
-    assert tied()[2].shared_with == ("0.weight",)
+def memory_tied():
+    """enc and dec whose weights are two Parameter objects over the same memory, LoRA on enc."""
+    model = nn.Module()
+    model.enc, model.dec = nn.Linear(4, 4), nn.Linear(4, 4)
+    model.dec.weight = nn.Parameter(model.enc.weight.data)  # the same memory, another Parameter
+    return L.add_lora(model, r=2, target_modules=["enc"])
+
+
+@pytest.mark.parametrize("make, layer, shared_with", [
+    (tied, "2", ("0.weight",)),
+    (memory_tied, "enc", ("dec.weight",)),
+], ids=["one Parameter", "two Parameters over the same memory"])
+def test_add_lora_records_a_tied_weight_in_shared_with(make, layer, shared_with):
+    assert make().get_submodule(layer).shared_with == shared_with
 
 
 def test_merge_and_unload_of_tied_weights_is_correct_and_leaves_the_other_owner_W():
@@ -274,22 +511,33 @@ def test_merge_and_unload_of_tied_weights_is_correct_and_leaves_the_other_owner_
 # --- adapter files: lora_state_dict, save_adapter / load_adapter -------------------------------------------
 
 
-def test_lora_state_dict_holds_lora_A_and_B_of_every_layer_only():
-    model = lora_mlp()
-    assert set(L.lora_state_dict(model)) == {f"{n}.{p}" for n in lora_names(model) for p in ("lora_A", "lora_B")}
+@pytest.mark.parametrize("kind", KINDS)
+def test_lora_state_dict_holds_lora_A_and_B_of_every_layer_only_in_the_layer_types_shapes(kind):
+    """(conftest.expected_lora_shapes: e.g. an embedding's A is (r, num_embeddings), a conv's (r, in, *kernel).)"""
+    small = adapted(kind)
+    state = L.lora_state_dict(small.model)
+    assert set(state) == {f"{n}.{ab}" for n in lora_names(small.model) for ab in ("lora_A", "lora_B")}
+    for name in lora_names(small.model):
+        shapes = expected_lora_shapes(small.base.get_submodule(name), small.settings["r"])
+        assert (state[f"{name}.lora_A"].shape, state[f"{name}.lora_B"].shape) == shapes, name
 
 
-def test_lora_state_dict_tensors_are_detached_like_state_dict():
-    state = L.lora_state_dict(lora_mlp())
+@pytest.mark.parametrize("kind", KINDS)
+def test_lora_state_dict_tensors_are_detached_like_state_dict(kind):
+    state = L.lora_state_dict(adapted(kind).model)
     assert not any(isinstance(v, nn.Parameter) or v.requires_grad for v in state.values())
 
 
-def test_lora_state_dict_round_trip():
-    model, fresh = lora_mlp(), L.add_lora(mlp(), r=2)
-    x = torch.randn(4, 6)
-    assert not torch.equal(fresh(x), model(x))
-    L.load_lora_state_dict(fresh, L.lora_state_dict(model))
-    assert torch.equal(fresh(x), model(x))
+@pytest.mark.parametrize("kind", KINDS)
+def test_lora_state_dict_round_trip(kind):
+    small = adapted(kind)
+    fresh = small.fresh()
+    assert not torch.equal(fresh(small.x), small.model(small.x))
+    state = L.lora_state_dict(small.model)
+    given = copy.deepcopy(state)
+    L.load_lora_state_dict(fresh, state)
+    assert torch.equal(fresh(small.x), small.model(small.x))
+    assert list(state) == list(given) and all(torch.equal(state[k], given[k]) for k in given)  # the argument unchanged
 
 
 def test_save_adapter_records_each_layers_settings(tmp_path):
@@ -298,10 +546,11 @@ def test_save_adapter_records_each_layers_settings(tmp_path):
     assert torch.load(tmp_path / "adapter.pt", weights_only=True)["config"] == {"2.0": settings, "3": settings}
 
 
-def test_save_and_load_adapter_round_trip(tmp_path):
-    model = randomize_B(L.add_lora(mlp(), r=2, alpha=3.0, target_modules=["2.0", "3"]))
-    L.save_adapter(model, tmp_path / "adapter.pt")
-    fresh = L.add_lora(mlp(), r=2, alpha=3.0, target_modules=["2.0", "3"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_save_and_load_adapter_round_trip(kind, tmp_path):
+    small = adapted(kind)
+    L.save_adapter(small.model, tmp_path / "adapter.pt")
+    fresh = small.fresh()
+    assert not torch.equal(fresh(small.x), small.model(small.x))
     L.load_adapter(fresh, tmp_path / "adapter.pt")
-    x = torch.randn(4, 6)
-    assert torch.equal(fresh(x), model(x))
+    assert torch.equal(fresh(small.x), small.model(small.x))
