@@ -4,11 +4,14 @@ save_peft_adapter writes what peft.PeftModel.from_pretrained loads into the same
 load_peft_adapter reads what PEFT's save_pretrained writes; the oracle is PEFT itself, on
 a tiny Llama built from a config (float64: equal logits to 1e-10).
 
-Sections: lora_min -> PEFT; PEFT -> lora_min (rank / alpha patterns, target rules);
-round trips of small models; safetensors or .bin; what save_peft_adapter refuses; PEFT
-features lora_min does not implement; files that are not (valid) PEFT adapters.
-Per-field validation of the config, with the unchanged-model oracle, and exact targets
-under PEFT's rule: test_misuse.py, sections 3 and 6.
+Every layer type (linear, embedding, conv) both ways: a Llama's projections, its embed_tokens,
+and a small CNN's convolutions.
+
+Sections: lora_min -> PEFT (outputs, keys and shapes, exact targets under PEFT's rule);
+PEFT -> lora_min (outputs, rank / alpha patterns, target rules, modes, base weights PEFT
+saves); round trips of small models; safetensors or .bin; what save_peft_adapter refuses;
+PEFT features lora_min does not implement; files that are not (valid) PEFT adapters.
+Per-field validation of the config, with the unchanged-model oracle: test_misuse.py.
 """
 
 import copy
@@ -21,8 +24,9 @@ import torch
 import torch.nn as nn
 
 import lora_min as L
-from conftest import (EXACT, Payload, assert_unchanged, lora_llama, lora_names, mlp, randomize_adapter, randomize_B,
-                      snapshot, tiny_llama, tokens, train_language_model, write_peft_config)
+from conftest import (EXACT, Payload, assert_unchanged, cnn, images, lora_llama, lora_names, lora_two_blocks, mlp,
+                      randomize, randomize_adapter, randomize_B, snapshot, tiny_llama, tokens, train_language_model,
+                      two_blocks, write_peft, write_peft_config)
 
 peft = pytest.importorskip("peft")
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -34,6 +38,57 @@ def peft_from_pretrained(base, directory):
 
 def read_config(directory):
     return json.loads((directory / "adapter_config.json").read_text())
+
+
+def read_safetensors(path):
+    return safetensors_torch.load_file(str(path))
+
+
+def output(model, x):
+    """The logits of a language model, the output of any other."""
+    y = model(x)
+    return getattr(y, "logits", y)
+
+
+def randomize_peft(peft_model, seed=3, scale=0.1):
+    """Random values for every LoRA tensor of a PEFT model (its init has A or B at zero)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
+    return peft_model
+
+
+KINDS = ["linear", "embedding", "conv"]
+CNN_TARGETS = ["0", "2"]
+# kind: (the base model, PEFT's r, lora_alpha and target_modules, the input, the scale of random A and B)
+PEFT_KINDS = {
+    "linear": (tiny_llama, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), tokens, 0.1),
+    "embedding": (tiny_llama, dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj", "v_proj"]), tokens, 0.1),
+    "conv": (cnn, dict(r=3, lora_alpha=6, target_modules=CNN_TARGETS), images, 0.3),
+}
+
+
+def lora_min_model(kind):
+    """(base, lora_min's model with a random adapter of this kind, in eval mode, an input)."""
+    make_base, config, x, scale = PEFT_KINDS[kind]
+    base = make_base()
+    model = L.add_lora(copy.deepcopy(base), r=config["r"], alpha=config["lora_alpha"], target_modules=config["target_modules"])
+    return base, randomize(model, scale=scale).eval(), x()
+
+
+def peft_model(kind, **fields):
+    """(base, PEFT's model with a random adapter of this kind (and these LoraConfig fields), in eval mode, an input)."""
+    make_base, config, x, scale = PEFT_KINDS[kind]
+    base = make_base()
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**config, **fields))
+    return base, randomize_peft(theirs, scale=scale).eval(), x()
+
+
+def peft_adapted(peft_model):
+    """The names of the modules a PeftModel adapts."""
+    return [n for n, m in peft_model.base_model.model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
 
 
 # --- lora_min -> PEFT -----------------------------------------------------------------------------------
@@ -55,15 +110,47 @@ def test_save_peft_adapter_writes_the_settings_in_peft_config_fields(saved_llama
     assert config["use_rslora"] is False and config["lora_dropout"] == 0.0 and config["rank_pattern"] == {}
 
 
-def test_save_peft_adapter_writes_a_tensor_per_A_and_B_under_peft_keys(saved_llama):
-    keys = set(safetensors_torch.load_file(saved_llama[2] / "adapter_model.safetensors"))
-    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys and len(keys) == 8
+@pytest.mark.parametrize("kind", KINDS)
+def test_save_peft_adapter_loads_in_peft_computing_what_lora_min_computes(kind, tmp_path):
+    base, model, x = lora_min_model(kind)
+    L.save_peft_adapter(model, tmp_path)
+    y = output(model, x)
+    assert not torch.allclose(y, output(base, x), **EXACT)  # the adapter does something
+    torch.testing.assert_close(output(peft_from_pretrained(base, tmp_path), x), y, **EXACT)
 
 
-def test_save_peft_adapter_loads_in_peft_with_equal_logits(saved_llama):
-    base, model, folder = saved_llama
-    ids = tokens()
-    torch.testing.assert_close(peft_from_pretrained(base, folder)(input_ids=ids).logits, model(ids).logits, **EXACT)
+def llama_keys(r, layers=(0, 1)):
+    """PEFT's keys and shapes for rank-r LoRA on q_proj (32 -> 32) and v_proj (32 -> 16) of the tiny Llama."""
+    prefix = "base_model.model.model.layers"
+    return {f"{prefix}.{i}.self_attn.{p}.lora_{ab}.weight": shape for i in layers
+            for p, out in (("q_proj", 32), ("v_proj", 16)) for ab, shape in (("A", (r, 32)), ("B", (out, r)))}
+
+
+PEFT_FILES = {  # kind: the keys and shapes of the adapter file PEFT writes
+    # linears: lora_A.weight (r, in), lora_B.weight (out, r)
+    "linear": llama_keys(4),
+    # embeddings: no ".weight" suffix; A (r, vocabulary), B (dim, r)
+    "embedding": {"base_model.model.model.embed_tokens.lora_embedding_A": (4, 97),
+                  "base_model.model.model.embed_tokens.lora_embedding_B": (32, 4), **llama_keys(4)},
+    # convs: A conv-shaped (r, in, kh, kw), B a 1x1 conv (out, r, 1, 1)
+    "conv": {"base_model.model.0.lora_A.weight": (3, 3, 3, 3), "base_model.model.0.lora_B.weight": (8, 3, 1, 1),
+             "base_model.model.2.lora_A.weight": (3, 8, 3, 3), "base_model.model.2.lora_B.weight": (8, 3, 1, 1)},
+}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_peft_and_lora_min_write_the_same_keys_and_shapes(kind, tmp_path):
+    """PEFT's layout, which save_peft_adapter writes too (and nothing else: PEFT may add the base
+    weights of a targeted embedding, lora_min never does)."""
+    make_base, config, _, _ = PEFT_KINDS[kind]
+    base = make_base()
+    peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**config)).save_pretrained(str(tmp_path / "peft"))
+    L.save_peft_adapter(L.add_lora(copy.deepcopy(base), r=config["r"], target_modules=config["target_modules"]),
+                        tmp_path / "ours")
+    theirs = read_safetensors(tmp_path / "peft" / "adapter_model.safetensors")
+    ours = read_safetensors(tmp_path / "ours" / "adapter_model.safetensors")
+    assert {k: tuple(v.shape) for k, v in theirs.items() if ".lora_" in k} == PEFT_FILES[kind]
+    assert {k: tuple(v.shape) for k, v in ours.items()} == PEFT_FILES[kind]
 
 
 @pytest.mark.parametrize("alpha, written", [(2.5, 2.5), (3.0, 3)])
@@ -99,7 +186,67 @@ def test_peft_adapts_only_the_one_layer_of_many_that_was_saved(one_layer_of_many
     torch.testing.assert_close(peft_from_pretrained(base, folder)(input_ids=ids).logits, model(ids).logits, **EXACT)
 
 
+def nested():
+    """Sequential(Linear, Sequential(Linear)): the target "0" is also the dotted end of "1.0"."""
+    return nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 4)))
+
+
+def numbered():
+    """Eleven Sequential(Linear, Linear): linears "0.0", "0.1", ..., "10.0", "10.1" ("0.1" is the dotted end of no other)."""
+    return nn.Sequential(*[nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)) for _ in range(11)])
+
+
+def aliased_leaf():
+    model = nn.Module()
+    model.a = nn.Linear(4, 4)
+    model.b = nn.Sequential(nn.Linear(4, 4))
+    model.c = model.b  # the same Sequential under a second name
+    return model
+
+
+@pytest.mark.parametrize("make, targets", [
+    (nested, ["0"]), (nested, ["1.0"]), (numbered, ["1.0", "10.1"]), (numbered, ["1.1"]),
+    (aliased_leaf, ["a"]), (aliased_leaf, ["b.0"]),
+])
+def test_save_peft_adapter_targets_select_exactly_the_saved_layers_under_peft(make, targets, tmp_path):
+    torch.manual_seed(0)
+    base = make()
+    model, layers = copy.deepcopy(base), {}
+    for name in targets:  # exactly these layers (add_lora's suffix rule would take "1.0" for "0")
+        linear = model.get_submodule(name)
+        layer = layers.setdefault(id(linear), L.LoRALinear(linear, r=2))
+        nn.init.normal_(layer.lora_B)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer)
+    L.save_peft_adapter(model, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).base_model.model
+    adapted = {n for n, m in theirs.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")}
+    assert adapted == {n for n, _ in L.lora_layers(model)}
+    ours = L.load_peft_adapter(copy.deepcopy(base), tmp_path)
+    assert {n for n, _ in L.lora_layers(ours)} == {n for n, _ in L.lora_layers(model)}
+    x = torch.randn(3, 4)
+    outputs = lambda m: torch.cat([m.get_submodule(n)(x) for n, _ in L.lora_layers(model)])  # noqa: E731
+    torch.testing.assert_close(outputs(ours.eval()), outputs(theirs.eval()))
+    torch.testing.assert_close(outputs(ours), outputs(model.eval()))
+
+
 # --- PEFT -> lora_min -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_peft_adapter_of_each_layer_type_loads_computing_what_peft_computes(kind, tmp_path):
+    """The layers PEFT adapts, each a LoRA layer of its type, with PEFT's dropout (none on an
+    embedding, as PEFT's), computing PEFT's outputs."""
+    base, theirs, x = peft_model(kind, lora_dropout=0.1)
+    theirs.save_pretrained(str(tmp_path))
+    ours = L.load_peft_adapter(copy.deepcopy(base), tmp_path).eval()
+    assert lora_names(ours) == peft_adapted(theirs)
+    for name, layer in L.lora_layers(ours):
+        assert type(layer) is L.lora_class_for(base.get_submodule(name)), name
+        assert layer.dropout == (0.0 if isinstance(layer, L.LoRAEmbedding) else 0.1), name
+    y = output(ours, x)
+    assert not torch.allclose(y, output(base, x), **EXACT)
+    torch.testing.assert_close(y, output(theirs, x), **EXACT)
 
 
 @pytest.fixture(scope="module")
@@ -189,6 +336,89 @@ def test_load_peft_adapter_follows_peft_target_rules(tmp_path, targets, excluded
     torch.testing.assert_close(ours.eval()(ids).logits, theirs.eval()(input_ids=ids).logits, **EXACT)
 
 
+# PEFT gives a module the value of the first rank_pattern / alpha_pattern key that matches the END of
+# its name at a dot: re.match(rf"(.*\.)?({key})$", name). Keys that tell that rule from a substring match:
+PATTERNS = {
+    # "0.1" is a substring of "10.1" but not its dotted end; "1" ends "0.1" ... "10.1" (not "1.0" or "10.0");
+    # "0" ends every "*.0", never "10.1"
+    "numbered": (numbered, dict(target_modules=r"\d+\.\d", rank_pattern={"0.1": 3, "1": 5},
+                                alpha_pattern={"10.1": 9, "0": 7})),
+    # "proj" and "_proj" are substrings of every q_proj / v_proj / o_proj but the dotted end of none;
+    # "1.self_attn.q_proj" ends layer 1's q_proj only
+    "llama": (tiny_llama, dict(target_modules=["q_proj", "v_proj", "o_proj"],
+                               rank_pattern={"proj": 8, "1.self_attn.q_proj": 6, "v_proj": 3},
+                               alpha_pattern={"_proj": 5, "self_attn.o_proj": 7})),
+}
+PATTERN_SPOTS = {  # a few (module, r, alpha) the rule gives, where a substring rule would give others
+    "numbered": [("0.1", 3, 2), ("10.1", 5, 9), ("1.1", 5, 2), ("10.0", 2, 7), ("1.0", 2, 7)],
+    "llama": [("model.layers.0.self_attn.q_proj", 2, 2), ("model.layers.1.self_attn.q_proj", 6, 2),
+              ("model.layers.0.self_attn.v_proj", 3, 2), ("model.layers.1.self_attn.o_proj", 2, 7)],
+}
+
+
+@pytest.mark.parametrize("model", PATTERNS)
+def test_rank_and_alpha_patterns_go_only_to_the_modules_peft_gives_them_to(model, tmp_path):
+    """The oracle is PEFT: every layer's r and alpha equal those of PEFT's model built from the same config."""
+    make_base, config = PATTERNS[model]
+    torch.manual_seed(0)
+    base = make_base()
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, lora_alpha=2, init_lora_weights=False,
+                                                                      **config))
+    theirs.save_pretrained(str(tmp_path))
+    ours = dict(L.lora_layers(L.load_peft_adapter(copy.deepcopy(base), tmp_path)))
+    expected = {n: (m.r["default"], m.lora_alpha["default"]) for n, m in theirs.base_model.model.named_modules()
+                if n in peft_adapted(theirs)}
+    assert {n: (layer.r, layer.alpha) for n, layer in ours.items()} == expected
+    for name, r, alpha in PATTERN_SPOTS[model]:
+        assert (ours[name].r, ours[name].alpha) == (r, alpha), name
+
+
+def test_a_peft_file_with_null_optional_fields_loads(tmp_path):
+    write_peft(tmp_path, ["0.fc"], lora_dropout=None, rank_pattern=None, alpha_pattern=None, exclude_modules=None,
+               use_rslora=None)
+    model = L.load_peft_adapter(two_blocks(), tmp_path)
+    assert [n for n, _ in L.lora_layers(model)] == ["0.fc"]
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_load_peft_adapter_gives_new_layers_the_mode_of_the_modules_they_replace(training, tmp_path):
+    write_peft(tmp_path, ["0.fc"], lora_dropout=0.5)
+    model = L.load_peft_adapter(two_blocks().train(training), tmp_path)
+    assert model[0].fc.training == training
+    x = torch.randn(8, 4)
+    if not training:  # as PeftModel.from_pretrained: eval, so no dropout and repeatable outputs
+        assert torch.equal(model(x), model(x))
+
+
+@pytest.fixture
+def peft_embed_tokens(tmp_path):
+    """(base Llama, the folder of a PEFT adapter on embed_tokens and q_proj, which also holds embed_tokens' W)."""
+    base, theirs, _ = peft_model("embedding")
+    theirs.save_pretrained(str(tmp_path))
+    return base, tmp_path
+
+
+def test_load_peft_adapter_accepts_the_base_layer_weight_peft_writes_when_it_equals_the_models(peft_embed_tokens):
+    base, folder = peft_embed_tokens
+    state = read_safetensors(folder / "adapter_model.safetensors")
+    assert torch.equal(state["base_model.model.model.embed_tokens.base_layer.weight"], base.model.embed_tokens.weight)
+    model = L.load_peft_adapter(copy.deepcopy(base), folder)
+    assert torch.equal(model.model.embed_tokens.weight, base.model.embed_tokens.weight)
+
+
+def test_load_peft_adapter_refuses_a_base_layer_weight_that_differs_from_the_models(peft_embed_tokens):
+    base, folder = peft_embed_tokens
+    path = folder / "adapter_model.safetensors"
+    state = read_safetensors(path)
+    state["base_model.model.model.embed_tokens.base_layer.weight"][5, 3] += 1.0  # e.g. a fine-tuned base
+    safetensors_torch.save_file(state, str(path), metadata={"format": "pt"})
+    model = copy.deepcopy(base)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"carries its own base weight 'base_model\.model\.model\.embed_tokens\.base_layer"):
+        L.load_peft_adapter(model, folder)
+    assert_unchanged(model, before)  # refused before changing anything
+
+
 # --- round trips of small models -----------------------------------------------------------------------------
 
 
@@ -272,11 +502,26 @@ def lora(**kwargs):
     # rank_pattern keys match the end of a name: "q" would also give "inner.q" rank 2
     (lambda: model_of(q=lora(r=2), inner=model_of(q=lora(r=4)), other=lora(r=4)),
      "cannot express the rank and alpha of 'inner.q'"),
-], ids=["no LoRA layers", "a bare layer", "use_rslora differs", "dropout differs", "rank_pattern cannot say it"])
+    # PEFT's conv LoRA runs A with the base's stride and padding only
+    (lambda: L.add_lora(nn.Sequential(nn.Conv2d(2, 2, 3, padding=1, padding_mode="circular")), r=2, target_modules=["0"]),
+     "'0': PEFT's conv LoRA ignores padding_mode and dilation.*padding_mode='circular'"),
+    (lambda: L.add_lora(nn.Sequential(nn.Conv2d(2, 2, 3, dilation=2)), r=2, target_modules=["0"]),
+     r"'0': PEFT's conv LoRA ignores padding_mode and dilation.*dilation=\(2, 2\)"),
+], ids=["no LoRA layers", "a bare layer", "use_rslora differs", "dropout differs", "rank_pattern cannot say it",
+        "a conv with another padding_mode", "a dilated conv"])
 def test_save_peft_adapter_refuses_what_peft_cannot_express_and_writes_nothing(tmp_path, make, words):
     with pytest.raises(ValueError, match=words):
         L.save_peft_adapter(make(), tmp_path)
     assert not list(tmp_path.iterdir())
+
+
+def test_save_peft_adapter_checks_before_it_overwrites_an_adapter(tmp_path):
+    model = lora_two_blocks()
+    L.save_peft_adapter(model, tmp_path)
+    good = (tmp_path / "adapter_config.json").read_text()
+    with pytest.raises(ValueError, match="base_model_name_or_path must be a str or None, got PosixPath"):
+        L.save_peft_adapter(model, tmp_path, base_model_name_or_path=tmp_path)
+    assert (tmp_path / "adapter_config.json").read_text() == good
 
 
 # --- PEFT features lora_min does not implement are refused, naming the field ---------------------------
@@ -376,15 +621,3 @@ def test_load_peft_adapter_never_unpickles_a_bin_file(tmp_path):
     with pytest.raises(ValueError, match="adapter_model.bin is not a PEFT adapter file"):
         L.load_peft_adapter(mlp(), tmp_path)
     assert not (tmp_path / "canary").exists()
-
-
-def test_load_peft_adapter_refuses_other_settings_for_a_module_registered_twice(tmp_path):
-    shared = nn.Linear(4, 4)
-    model = nn.Sequential(shared, nn.Tanh(), shared)
-    write_peft_config(tmp_path, target_modules=["0", "2"], rank_pattern={"2": 3})
-    torch.save({f"base_model.model.{name}.lora_{AB}.weight": torch.zeros(shape) for name, r in (("0", 2), ("2", 3))
-                for AB, shape in (("A", (r, 4)), ("B", (4, r)))}, tmp_path / "adapter_model.bin")
-    before = snapshot(model)
-    with pytest.raises(ValueError, match="'2' and '0' are the same module but are asked for different LoRA settings"):
-        L.load_peft_adapter(model, tmp_path)
-    assert_unchanged(model, before)
