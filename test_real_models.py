@@ -4,11 +4,13 @@ Every model is built from a small config (no downloads). The oracle is PEFT itse
 applies: given the same W, A and B, PEFT's LoRA must compute the same logits (float64, 1e-10)
 and the same adapter gradients (1e-9); elsewhere the plain model merge_and_unload makes.
 Sections: Llama against PEFT; training, adapter files, merge and generate on Llama; other
-architectures; tied weights. PEFT's file format on these models: test_peft.py.
+architectures; tied weights (LoRA on the lm_head, a linear, or on embed_tokens, an embedding).
+PEFT's file format on these models: test_peft.py.
 Needs the test requirements (pip install -r requirements-test.txt); CI installs them.
 """
 
 import copy
+import re
 
 import pytest
 import torch
@@ -186,38 +188,56 @@ def test_gpt2_conv1d_target_is_refused_naming_its_class():
     assert_unchanged(model, before)  # refused before anything changed
 
 
-# --- tied weights --------------------------------------------------------------------------------------
+# --- tied weights: a Llama whose lm_head is its embedding table, LoRA on either side --------------------------
 
 
-@pytest.fixture
-def tied_llama():
-    """A Llama whose lm_head is tied to the embedding, with LoRA (random) on lm_head and q_proj."""
-    return randomize_adapter(L.add_lora(tiny_llama(tie=True), r=2, target_modules=["lm_head", "q_proj"]))
+# side: (the module with LoRA, the other owner of its weight); the other side stays plain
+TIED_SIDES = {"lm_head": ("lm_head", "model.embed_tokens"), "embed_tokens": ("model.embed_tokens", "lm_head")}
 
 
-def test_a_tied_lm_head_stays_tied_and_records_what_it_shares(tied_llama):
-    model = tied_llama
+@pytest.fixture(params=TIED_SIDES)
+def tied_llama(request):
+    """(base, a copy with LoRA (random) on one side of the tied pair and on q_proj, that side's name, the other's)."""
+    adapted, other = TIED_SIDES[request.param]
+    base = tiny_llama(tie=True)
+    model = randomize_adapter(L.add_lora(copy.deepcopy(base), r=2, target_modules=[request.param, "q_proj"]))
+    return base, model, adapted, other
+
+
+def test_a_tied_weight_stays_tied_and_the_layer_records_what_it_shares(tied_llama):
+    _, model, adapted, other = tied_llama
     assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied: training is fine
-    assert model.lm_head.shared_with == ("model.embed_tokens.weight",)
+    assert model.get_submodule(adapted).shared_with == (f"{other}.weight",)
     assert model.model.layers[0].self_attn.q_proj.shared_with == ()
 
 
-@pytest.mark.parametrize("merge, words", [
-    (L.merge_lora, r"shared with \['model.embed_tokens.weight'\].*merge_and_unload"),
-    (lambda model: model.lm_head.merge(), "model.embed_tokens.weight"),
-], ids=["merge_lora", "lm_head.merge()"])
-def test_a_tied_lm_head_refuses_in_place_merge_and_changes_nothing(tied_llama, merge, words):
-    before = snapshot(tied_llama)
-    with pytest.raises(RuntimeError, match=words):
-        merge(tied_llama)
-    assert_unchanged(tied_llama, before)  # nothing half-merged, the embedding untouched
+@pytest.mark.parametrize("merge", ["merge_lora", "merge()"])
+def test_a_tied_weight_refuses_in_place_merge_and_changes_nothing(tied_llama, merge):
+    _, model, adapted, other = tied_llama
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match=rf"shared with \['{re.escape(other)}\.weight'\].*merge_and_unload"):
+        L.merge_lora(model) if merge == "merge_lora" else model.get_submodule(adapted).merge()
+    assert_unchanged(model, before)  # nothing half-merged, the other owner untouched
 
 
-def test_merge_and_unload_of_a_tied_lm_head_is_correct_and_the_embedding_keeps_W(tied_llama):
-    model = tied_llama
+def test_merge_and_unload_of_a_tied_weight_is_correct_and_the_other_owner_keeps_W(tied_llama):
+    base, model, adapted, other = tied_llama
     ids = tokens()
-    logits, embedding = model(ids).logits, model.model.embed_tokens.weight.clone()
-    plain = L.merge_and_unload(model)  # copies: correct, and the embedding keeps W
+    logits = model(ids).logits
+    assert not torch.allclose(logits, base(ids).logits, **EXACT)  # the adapter does something
+    before = snapshot(model)
+    plain = L.merge_and_unload(model)  # copies: correct, and the other owner keeps W
+    assert type(plain.get_submodule(adapted)) is type(base.get_submodule(adapted))
     torch.testing.assert_close(plain(ids).logits, logits, rtol=1e-9, atol=1e-9)
-    assert torch.equal(plain.model.embed_tokens.weight, embedding)
-    torch.testing.assert_close(model(ids).logits, logits, **EXACT)
+    assert torch.equal(plain.get_submodule(other).weight, base.get_submodule(other).weight)  # untied
+    assert_unchanged(model, before)
+
+
+def test_merged_state_dict_of_a_tied_weight_keeps_the_other_owners_W(tied_llama):
+    base, model, adapted, other = tied_llama
+    state = L.merged_state_dict(model)
+    assert torch.equal(state[f"{other}.weight"], base.get_submodule(other).weight)
+    delta = model.get_submodule(adapted).delta_weight()
+    torch.testing.assert_close(state[f"{adapted}.weight"], base.get_submodule(adapted).weight + delta, **EXACT)
+    expected = L.merge_and_unload(model).state_dict()
+    assert set(state) == set(expected) and all(torch.equal(state[k], expected[k]) for k in expected)
