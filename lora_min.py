@@ -14,11 +14,9 @@ linear layer y = x W^T + b we never form ΔW in training: the factored forward
 y = x W^T + b + ((x A^T) B^T) * scale costs two thin matrix products, and backward
 needs no (out, in) gradient. For inference, `merge()` folds ΔW into W once.
 
-The lesson comes first and runs on its own: the math, then LoRALayer and
-LoRALinear (all of LoRA; autograd differentiates it). The plumbing follows, each
-part named for the promise it keeps: other layer types, adapting a model, adapter
-files (ours and PEFT's), and the guards that make misuse fail loudly. Needs only
-torch (2.4 to 2.14) and the standard library.
+The lesson comes first and runs on its own: the math, LoRALayer and LoRALinear.
+The plumbing follows, each part named for its promise: other layers, adapting a model,
+adapter files (ours and PEFT's), the guards. Needs only torch (2.4-2.14) and the stdlib.
 """
 import math
 from typing import Optional
@@ -69,20 +67,18 @@ def lora_forward(x, W, b, A, B, scale):
 # The layer: what every LoRA layer shares (LoRALayer), then LoRALinear
 # ---------------------------------------------------------------------------
 
-# Key added to a LoRA layer's state_dict only while it is merged, so that a
-# checkpoint whose `weight` already holds W + ΔW can never be loaded as if it
-# held W (ΔW would then count twice).
+# In a LoRA layer's state_dict only while it is merged: a checkpoint whose `weight` holds
+# W + ΔW can never be loaded as if it held W (ΔW would then count twice).
 MERGED_KEY = "lora_merged"
 
 
 class LoRALayer(nn.Module):
     """A frozen base layer's weight W plus a trainable low-rank update ΔW = (B @ A) * scale.
 
-    What every adapted layer shares: lora_A, lora_B, the scale, the `enabled`
-    and `merged` states, merge / unmerge and the checkpoint flag. A subclass
-    (LoRALinear, LoRAEmbedding, LoRAConv) says what differs: the shapes of A and
-    B (`lora_shapes`), ΔW in W's layout (`as_weight`), the base layer's forward
-    and the adapted one, and the base module that merge_and_unload makes.
+    What every adapted layer shares: lora_A, lora_B, the scale, the `enabled` and `merged`
+    states, merge / unmerge and the checkpoint flag. A subclass says what differs: the shapes
+    of A and B (`lora_shapes`), ΔW in W's layout (`as_weight`), the base layer's forward and
+    the adapted one (`base_forward`, `adapted_forward`), and the plain layer (`base_module`).
 
     Args (every subclass):
         base: the layer to adapt. Its `weight` and `bias` Parameters are reused
@@ -93,18 +89,19 @@ class LoRALayer(nn.Module):
         dropout: dropout probability on the input of the LoRA branch only.
         use_rslora: scale = alpha / sqrt(r) (rank-stabilised LoRA) instead of alpha / r.
         init_std: None for the layer type's usual init of A; a float for A ~ N(0, init_std^2).
+        lora_dtype: A's and B's dtype; None: float32 on a float16 / bfloat16 base (small updates
+            would round away there), else the base's. The output is in the base's dtype.
 
-    States: `enabled` (False: exactly the base layer) and `merged` (ΔW is folded
-    into `weight`). Merging is explicit: train() and eval() never touch weights.
-    `shared_with` names other modules' parameters that are this layer's weight
-    (tied embeddings, recorded by add_lora): merge() refuses to write into them.
+    States: `enabled` (False: exactly the base layer), `merged` (ΔW is folded into `weight`;
+    train() and eval() never touch weights). `shared_with`: other modules' names for this
+    weight (tied embeddings, found by add_lora): merge() refuses to write into them.
     """
 
     base_types: tuple = ()  # the nn.Module classes a subclass adapts
 
     def __init__(self, base: nn.Module, r: int = 8, alpha: Optional[float] = None, dropout: float = 0.0,
-                 use_rslora: bool = False, init_std: Optional[float] = None):
-        self.check(base, r, alpha, dropout, use_rslora, init_std)
+                 use_rslora: bool = False, init_std: Optional[float] = None, lora_dtype: Optional[torch.dtype] = None):
+        self.check(base, r, alpha, dropout, use_rslora, init_std, lora_dtype)
         super().__init__()
         self.weight = base.weight  # the same Parameter objects: no copy, and frozen
         self.bias = getattr(base, "bias", None)
@@ -114,8 +111,10 @@ class LoRALayer(nn.Module):
         self.r, self.alpha, self.use_rslora, self.dropout = r, float(r if alpha is None else alpha), use_rslora, dropout
         self.scale = self.alpha / (math.sqrt(r) if use_rslora else r)
         a_shape, b_shape = self.lora_shapes(base, r)
-        self.lora_A = nn.Parameter(torch.empty(a_shape, device=self.weight.device, dtype=self.weight.dtype))
-        self.lora_B = nn.Parameter(torch.empty(b_shape, device=self.weight.device, dtype=self.weight.dtype))
+        half = self.weight.dtype in (torch.float16, torch.bfloat16)
+        dtype = lora_dtype or (torch.float32 if half else self.weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(a_shape, device=self.weight.device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.empty(b_shape, device=self.weight.device, dtype=dtype))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.shared_with = ()
         self._enabled, self.merged = True, False
@@ -125,13 +124,14 @@ class LoRALayer(nn.Module):
 
     @classmethod
     def check(cls, base: nn.Module, r: int = 8, alpha: Optional[float] = None, dropout: float = 0.0,
-              use_rslora: bool = False, init_std: Optional[float] = None) -> None:
+              use_rslora: bool = False, init_std: Optional[float] = None,
+              lora_dtype: Optional[torch.dtype] = None) -> None:
         """Raise ValueError if this layer type cannot adapt `base` with these settings."""
         def number(v):
             return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-        if not isinstance(base, cls.base_types):
-            raise TypeError(f"{cls.__name__} adapts {' / '.join('nn.' + t.__name__ for t in cls.base_types)}, "
-                            f"got {type(base).__name__}")
+        if cls.base_class(base) is None:
+            names = " / ".join("nn." + t.__name__ for t in cls.base_types) or cls.__name__[len("LoRA"):]
+            raise TypeError(f"{cls.__name__} adapts {names}, got {type(base).__name__}")
         if not (isinstance(r, int) and not isinstance(r, bool) and r >= 1):
             raise ValueError(f"r (the LoRA rank) must be a positive int, got {r!r}")
         for name, value in (("alpha", alpha), ("init_std", init_std)):
@@ -141,6 +141,8 @@ class LoRALayer(nn.Module):
             raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
         if not isinstance(use_rslora, bool):
             raise ValueError(f"use_rslora must be True or False, got {use_rslora!r}")
+        if not (lora_dtype is None or isinstance(lora_dtype, torch.dtype) and lora_dtype.is_floating_point):
+            raise ValueError(f"lora_dtype must be None or a floating torch.dtype, got {lora_dtype!r}")
         if base.weight.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
             raise ValueError(f"{cls.__name__} needs a float16 / bfloat16 / float32 / float64 weight, got "
                              f"{base.weight.dtype} (quantized weights are not supported)")
@@ -152,6 +154,10 @@ class LoRALayer(nn.Module):
     def why_unsupported(cls, base: nn.Module, dropout: float) -> Optional[str]:
         """Why this layer type cannot compute `base` exactly with this dropout (None if it can)."""
         return None
+
+    @classmethod
+    def base_class(cls, module: nn.Module) -> Optional[type]:  # the one of base_types module is, or None
+        return next((t for t in cls.base_types if isinstance(module, t)), None)
 
     def reset_lora_parameters(self, init_std: Optional[float] = None) -> None:
         """A random (kaiming-uniform as the base layer's own init, or N(0, init_std^2)), B = 0: ΔW = 0."""
@@ -188,11 +194,9 @@ class LoRALayer(nn.Module):
             return self.base_forward(x)  # the base layer, bit for bit (with W + ΔW when merged)
         return self.adapted_forward(x)
 
-    # --- merge / unmerge ---------------------------------------------------------
-    # W is rewritten in place, computed in at least float32 and rounded once to W's
-    # dtype. unmerge() therefore restores W only up to rounding: elementwise
-    # |W_unmerged - W| <= eps * (|W| + |ΔW|), eps = torch.finfo(W.dtype).eps. Keep a
-    # copy of W if you need it bit for bit, or use merged_state_dict(model).
+    # --- merge / unmerge: W rewritten in place, computed in at least float32, rounded once.
+    # So unmerge() restores W up to rounding: |W_unmerged - W| <= eps (|W| + |ΔW|) elementwise,
+    # eps = torch.finfo(W.dtype).eps. Keep a copy of W, or use merged_state_dict(model).
 
     def merged_weight(self) -> torch.Tensor:
         """W + ΔW, computed in at least float32, rounded once to W's dtype."""
@@ -261,9 +265,7 @@ class LoRALayer(nn.Module):
 
 
 class LoRALinear(LoRALayer):
-    """A frozen nn.Linear plus a trainable low-rank update:
-
-        y = x W^T + b + ((dropout(x) A^T) B^T) * scale
+    """A frozen nn.Linear plus a trainable low-rank update: y = x W^T + b + ((dropout(x) A^T) B^T) * scale.
 
     Shapes: weight (out, in), bias (out,), lora_A (r, in), lora_B (out, r);
     input (..., in) -> output (..., out). Args: see LoRALayer.
@@ -288,7 +290,7 @@ class LoRALinear(LoRALayer):
         y = F.linear(x, self.weight, self.bias)  # x W^T + b: (..., out)
         x_lora = self.lora_dropout(x).to(self.lora_A.dtype)  # the branch runs in the adapter's dtype
         h = F.linear(x_lora, self.lora_A) * self.scale  # dropout(x) A^T * scale: (..., r)
-        return y + F.linear(h, self.lora_B).to(y.dtype)  # + h B^T: (..., out)
+        return (y + F.linear(h, self.lora_B)).to(y.dtype)  # + h B^T: (..., out), rounded once
 
     def base_module(self, weight: nn.Parameter, bias: Optional[nn.Parameter]) -> nn.Linear:
         linear = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device="meta")
@@ -305,6 +307,7 @@ import collections  # noqa: E402
 import collections.abc  # noqa: E402
 import contextlib  # noqa: E402
 import copy  # noqa: E402
+import difflib  # noqa: E402
 import functools  # noqa: E402
 import inspect  # noqa: E402
 import json  # noqa: E402
@@ -370,10 +373,11 @@ class LoRAEmbedding(LoRALayer):
 
     def adapted_forward(self, idx: torch.Tensor) -> torch.Tensor:
         h = F.embedding(idx, self.lora_A.T, self.padding_idx)  # (..., r): column idx of A
-        update = ((h * self.scale) @ self.lora_B.T).to(self.weight.dtype)  # (an adapter kept in another dtype)
+        update = (h * self.scale) @ self.lora_B.T
         if self.padding_idx is not None:  # the pad row is a constant, as nn.Embedding treats it
             update = torch.where((idx == self.padding_idx).unsqueeze(-1), update.detach(), update)
-        return self.base_forward(idx) + update
+        y = self.base_forward(idx)
+        return (y + update).to(y.dtype)
 
     def base_module(self, weight: nn.Parameter, bias: None) -> nn.Embedding:
         embedding = nn.Embedding(self.num_embeddings, self.embedding_dim, self.padding_idx, sparse=self.sparse,
@@ -412,7 +416,7 @@ class LoRAConv(LoRALayer):
         return (r, conv.in_channels, *conv.kernel_size), (conv.out_channels, r)
 
     def keep_base_settings(self, conv: nn.Module) -> None:
-        self.conv_class = next(t for t in self.base_types if isinstance(conv, t))
+        self.conv_class = self.base_class(conv)
         for name in self._SETTINGS:
             setattr(self, name, getattr(conv, name))
 
@@ -429,7 +433,7 @@ class LoRAConv(LoRALayer):
         y = self.base_forward(x)
         h = self._conv(self.lora_dropout(x).to(self.lora_A.dtype), self.lora_A, None) * self.scale  # (N, r, *spatial)
         pointwise = (F.conv1d, F.conv2d, F.conv3d)[len(self.kernel_size) - 1]  # B per pixel: a 1x1 convolution
-        return y + pointwise(h, self.lora_B.view(*self.lora_B.shape, *[1] * len(self.kernel_size))).to(y.dtype)
+        return (y + pointwise(h, self.lora_B.view(*self.lora_B.shape, *[1] * len(self.kernel_size)))).to(y.dtype)
 
     def base_module(self, weight: nn.Parameter, bias: Optional[nn.Parameter]) -> nn.Module:
         conv = self.conv_class(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
@@ -438,20 +442,67 @@ class LoRAConv(LoRALayer):
         return conv
 
 
-LORA_CLASSES = (LoRALinear, LoRAEmbedding, LoRAConv)
+class LoRAConv1D(LoRALayer):
+    """transformers' Conv1D (GPT-2's projections) plus a trainable low-rank update. Conv1D is a
+    linear layer whose weight is stored transposed, (in, out): y = x W + b. A (r, in) and B (out, r)
+    are LoRALinear's, so ΔW in Conv1D's layout is (B @ A)^T * scale and the branch is the same.
+    Found by its class name, without importing transformers."""
+
+    @classmethod
+    def base_class(cls, module: nn.Module) -> Optional[type]:
+        return next((k for k in type(module).__mro__ if k.__name__ == "Conv1D" and hasattr(module, "nf")), None)
+
+    @staticmethod
+    def lora_shapes(conv1d: nn.Module, r: int) -> tuple:
+        return (r, conv1d.nx), (conv1d.nf, r)
+
+    def keep_base_settings(self, conv1d: nn.Module) -> None:
+        self.conv1d_class, self.nx, self.nf = self.base_class(conv1d), conv1d.nx, conv1d.nf
+
+    def as_weight(self, delta: torch.Tensor) -> torch.Tensor:
+        return delta.T
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv1d_class.forward(self, x)  # x W + b, as Conv1D computes it (nf, weight, bias are ours)
+
+    def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_forward(x)
+        h = F.linear(self.lora_dropout(x).to(self.lora_A.dtype), self.lora_A) * self.scale  # (..., r)
+        return (y + F.linear(h, self.lora_B)).to(y.dtype)
+
+    def base_module(self, weight: nn.Parameter, bias: Optional[nn.Parameter]) -> nn.Module:
+        with torch.device("meta"):  # Conv1D's __init__ allocates and initialises a weight we replace
+            conv1d = self.conv1d_class(self.nf, self.nx)
+        conv1d.weight, conv1d.bias = weight, bias
+        return conv1d
+
+
+LORA_CLASSES = (LoRALinear, LoRAEmbedding, LoRAConv, LoRAConv1D)
 
 
 def lora_class_for(module: nn.Module) -> Optional[type]:
     """The LoRA layer type that adapts this module, or None."""
-    return next((cls for cls in LORA_CLASSES if isinstance(module, cls.base_types)), None)
+    return next((cls for cls in LORA_CLASSES if cls.base_class(module)), None)
 
 
 # --- Adapting a model: one inventory of its modules, every check, then the change
 
 
+def _inner(model):
+    """The model a torch.compile (_orig_mod), DistributedDataParallel or DataParallel (module)
+    wrapper holds: the names every helper reads and writes are the inner model's."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
 def lora_layers(model: nn.Module, remove_duplicate: bool = True) -> Iterator[tuple[str, LoRALayer]]:
     """(name, layer) for every LoRA layer; a layer under several names once, or under each."""
-    for name, module in model.named_modules(remove_duplicate=remove_duplicate):
+    for name, module in _inner(model).named_modules(remove_duplicate=remove_duplicate):
         if isinstance(module, LoRALayer):
             yield name, module
 
@@ -463,37 +514,44 @@ def _matches(name, targets):
 
 
 def _target_names(modules, target_modules):
-    """The names add_lora adapts: every nn.Linear, or the modules target_modules names."""
+    """The names add_lora adapts: every nn.Linear and Conv1D, or the modules target_modules names."""
     if target_modules is None:
-        return [n for n, m in modules if n and isinstance(m, nn.Linear)]
+        return [n for n, m in modules if n and (isinstance(m, nn.Linear) or LoRAConv1D.base_class(m))]
     targets = [target_modules] if isinstance(target_modules, str) else target_modules
     if not (isinstance(targets, (list, tuple)) and all(isinstance(t, str) for t in targets)):
         raise ValueError(f"target_modules must be None, a module name or a list of names, got {target_modules!r}")
     unmatched = [t for t in targets if not any(_matches(n, [t]) for n, _ in modules if n)]
     if unmatched:
-        adaptable = sorted({n for n, m in modules if n and lora_class_for(m)})
-        raise ValueError(f"target_modules {unmatched} match no module in the model; the modules LoRA can adapt: "
-                         f"{adaptable}")
+        short = sorted({n.rsplit(".", 1)[-1] for n, m in modules if n and lora_class_for(m)})
+        hints = [f"did you mean {close} for {t!r}?" for t in unmatched
+                 if (close := difflib.get_close_matches(t.rsplit(".", 1)[-1], short, n=3))]
+        if any(t.lower() == "all-linear" for t in unmatched):
+            hints.append("'all-linear' is PEFT's name for every linear layer but the output head: here "
+                         "target_modules=None adapts every nn.Linear, the head too")
+        raise ValueError(f"target_modules {unmatched} match no module in the model; {' '.join(hints + [''])}the "
+                         f"modules LoRA can adapt are named (at their end): {short}")
     return [n for n, _ in modules if n and _matches(n, targets)]
 
 
 def add_lora(model: nn.Module, r: int = 8, alpha: Optional[float] = None, dropout: float = 0.0,
              target_modules: Optional[Union[str, Sequence[str]]] = None, use_rslora: bool = False,
-             init_std: Optional[float] = None) -> nn.Module:
+             init_std: Optional[float] = None, lora_dtype: Optional[torch.dtype] = None) -> nn.Module:
     """Replace submodules by LoRA layers in place, freeze all else; return model.
 
     target_modules: None for every nn.Linear, or a list of module names, each the
     full name from model.named_modules() ("layers.0.attn.q_proj") or its end
     ("q_proj"); named modules may be nn.Linear, nn.Embedding or nn.Conv1d/2d/3d.
-    dropout applies to linear and conv layers (an embedding's indices take none).
+    dropout applies to linear and conv layers (an embedding's indices take none);
+    lora_dtype: see LoRALayer (float32 adapters on float16 / bfloat16 bases by default).
     A named module no LoRA layer can replace exactly (another class, a subclass
     with its own forward, parametrized, hooked, or one its parent reads directly
     and never calls) raises, naming it; nothing is changed then.
     """
-    if isinstance(model, LORA_CLASSES + tuple(t for cls in LORA_CLASSES for t in cls.base_types)):
+    if isinstance(model, LoRALayer) or lora_class_for(model):
         raise TypeError("add_lora adapts the layers inside a model; wrap a lone layer yourself: LoRALinear(linear)")
+    model = _inner(model)
     modules = list(model.named_modules(remove_duplicate=False))
-    settings = dict(r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init_std=init_std)
+    settings = dict(r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init_std=init_std, lora_dtype=lora_dtype)
     names = _target_names(modules, target_modules)
     return _attach_lora(model, modules, {name: settings for name in names}, skip_unused=target_modules is None)
 
@@ -504,13 +562,13 @@ def _attach_lora(model, modules, settings, skip_unused=False):
     settings = {n: dict(kwargs, dropout=0.0) if isinstance(model.get_submodule(n), nn.Embedding) else dict(kwargs)
                 for n, kwargs in settings.items()}  # an embedding's input is indices: no dropout (as PEFT)
     targets, reads = _check_targets(modules, settings, skip_unused)
-    owners, layers = _owners(modules), {}
+    owners, layers, targets_by_id = _owners(modules), {}, {id(m): m for m in targets.values()}
     for name, module in targets.items():
         if id(module) not in layers:
             layers[id(module)] = layer = lora_class_for(module)(module, **settings[name])
             params = [p for p in (module.weight, getattr(module, "bias", None)) if p is not None]
             layer.shared_with = tuple(n for p in params for m, n in owners[_memory(p)] if m is not module)
-    _replace_modules(model, modules, layers)
+    _replace_modules(model, modules, {i: _carry_hooks(targets_by_id[i], layer) for i, layer in layers.items()})
     for reader, paths in reads.items():
         _BypassCheck(reader, sorted(paths))
     return mark_only_lora_as_trainable(model)
@@ -603,21 +661,39 @@ def merge_and_unload(model: nn.Module, inplace: bool = False) -> nn.Module:
     weight W + ΔW (W if disabled), the original state_dict keys, no LoRA code. Weights are
     copied, so tied weights stay correct (untied: the other owner keeps W). inplace=False
     deep-copies the model first (twice its memory for a moment; merged_state_dict does not)."""
+    def merged(name, layer):
+        bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+        return nn.Parameter(_exported_weight(name, layer).clone(), requires_grad=False), bias
     _check_exportable([layer for _, layer in lora_layers(model)], "merge_and_unload")
+    return _to_base_layers(model, inplace, merged, "merge_and_unload")
+
+
+def unload(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """The base model back without merging (PEFT's unload()): every LoRA layer becomes its base
+    layer with the very W and b it holds, bit for bit, so add_lora can start again."""
+    merged = [name for name, layer in lora_layers(model) if layer.merged]
+    if merged:
+        raise RuntimeError(f"unload: {merged} are merged (their weight holds W + ΔW): call unmerge_lora(model) "
+                           "first, or merge_and_unload(model) to keep ΔW")
+    return _to_base_layers(model, inplace, lambda name, layer: (layer.weight, layer.bias), "unload")
+
+
+def _to_base_layers(model, inplace, weights, what):
+    """model (a copy unless inplace) with each LoRA layer replaced by its base layer holding
+    weights(name, layer) = (weight, bias), which takes over the layer's forward hooks."""
+    model = _inner(model)
     for name, layer in lora_layers(model):
         if _hooks(layer):
-            raise ValueError(f"merge_and_unload: {name or type(layer).__name__!r} has hooks that replacing it with "
-                             f"a plain layer would drop: {', '.join(_hooks(layer))}; remove them first")
+            raise ValueError(f"{what}: {name or type(layer).__name__!r} has hooks that replacing it with a plain "
+                             f"layer would drop: {', '.join(_hooks(layer))}; remove them first")
     model = model if inplace else copy.deepcopy(model)
+    _BypassCheck.remove_all(model)
     plain = {}  # one plain layer per LoRA layer, also where it is registered under several names
     for name, layer in lora_layers(model):
-        weight = nn.Parameter(_exported_weight(name, layer).clone(), requires_grad=False)
-        bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
-        plain[id(layer)] = layer.base_module(weight, bias).train(layer.training)
+        plain[id(layer)] = _carry_hooks(layer, layer.base_module(*weights(name, layer)).train(layer.training))
     if isinstance(model, LoRALayer):
         return plain[id(model)]
     _replace_modules(model, list(model.named_modules(remove_duplicate=False)), plain)
-    _BypassCheck.remove_all(model)
     return model
 
 
@@ -626,6 +702,7 @@ def merged_state_dict(model: nn.Module) -> dict:
     one layer at a time (in at least float32, rounded once), every other tensor model.state_dict()'s
     own, no lora_A / lora_B / merged-flag keys. For pushing merged weights to an inference server
     every few steps: unlike merge() / unmerge() cycles it never writes into W, so nothing drifts."""
+    model = _inner(model)
     layers = dict(lora_layers(model, remove_duplicate=False))
     _check_exportable(layers.values(), "merged_state_dict")
     state, exported = model.state_dict(), {}
@@ -660,7 +737,7 @@ def lora_state_dict(model: nn.Module) -> dict:
 
 def _adapter_tensors(model, keep_vars=False):
     """lora_A / lora_B entries of model.state_dict() (the Parameters themselves if keep_vars)."""
-    state = model.state_dict(keep_vars=keep_vars)
+    state = _inner(model).state_dict(keep_vars=keep_vars)
     return {k: v for k, v in state.items() if k.rsplit(".", 1)[-1] in ("lora_A", "lora_B")}
 
 
@@ -695,6 +772,8 @@ def _lora_config(model):
 
 def save_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     """Save only the adapter: its tensors plus r, alpha, scaling rule and target modules."""
+    if not _lora_config(model):
+        raise ValueError("save_adapter: the model has no LoRA layers, so there is no adapter to save (see add_lora)")
     state = {k: v.detach().cpu() for k, v in lora_state_dict(model).items()}
     torch.save({"format": "lora_min.adapter", "version": 1, "config": _lora_config(model), "state_dict": state}, path)
 
@@ -703,6 +782,12 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
     """Load a file written by save_adapter into a model with matching LoRA layers."""
     saved = _read_adapter(path)
     want, have = saved["config"], _lora_config(model)
+    targets = _exact_peft_targets(model, want) if not have else None
+    if not have and isinstance(targets, list) and len({repr(v) for v in want.values()}) == 1:
+        r, alpha, use_rslora = (next(iter(want.values()))[k] for k in ("r", "alpha", "use_rslora"))
+        rslora = ", use_rslora=True" if use_rslora else ""
+        raise ValueError(f"the model has no LoRA layers; add the file's first: add_lora(model, r={r}, alpha={alpha:g}"
+                         f"{rslora}, target_modules={targets}), then load_adapter(model, {str(path)!r})")
     if want != have:
         diffs = [f"{n!r}: in the file, not a LoRA layer of the model" if n not in have else
                  f"{n!r}: a LoRA layer of the model, not in the file" if n not in want else
@@ -776,7 +861,8 @@ def _peft_config(model, layers, base_model_name_or_path):
         "alpha_pattern": {n: layer.alpha for n, layer in layers.items() if layer.alpha != alpha},
         "lora_dropout": next(iter(with_dropout.values())).dropout if with_dropout else 0.0,
         "use_rslora": next(iter(layers.values())).use_rslora,
-        "bias": "none", "fan_in_fan_out": False, "use_dora": False, "modules_to_save": None,
+        "bias": "none", "fan_in_fan_out": any(isinstance(layer, LoRAConv1D) for layer in layers.values()),
+        "use_dora": False, "modules_to_save": None,
         "layers_to_transform": None, "layers_pattern": None, "init_lora_weights": True, "inference_mode": True,
     }
     for n, layer in layers.items():  # PEFT's pattern rule must give every layer back its own r and alpha
@@ -792,6 +878,7 @@ def save_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike],
     """Write the adapter as PEFT does (adapter_config.json, adapter_model.safetensors, or .bin
     without safetensors): peft.PeftModel.from_pretrained(base, directory) then computes what
     this model computes with every LoRA layer enabled and unmerged."""
+    model = _inner(model)
     layers = dict(lora_layers(model, remove_duplicate=False))
     if not layers or "" in layers:
         raise ValueError("save_peft_adapter needs a model with LoRA layers inside it (see add_lora)")
@@ -829,7 +916,7 @@ def load_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike]) -> n
     model without LoRA layers (module names as PEFT saw them). Every config field, target and
     tensor is checked before the model changes. New layers take the train / eval mode of the
     modules they replace (PeftModel.from_pretrained gives eval models)."""
-    config = _read_peft_config(directory)
+    model, config = _inner(model), _read_peft_config(directory)
     path, state = _read_peft_weights(directory)
     modules = list(model.named_modules(remove_duplicate=False))
     names = [n for n, _ in modules if n and _peft_targets(config, n)]
@@ -884,26 +971,36 @@ def _read_peft_weights(directory):
 
 # --- modules no LoRA layer computes exactly ---------------------------------------
 
-_HOOK_KINDS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks",
-               "_state_dict_pre_hooks", "_state_dict_hooks",
-               "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+# Forward hooks see the same inputs and outputs on the replacement: they move to it (the same
+# dicts, so their handles still remove them). Backward and state-dict hooks would not.
+_CARRIED_HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+                  "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
+_DROPPED_HOOKS = ("_backward_pre_hooks", "_backward_hooks", "_state_dict_pre_hooks", "_state_dict_hooks",
+                  "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
 
 
 def _hooks(module):
-    """Every hook on the module itself but our own _BypassCheck's, e.g. "backward pre hook fn"."""
+    """Every hook on the module that a replacement would drop, e.g. "backward pre hook fn"."""
     return [f"{kind.strip('_').replace('_hooks', ' hook')} {getattr(h, '__qualname__', repr(h))}"
-            for kind in _HOOK_KINDS for h in getattr(module, kind, {}).values()
-            if not isinstance(getattr(h, "__self__", None), _BypassCheck)]
+            for kind in _DROPPED_HOOKS for h in getattr(module, kind, {}).values()]
+
+
+def _carry_hooks(old, new):
+    """new, with old's forward hooks and pre-hooks (see _CARRIED_HOOKS)."""
+    for kind in _CARRIED_HOOKS:
+        if hasattr(old, kind):
+            setattr(new, kind, getattr(old, kind))
+    return new
 
 
 def _why_not_replaceable(module):
     """Why no LoRA layer can stand in for this module exactly (None if one can)."""
     kind, cls = type(module).__name__, lora_class_for(module)
     if cls is None:
-        return f"is a {kind}, not an nn.Linear, nn.Embedding or nn.Conv1d/2d/3d"
+        return f"is a {kind}, not an nn.Linear, nn.Embedding, nn.Conv1d/2d/3d or transformers' Conv1D"
     if parametrize.is_parametrized(module):
         return "is parametrized (torch.nn.utils.parametrize, e.g. weight_norm): its weight is computed, not stored"
-    base = next(t for t in cls.base_types if isinstance(module, t))
+    base = cls.base_class(module)
     for method in ("forward", "_conv_forward"):  # quantized layers, custom forwards, weight-standardised convs
         if getattr(type(module), method, None) is not getattr(base, method, None):
             return f"is a {kind}, a subclass with its own {method}(), which {cls.__name__} would not compute"
@@ -1056,6 +1153,7 @@ class _BypassCheck:
             for hooks in (module._forward_pre_hooks, module._forward_hooks):
                 for key in [k for k, h in hooks.items() if isinstance(getattr(h, "__self__", None), _BypassCheck)]:
                     del hooks[key]
+                    getattr(module, "_forward_hooks_always_called", {}).pop(key, None)
 
 
 # --- tied weights and sharded ones ---------------------------------------------------
@@ -1103,7 +1201,8 @@ def _check_targets(modules, settings, skip_unused):
     """Check every target and change nothing; warn before any change. Returns ({name: module},
     {reader: {paths of children it reads that also run}}); raises ValueError naming the problem."""
     if any(isinstance(m, LoRALayer) for _, m in modules):
-        raise ValueError("model already has LoRA layers; lora_min does not stack adapters")
+        raise ValueError("model already has LoRA layers; lora_min does not stack adapters: unload(model) first to "
+                         "add others, or load_adapter(model, path) to swap in another adapter for the same layers")
     targets = {name: module for name, module in modules if name in settings}
     for name, module in targets.items():
         try:
@@ -1181,6 +1280,8 @@ def _check_adapter_tensors(expected, state, strict=True, source="the adapter"):
 
 def _safe_torch_load(path, what):
     """torch.load(weights_only=True): tensors and plain containers, never arbitrary objects."""
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder, not {what}; for a PEFT adapter folder use load_peft_adapter")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except OSError:  # missing file, a folder, no permission: torch's own message is right
@@ -1249,11 +1350,14 @@ _PEFT_FIELDS = {
 _PEFT_REQUIRED = ("peft_type", "r", "lora_alpha", "target_modules")
 # Fields that do not change what the adapted model computes.
 _PEFT_NO_EFFECT = {"task_type", "base_model_name_or_path", "revision", "inference_mode", "peft_version",
-                   "auto_mapping", "megatron_core", "qalora_group_size"}
+                   "auto_mapping", "megatron_core", "qalora_group_size",
+                   "fan_in_fan_out"}  # PEFT itself sets it per layer: True for Conv1D, False for the rest
 
 
 def _read_peft_config(directory):
     """directory/adapter_config.json, every field checked (_PEFT_FIELDS) or refused by name."""
+    if os.path.isfile(directory):
+        raise ValueError(f"{directory} is a file, not a PEFT adapter folder; for save_adapter's files use load_adapter")
     path = os.path.join(directory, "adapter_config.json")
     try:
         with open(path) as f:
@@ -1262,9 +1366,6 @@ def _read_peft_config(directory):
         raise ValueError(f"{path} is not valid JSON ({e})") from None
     if not isinstance(config, dict):
         raise ValueError(f"{path} is not a PEFT adapter config (a JSON object)")
-    for field in _PEFT_REQUIRED:
-        if config.get(field) is None:
-            raise ValueError(f"{path}: the field {field!r} is missing")
     for field, value in config.items():
         off = value is None or value is False or (isinstance(value, (str, list, dict)) and not value)  # 0 is not off
         if field in _PEFT_FIELDS:
@@ -1273,6 +1374,9 @@ def _read_peft_config(directory):
                 raise ValueError(f"{path}: {field} = {value!r}: lora_min reads {what} here")
         elif field not in _PEFT_NO_EFFECT and not off:
             raise ValueError(f"{path}: {field} = {value!r} is a PEFT feature lora_min does not implement")
+    for field in _PEFT_REQUIRED:
+        if config.get(field) is None:
+            raise ValueError(f"{path}: the field {field!r} is missing")
     return config
 
 
