@@ -146,13 +146,13 @@ class LoRALayer(nn.Module):
         if base.weight.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
             raise ValueError(f"{cls.__name__} needs a float16 / bfloat16 / float32 / float64 weight, got "
                              f"{base.weight.dtype} (quantized weights are not supported)")
-        reason = cls.why_unsupported(base, dropout)
+        reason = cls.why_unsupported(base, r, dropout)
         if reason:
             raise ValueError(f"{cls.__name__} cannot adapt this {type(base).__name__}: {reason}")
 
     @classmethod
-    def why_unsupported(cls, base: nn.Module, dropout: float) -> Optional[str]:
-        """Why this layer type cannot compute `base` exactly with this dropout (None if it can)."""
+    def why_unsupported(cls, base: nn.Module, r: int, dropout: float) -> Optional[str]:
+        """Why this layer type cannot compute `base` exactly with this r and dropout (None if it can)."""
         return None
 
     @classmethod
@@ -341,7 +341,7 @@ class LoRAEmbedding(LoRALayer):
     base_types = (nn.Embedding,)
 
     @classmethod
-    def why_unsupported(cls, base: nn.Embedding, dropout: float) -> Optional[str]:
+    def why_unsupported(cls, base: nn.Embedding, r: int, dropout: float) -> Optional[str]:
         if base.max_norm is not None:  # F.embedding renormalises W's rows in place: W + ΔW would need it
             return f"max_norm={base.max_norm} renormalises the stored table, which LoRA's factored lookup cannot do"
         if base.scale_grad_by_freq:  # the B gradient would not be scaled as the merged table's is
@@ -398,7 +398,10 @@ class LoRAConv(LoRALayer):
 
     Both convolutions run the base class's own _conv_forward with the base's stride,
     padding, dilation and padding_mode, so unmerged computes exactly what merged does.
-    Grouped convolutions (groups > 1) are refused: their ΔW is block-diagonal.
+
+    Grouped convolutions (groups = G > 1) follow PEFT's rule: A is dense (every input channel),
+    B a grouped 1x1 conv, lora_B (out_channels, r / G), r divisible by G. That ΔW mixes channels
+    the grouped W never does: it does not fit W, so these layers train and run but never merge.
     """
 
     base_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -406,14 +409,22 @@ class LoRAConv(LoRALayer):
                  "padding_mode", "_reversed_padding_repeated_twice")
 
     @classmethod
-    def why_unsupported(cls, base: nn.Module, dropout: float) -> Optional[str]:
-        if base.groups != 1:
-            return f"groups={base.groups} (a grouped or depthwise convolution) is not supported"
+    def why_unsupported(cls, base: nn.Module, r: int, dropout: float) -> Optional[str]:
+        if base.groups != 1 and r % base.groups:
+            return f"groups={base.groups}: a grouped convolution's r must be a multiple of groups (PEFT's rule), r={r}"
+        if base.groups != 1 and (base.padding_mode != "zeros" or any(d != 1 for d in base.dilation)):
+            return f"groups={base.groups} with padding_mode={base.padding_mode!r}, dilation={base.dilation}"
         return None
 
     @staticmethod
     def lora_shapes(conv: nn.Module, r: int) -> tuple:
-        return (r, conv.in_channels, *conv.kernel_size), (conv.out_channels, r)
+        return (r, conv.in_channels, *conv.kernel_size), (conv.out_channels, r // conv.groups)
+
+    def delta_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        if self.groups != 1:
+            raise RuntimeError(f"groups={self.groups}: the ΔW of a grouped convolution's LoRA (a dense A) does not "
+                               "fit its grouped weight, so it cannot be merged; keep the layer unmerged")
+        return super().delta_weight(dtype)
 
     def keep_base_settings(self, conv: nn.Module) -> None:
         self.conv_class = self.base_class(conv)
@@ -430,10 +441,14 @@ class LoRAConv(LoRALayer):
         return self._conv(x, self.weight, self.bias)
 
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_forward(x)
-        h = self._conv(self.lora_dropout(x).to(self.lora_A.dtype), self.lora_A, None) * self.scale  # (N, r, *spatial)
-        pointwise = (F.conv1d, F.conv2d, F.conv3d)[len(self.kernel_size) - 1]  # B per pixel: a 1x1 convolution
-        return (y + pointwise(h, self.lora_B.view(*self.lora_B.shape, *[1] * len(self.kernel_size)))).to(y.dtype)
+        y, x_lora = self.base_forward(x), self.lora_dropout(x).to(self.lora_A.dtype)
+        conv = (F.conv1d, F.conv2d, F.conv3d)[len(self.kernel_size) - 1]
+        if self.groups == 1:
+            h = self._conv(x_lora, self.lora_A, None)  # (N, r, *spatial)
+        else:  # A is dense: all input channels, the base's stride and padding (PEFT's rule)
+            h = conv(x_lora, self.lora_A, None, self.stride, self.padding)
+        B = self.lora_B.view(*self.lora_B.shape, *[1] * len(self.kernel_size))  # B per pixel: a 1x1 convolution
+        return (y + conv(h * self.scale, B, groups=self.groups)).to(y.dtype)
 
     def base_module(self, weight: nn.Parameter, bias: Optional[nn.Parameter]) -> nn.Module:
         conv = self.conv_class(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
@@ -687,10 +702,12 @@ def _to_base_layers(model, inplace, weights, what):
             raise ValueError(f"{what}: {name or type(layer).__name__!r} has hooks that replacing it with a plain "
                              f"layer would drop: {', '.join(_hooks(layer))}; remove them first")
     model = model if inplace else copy.deepcopy(model)
+    layers = list(lora_layers(model))
+    new = {id(layer): weights(name, layer) for name, layer in layers}  # all computed (and checked) first
     _BypassCheck.remove_all(model)
     plain = {}  # one plain layer per LoRA layer, also where it is registered under several names
-    for name, layer in lora_layers(model):
-        plain[id(layer)] = _carry_hooks(layer, layer.base_module(*weights(name, layer)).train(layer.training))
+    for name, layer in layers:
+        plain[id(layer)] = _carry_hooks(layer, layer.base_module(*new[id(layer)]).train(layer.training))
     if isinstance(model, LoRALayer):
         return plain[id(model)]
     _replace_modules(model, list(model.named_modules(remove_duplicate=False)), plain)
