@@ -31,10 +31,8 @@ from conftest import (Attention, Payload, assert_unchanged, lora_names, lora_two
 # --- models and files for the refusals ------------------------------------------------------------------
 
 
-HOOKS = {  # the hook kinds a replaced module would lose: how to register one, and its name in the message
-    "forward pre": (lambda m: m.register_forward_pre_hook(lambda m, a: None), "forward_pre"),
-    "forward": (lambda m: m.register_forward_hook(lambda m, a, o: None), "forward"),
-    "forward with kwargs": (lambda m: m.register_forward_hook(lambda m, a, k, o: None, with_kwargs=True), "forward"),
+HOOKS = {  # the hook kinds a replaced module would lose (forward hooks move to its LoRA layer): how to
+    # register one, and its name in the message
     "backward pre": (lambda m: m.register_full_backward_pre_hook(lambda m, g: None), "backward_pre"),
     "backward": (lambda m: m.register_full_backward_hook(lambda m, gi, go: None), "backward"),
     "state_dict pre": (lambda m: m.register_state_dict_pre_hook(lambda m, p, k: None), "state_dict_pre"),
@@ -189,7 +187,7 @@ def memory_tied():
 
 def hooked_lora():
     model = lora_two_blocks()
-    model[1].out.register_forward_hook(lambda m, a, o: None)
+    model[1].out.register_full_backward_hook(lambda m, gi, go: None)
     return model
 
 
@@ -300,7 +298,7 @@ REFUSALS = [
             r"^target_modules \['nope'\] match no module in the model"),
     Refusal("a target that names no module is refused, naming the modules LoRA can adapt", mlp,
             lambda m, tmp: L.add_lora(m, target_modules=["0", "fc9"]), ValueError,
-            r"\['fc9'\] match no module in the model; the modules LoRA can adapt: \['0', '2\.0', '3'\]$"),
+            r"\['fc9'\] match no module in the model; the modules LoRA can adapt are named \(at their end\): \['0', '3'\]$"),
     *[Refusal(f"a target {t!r} that is a substring but no dotted end of a name matches nothing",
               lambda: nn.Sequential(Attention()), lambda m, tmp, t=t: L.add_lora(m, target_modules=[t]), ValueError,
               rf"^target_modules \['{t}'\] match no module") for t in ("proj", "_proj")],
@@ -308,7 +306,7 @@ REFUSALS = [
             r"^target_modules must be None, a module name or a list of names, got \[5\]$"),
     Refusal("a target that is no linear, embedding or conv is refused", lambda: nn.Sequential(Attention()),
             lambda m, tmp: L.add_lora(m, target_modules=["q_proj", "act"]), ValueError,
-            r"^cannot add LoRA to '0\.act': it is a ReLU, not an nn\.Linear, nn\.Embedding or nn\.Conv1d/2d/3d$"),
+            r"^cannot add LoRA to '0\.act': it is a ReLU, not an nn\.Linear, nn\.Embedding, nn\.Conv1d/2d/3d or transformers' Conv1D$"),
     Refusal("every target is checked before any is changed: a grouped conv second is refused",
             lambda: nn.Sequential(nn.Linear(4, 4), nn.Conv2d(4, 4, 3, groups=2)),
             lambda m, tmp: L.add_lora(m, target_modules=["0", "1"]), ValueError,
@@ -327,7 +325,7 @@ REFUSALS = [
             r"^cannot add LoRA to '0': LoRAEmbedding cannot adapt this Embedding: scale_grad_by_freq=True"),
     Refusal("add_lora refuses a transposed conv", one(lambda: nn.ConvTranspose2d(3, 4, 3)),
             lambda m, tmp: L.add_lora(m, r=2, target_modules=["0"]), ValueError,
-            r"^cannot add LoRA to '0': it is a ConvTranspose2d, not an nn\.Linear, nn\.Embedding or nn\.Conv"),
+            r"^cannot add LoRA to '0': it is a ConvTranspose2d, not an nn\.Linear, nn\.Embedding, nn\.Conv1d/2d/3d"),
     Refusal("a Linear subclass with its own forward is refused", lambda: nn.Sequential(Attention(out_cls=ScaledLinear)),
             lambda m, tmp: L.add_lora(m, r=2), ValueError,
             r"^cannot add LoRA to '0\.out_proj': it is a ScaledLinear, a subclass with its own forward\(\)"),
@@ -361,7 +359,7 @@ REFUSALS = [
     Refusal("a model without a linear to adapt is refused", lambda: nn.Sequential(nn.ReLU()),
             lambda m, tmp: L.add_lora(m), ValueError, r"^the model has no nn\.Linear that LoRA can adapt$"),
     Refusal("adapters do not stack", lora_two_blocks, lambda m, tmp: L.add_lora(m), ValueError,
-            r"^model already has LoRA layers; lora_min does not stack adapters$"),
+            r"^model already has LoRA layers; lora_min does not stack adapters"),
     # --- adapter tensors (load_lora_state_dict) ---
     Refusal("an adapter holds torch tensors, not NumPy arrays", lora_two_blocks,
             lambda m, tmp: L.load_lora_state_dict(m, with_value(m, "1.out.lora_B", np.zeros((4, 2)))), ValueError,
@@ -375,12 +373,14 @@ REFUSALS = [
     Refusal("a sparse adapter tensor is refused", lora_half_two_blocks,
             lambda m, tmp: L.load_lora_state_dict(m, with_value(m, "1.out.lora_B", torch.zeros(4, 2).to_sparse())),
             ValueError, r"^the adapter: 1\.out\.lora_B is a torch\.sparse_coo tensor; adapters hold dense tensors$"),
+    # (the adapter of a float16 model is float32: the dtype its values must be finite in)
     Refusal("an adapter tensor holding NaN is refused", lora_half_two_blocks,
             lambda m, tmp: L.load_lora_state_dict(m, with_value(m, "1.out.lora_B", torch.full((4, 2), float("nan")))),
-            ValueError, r"^the adapter: 1\.out\.lora_B has inf or NaN values \(in the model's torch\.float16\)$"),
-    Refusal("an adapter tensor that overflows the model's float16 is refused", lora_half_two_blocks,
-            lambda m, tmp: L.load_lora_state_dict(m, with_value(m, "1.out.lora_B", torch.full((4, 2), 1e6))),
-            ValueError, r"^the adapter: 1\.out\.lora_B has inf or NaN values \(in the model's torch\.float16\)$"),
+            ValueError, r"^the adapter: 1\.out\.lora_B has inf or NaN values \(in the model's torch\.float32\)$"),
+    Refusal("an adapter tensor that overflows the adapter's float32 is refused", lora_half_two_blocks,
+            lambda m, tmp: L.load_lora_state_dict(m, with_value(m, "1.out.lora_B",
+                                                                torch.full((4, 2), 1e39, dtype=torch.float64))),
+            ValueError, r"^the adapter: 1\.out\.lora_B has inf or NaN values \(in the model's torch\.float32\)$"),
     Refusal("an adapter tensor of the wrong shape is refused", lora_two_blocks,
             lambda m, tmp: L.load_lora_state_dict(m, with_value(m, "1.out.lora_B", torch.zeros(4, 3))), ValueError,
             r"^the adapter: 1\.out\.lora_B has shape \(4, 3\), the model's is \(4, 2\)"),
@@ -468,7 +468,7 @@ REFUSALS = [
             r"^merge\(\) would write W \+ ΔW into a weight that is shared with \['embedding\.weight'\]"),
     Refusal("merge_and_unload refuses LoRA layers whose hooks it would drop", hooked_lora,
             lambda m, tmp: L.merge_and_unload(m, inplace=True), ValueError,
-            r"^merge_and_unload: '1\.out' has hooks that replacing it with a plain layer would drop: forward hook"),
+            r"^merge_and_unload: '1\.out' has hooks that replacing it with a plain layer would drop: backward hook"),
     # --- PEFT adapters (load_peft_adapter) ---
     Refusal("a PEFT alpha_pattern of zero is refused", two_blocks,
             lambda m, tmp: load_peft(m, tmp, ["0.fc", "1.fc"], alpha_pattern={"1.fc": 0}), ValueError,
