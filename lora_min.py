@@ -522,19 +522,37 @@ def lora_layers(model: nn.Module, remove_duplicate: bool = True) -> Iterator[tup
             yield name, module
 
 
+class TrainedCopy(nn.Module):
+    """A module trained in full beside the adapter (add_lora's modules_to_save, as in PEFT): a
+    classification head, BatchNorm statistics. `trained`, a copy, is what the adapted model runs
+    and what adapter files carry; `original` stays as it was, and runs while LoRA is disabled."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.original, self.trained = module, copy.deepcopy(module)
+        self.enabled, self.merged = True, False
+
+    def forward(self, *args, **kwargs):
+        return (self.trained if self.enabled else self.original)(*args, **kwargs)
+
+
+def _trained_copies(model):
+    return [(name, m) for name, m in _inner(model).named_modules() if isinstance(m, TrainedCopy)]
+
+
 def _matches(name, targets):
     """A target matches a module by its full name or by its last dotted components
     ("q_proj" matches "layers.0.attn.q_proj", never "layers.0.attn.qq_proj")."""
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def _target_names(modules, target_modules):
+def _target_names(modules, target_modules, field="target_modules"):
     """The names add_lora adapts: every nn.Linear and Conv1D, or the modules target_modules names."""
     if target_modules is None:
         return [n for n, m in modules if n and (isinstance(m, nn.Linear) or LoRAConv1D.base_class(m))]
     targets = [target_modules] if isinstance(target_modules, str) else target_modules
     if not (isinstance(targets, (list, tuple)) and all(isinstance(t, str) for t in targets)):
-        raise ValueError(f"target_modules must be None, a module name or a list of names, got {target_modules!r}")
+        raise ValueError(f"{field} must be None, a module name or a list of names, got {target_modules!r}")
     unmatched = [t for t in targets if not any(_matches(n, [t]) for n, _ in modules if n)]
     if unmatched:
         short = sorted({n.rsplit(".", 1)[-1] for n, m in modules if n and lora_class_for(m)})
@@ -543,14 +561,15 @@ def _target_names(modules, target_modules):
         if any(t.lower() == "all-linear" for t in unmatched):
             hints.append("'all-linear' is PEFT's name for every linear layer but the output head: here "
                          "target_modules=None adapts every nn.Linear, the head too")
-        raise ValueError(f"target_modules {unmatched} match no module in the model; {' '.join(hints + [''])}the "
+        raise ValueError(f"{field} {unmatched} match no module in the model; {' '.join(hints + [''])}the "
                          f"modules LoRA can adapt are named (at their end): {short}")
     return [n for n, _ in modules if n and _matches(n, targets)]
 
 
 def add_lora(model: nn.Module, r: int = 8, alpha: Optional[float] = None, dropout: float = 0.0,
              target_modules: Optional[Union[str, Sequence[str]]] = None, use_rslora: bool = False,
-             init_std: Optional[float] = None, lora_dtype: Optional[torch.dtype] = None) -> nn.Module:
+             init_std: Optional[float] = None, lora_dtype: Optional[torch.dtype] = None,
+             modules_to_save: Sequence[str] = ()) -> nn.Module:
     """Replace submodules by LoRA layers in place, freeze all else; return model.
 
     target_modules: None for every nn.Linear, or a list of module names, each the
@@ -558,6 +577,8 @@ def add_lora(model: nn.Module, r: int = 8, alpha: Optional[float] = None, dropou
     ("q_proj"); named modules may be nn.Linear, nn.Embedding or nn.Conv1d/2d/3d.
     dropout applies to linear and conv layers (an embedding's indices take none);
     lora_dtype: see LoRALayer (float32 adapters on float16 / bfloat16 bases by default).
+    modules_to_save: modules (full name or dotted end) trained in full beside the adapter,
+    each as a TrainedCopy; the default targets leave them out.
     A named module no LoRA layer can replace exactly (another class, a subclass
     with its own forward, parametrized, hooked, or one its parent reads directly
     and never calls) raises, naming it; nothing is changed then.
@@ -567,16 +588,19 @@ def add_lora(model: nn.Module, r: int = 8, alpha: Optional[float] = None, dropou
     model = _inner(model)
     modules = list(model.named_modules(remove_duplicate=False))
     settings = dict(r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init_std=init_std, lora_dtype=lora_dtype)
-    names = _target_names(modules, target_modules)
-    return _attach_lora(model, modules, {name: settings for name in names}, skip_unused=target_modules is None)
+    to_save = _target_names(modules, modules_to_save, "modules_to_save") if modules_to_save else []
+    names = [n for n in _target_names(modules, target_modules)
+             if not (target_modules is None and any(_matches(n, [s]) or n.startswith(s + ".") for s in to_save))]
+    return _attach_lora(model, modules, {name: settings for name in names}, target_modules is None, to_save)
 
 
-def _attach_lora(model, modules, settings, skip_unused=False):
-    """Replace each module named in settings ({name: layer kwargs}) by its LoRA layer, after
-    every check (_check_targets); a module under several names gets one layer under each."""
+def _attach_lora(model, modules, settings, skip_unused=False, to_save=()):
+    """Replace each module named in settings ({name: layer kwargs}) by its LoRA layer, and each
+    named in to_save by a TrainedCopy, after every check (_check_targets); a module under
+    several names gets one layer under each."""
     settings = {n: dict(kwargs, dropout=0.0) if isinstance(model.get_submodule(n), nn.Embedding) else dict(kwargs)
                 for n, kwargs in settings.items()}  # an embedding's input is indices: no dropout (as PEFT)
-    targets, reads = _check_targets(modules, settings, skip_unused)
+    targets, reads = _check_targets(modules, settings, skip_unused, to_save)
     owners, layers, targets_by_id = _owners(modules), {}, {id(m): m for m in targets.values()}
     for name, module in targets.items():
         if id(module) not in layers:
@@ -584,6 +608,8 @@ def _attach_lora(model, modules, settings, skip_unused=False):
             params = [p for p in (module.weight, getattr(module, "bias", None)) if p is not None]
             layer.shared_with = tuple(n for p in params for m, n in owners[_memory(p)] if m is not module)
     _replace_modules(model, modules, {i: _carry_hooks(targets_by_id[i], layer) for i, layer in layers.items()})
+    by_name = dict(modules)
+    _replace_modules(model, modules, {id(by_name[n]): TrainedCopy(by_name[n]) for n in to_save})
     for reader, paths in reads.items():
         _BypassCheck(reader, sorted(paths))
     return mark_only_lora_as_trainable(model)
@@ -598,18 +624,20 @@ def _replace_modules(model, modules, new):
 
 
 def mark_only_lora_as_trainable(model: nn.Module) -> nn.Module:
-    """requires_grad = True for lora_A / lora_B, False for every other parameter."""
+    """requires_grad = True for lora_A / lora_B (and TrainedCopy's trained), False for every other parameter."""
     for p in model.parameters():
         p.requires_grad_(False)
     for _, layer in lora_layers(model):
         layer.lora_A.requires_grad_(True)
         layer.lora_B.requires_grad_(True)
+    for _, saved in _trained_copies(model):
+        saved.trained.requires_grad_(True)
     return model
 
 
 def set_lora_enabled(model: nn.Module, enabled: bool) -> None:
     """Turn every LoRA layer on (the adapted model) or off (exactly the base model)."""
-    layers = [layer for _, layer in lora_layers(model)]
+    layers = [layer for _, layer in list(lora_layers(model)) + _trained_copies(model)]
     if not enabled and any(layer.merged for layer in layers):
         raise RuntimeError("cannot disable LoRA while layers are merged; call unmerge_lora(model) first")
     for layer in layers:
@@ -619,7 +647,7 @@ def set_lora_enabled(model: nn.Module, enabled: bool) -> None:
 @contextlib.contextmanager
 def lora_disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model inside the block; restores each layer's previous state on exit."""
-    previous = [(layer, layer.enabled) for _, layer in lora_layers(model)]
+    previous = [(layer, layer.enabled) for _, layer in list(lora_layers(model)) + _trained_copies(model)]
     set_lora_enabled(model, False)
     try:
         yield model
@@ -680,7 +708,7 @@ def merge_and_unload(model: nn.Module, inplace: bool = False) -> nn.Module:
         bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
         return nn.Parameter(_exported_weight(name, layer).clone(), requires_grad=False), bias
     _check_exportable([layer for _, layer in lora_layers(model)], "merge_and_unload")
-    return _to_base_layers(model, inplace, merged, "merge_and_unload")
+    return _to_base_layers(model, inplace, merged, "merge_and_unload", keep="trained")
 
 
 def unload(model: nn.Module, inplace: bool = False) -> nn.Module:
@@ -690,12 +718,13 @@ def unload(model: nn.Module, inplace: bool = False) -> nn.Module:
     if merged:
         raise RuntimeError(f"unload: {merged} are merged (their weight holds W + ΔW): call unmerge_lora(model) "
                            "first, or merge_and_unload(model) to keep ΔW")
-    return _to_base_layers(model, inplace, lambda name, layer: (layer.weight, layer.bias), "unload")
+    return _to_base_layers(model, inplace, lambda name, layer: (layer.weight, layer.bias), "unload", keep="original")
 
 
-def _to_base_layers(model, inplace, weights, what):
+def _to_base_layers(model, inplace, weights, what, keep):
     """model (a copy unless inplace) with each LoRA layer replaced by its base layer holding
-    weights(name, layer) = (weight, bias), which takes over the layer's forward hooks."""
+    weights(name, layer) = (weight, bias), which takes over the layer's forward hooks, and each
+    TrainedCopy by its `keep` module."""
     model = _inner(model)
     for name, layer in lora_layers(model):
         if _hooks(layer):
@@ -708,6 +737,7 @@ def _to_base_layers(model, inplace, weights, what):
     plain = {}  # one plain layer per LoRA layer, also where it is registered under several names
     for name, layer in layers:
         plain[id(layer)] = _carry_hooks(layer, layer.base_module(*new[id(layer)]).train(layer.training))
+    plain.update({id(saved): getattr(saved, keep) for _, saved in _trained_copies(model)})
     if isinstance(model, LoRALayer):
         return plain[id(model)]
     _replace_modules(model, list(model.named_modules(remove_duplicate=False)), plain)
@@ -731,6 +761,11 @@ def merged_state_dict(model: nn.Module) -> dict:
             with torch.no_grad():
                 exported[id(layer)] = _exported_weight(name, layer)
         state[prefix + "weight"] = exported[id(layer)]
+    for name, _ in _trained_copies(model):
+        for key in [k for k in state if k.startswith(f"{name}.original.") or k.startswith(f"{name}.trained.")]:
+            value = state.pop(key)
+            if key.startswith(f"{name}.trained."):
+                state[name + key[len(name) + len(".trained"):]] = value
     return state
 
 
@@ -753,9 +788,10 @@ def lora_state_dict(model: nn.Module) -> dict:
 
 
 def _adapter_tensors(model, keep_vars=False):
-    """lora_A / lora_B entries of model.state_dict() (the Parameters themselves if keep_vars)."""
+    """lora_A / lora_B and TrainedCopy entries of model.state_dict() (the tensors themselves if keep_vars)."""
     state = _inner(model).state_dict(keep_vars=keep_vars)
-    return {k: v for k, v in state.items() if k.rsplit(".", 1)[-1] in ("lora_A", "lora_B")}
+    saved = tuple(f"{n}.trained." for n, _ in _trained_copies(model))
+    return {k: v for k, v in state.items() if k.rsplit(".", 1)[-1] in ("lora_A", "lora_B") or k.startswith(saved)}
 
 
 def load_lora_state_dict(model: nn.Module, state: dict, strict: bool = True) -> nn.Module:
@@ -788,23 +824,29 @@ def _lora_config(model):
 
 
 def save_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> None:
-    """Save only the adapter: its tensors plus r, alpha, scaling rule and target modules."""
+    """Save only the adapter: its tensors plus r, alpha, scaling rule and target modules (and the
+    modules trained in full, modules_to_save)."""
     if not _lora_config(model):
         raise ValueError("save_adapter: the model has no LoRA layers, so there is no adapter to save (see add_lora)")
     state = {k: v.detach().cpu() for k, v in lora_state_dict(model).items()}
-    torch.save({"format": "lora_min.adapter", "version": 1, "config": _lora_config(model), "state_dict": state}, path)
+    torch.save({"format": "lora_min.adapter", "version": 1, "config": _lora_config(model), "state_dict": state,
+                "modules_to_save": [n for n, _ in _trained_copies(model)]}, path)
 
 
 def load_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
     """Load a file written by save_adapter into a model with matching LoRA layers."""
     saved = _read_adapter(path)
     want, have = saved["config"], _lora_config(model)
+    to_save = saved.get("modules_to_save", [])
     targets = _exact_peft_targets(model, want) if not have else None
     if not have and isinstance(targets, list) and len({repr(v) for v in want.values()}) == 1:
         r, alpha, use_rslora = (next(iter(want.values()))[k] for k in ("r", "alpha", "use_rslora"))
-        rslora = ", use_rslora=True" if use_rslora else ""
+        extra = (", use_rslora=True" if use_rslora else "") + (f", modules_to_save={to_save}" if to_save else "")
         raise ValueError(f"the model has no LoRA layers; add the file's first: add_lora(model, r={r}, alpha={alpha:g}"
-                         f"{rslora}, target_modules={targets}), then load_adapter(model, {str(path)!r})")
+                         f", target_modules={targets}{extra}), then load_adapter(model, {str(path)!r})")
+    if to_save != [n for n, _ in _trained_copies(model)]:
+        raise ValueError(f"{path} trains the modules {to_save} in full (modules_to_save), the model "
+                         f"{[n for n, _ in _trained_copies(model)]}: add_lora(..., modules_to_save={to_save})")
     if want != have:
         diffs = [f"{n!r}: in the file, not a LoRA layer of the model" if n not in have else
                  f"{n!r}: a LoRA layer of the model, not in the file" if n not in want else
@@ -861,6 +903,15 @@ def _exact_peft_targets(model, names):
     return "|".join(re.escape(n) for n in sorted(names))
 
 
+def _peft_modules_to_save(model):
+    """config's modules_to_save: names PEFT's rule (the end of a name, no dot needed) maps back to ours."""
+    names = [n for n, _ in _trained_copies(model)]
+    every = [n for n, _ in _inner(model).named_modules() if n and ".original" not in n and ".trained" not in n]
+    if {n for n in every if any(n.endswith(t) for t in names)} != set(names):
+        raise ValueError(f"PEFT's modules_to_save rule (a name's end) would select more modules than {names}")
+    return names or None
+
+
 def _peft_config(model, layers, base_model_name_or_path):
     """adapter_config.json's content for these {name: LoRA layer} layers of model."""
     with_dropout = {n: layer for n, layer in layers.items() if not isinstance(layer, LoRAEmbedding)}  # (none there)
@@ -879,7 +930,7 @@ def _peft_config(model, layers, base_model_name_or_path):
         "lora_dropout": next(iter(with_dropout.values())).dropout if with_dropout else 0.0,
         "use_rslora": next(iter(layers.values())).use_rslora,
         "bias": "none", "fan_in_fan_out": any(isinstance(layer, LoRAConv1D) for layer in layers.values()),
-        "use_dora": False, "modules_to_save": None,
+        "use_dora": False, "modules_to_save": _peft_modules_to_save(model),
         "layers_to_transform": None, "layers_pattern": None, "init_lora_weights": True, "inference_mode": True,
     }
     for n, layer in layers.items():  # PEFT's pattern rule must give every layer back its own r and alpha
@@ -908,9 +959,14 @@ def save_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike],
                              f"{layer.dilation}); save_adapter keeps it exactly")
     config = json.dumps(_peft_config(model, layers, base_model_name_or_path), indent=2)  # checked before any write
     tensors = {}
+    copies = {f"{n}.trained.": n for n, _ in _trained_copies(model)}
     for key, value in lora_state_dict(model).items():
         name, ab = key.rsplit(".", 1)
-        peft_key, shape = _peft_layout(name, type(layers[name]), layers[name], layers[name].r)[ab]
+        saved = next((prefix for prefix in copies if key.startswith(prefix)), None)
+        if saved:  # PEFT keys a module trained in full as the plain module: base_model.model.score.weight
+            peft_key, shape = _PEFT_PREFIX + copies[saved] + "." + key[len(saved):], value.shape
+        else:
+            peft_key, shape = _peft_layout(name, type(layers[name]), layers[name], layers[name].r)[ab]
         # A copy of its own: safetensors refuses tensors that share memory.
         tensors[peft_key] = value.detach().cpu().reshape(shape).clone(memory_format=torch.contiguous_format)
     os.makedirs(directory, exist_ok=True)
@@ -951,11 +1007,19 @@ def load_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike]) -> n
         settings[n] = dict(r=_peft_pattern_value(config.get("rank_pattern"), n, config["r"]),
                            alpha=_peft_pattern_value(config.get("alpha_pattern"), n, config["lora_alpha"]),
                            dropout=config.get("lora_dropout") or 0.0, use_rslora=bool(config.get("use_rslora")))
+        half = module.weight.dtype in (torch.float16, torch.bfloat16)  # float32 adapters there, as PEFT's
         for ab, (key, shape) in _peft_layout(n, lora_class_for(module), module, settings[n]["r"]).items():
-            expected[key], keys[key] = (shape, module.weight.dtype), f"{n}.{ab}"
-    state = _check_peft_base_weights(model, state, path)
+            expected[key], keys[key] = (shape, torch.float32 if half else module.weight.dtype), f"{n}.{ab}"
+    # modules_to_save: PEFT's rule (a name's end, no dot needed); a name matching nothing is fine, as in
+    # PEFT (its SEQ_CLS adapters list both "classifier" and "score")
+    to_save = [n for n, _ in modules if n and any(n.endswith(t) for t in config.get("modules_to_save") or [])]
+    for n in to_save:
+        for k, v in model.get_submodule(n).state_dict().items():
+            expected[f"{_PEFT_PREFIX}{n}.{k}"], keys[f"{_PEFT_PREFIX}{n}.{k}"] = (v.shape, v.dtype), f"{n}.trained.{k}"
+    state = _check_peft_base_weights(model, {k: v for k, v in state.items() if k not in expected}, path) | {
+        k: v for k, v in state.items() if k in expected}
     _check_adapter_tensors(expected, state, source=path)
-    _attach_lora(model, modules, settings)
+    _attach_lora(model, modules, settings, to_save=to_save)
     own = {k: p.shape for k, p in _adapter_tensors(model).items()}
     return _load_adapter_tensors(model, {keys[k]: v.reshape(own[keys[k]]) for k, v in state.items()}, True, path)
 
@@ -1214,12 +1278,18 @@ def _shard_like(param, value):
 # --- check everything, then change -----------------------------------------------------
 
 
-def _check_targets(modules, settings, skip_unused):
+def _check_targets(modules, settings, skip_unused, to_save=()):
     """Check every target and change nothing; warn before any change. Returns ({name: module},
     {reader: {paths of children it reads that also run}}); raises ValueError naming the problem."""
-    if any(isinstance(m, LoRALayer) for _, m in modules):
+    if any(isinstance(m, (LoRALayer, TrainedCopy)) for _, m in modules):
         raise ValueError("model already has LoRA layers; lora_min does not stack adapters: unload(model) first to "
                          "add others, or load_adapter(model, path) to swap in another adapter for the same layers")
+    for name in to_save:
+        inside = [n for n in list(settings) + list(to_save) if n != name and (n.startswith(name + ".")
+                                                                             or name.startswith(n + "."))]
+        if name in settings or inside:
+            raise ValueError(f"modules_to_save {name!r} is also a LoRA target or holds one, or is inside another: "
+                             f"{[name] if name in settings else inside}; a module is trained either way, not both")
     targets = {name: module for name, module in modules if name in settings}
     for name, module in targets.items():
         try:
@@ -1284,11 +1354,13 @@ def _check_adapter_tensors(expected, state, strict=True, source="the adapter"):
             problem = "is a meta tensor: it holds no values"
         elif value.layout != torch.strided:
             problem = f"is a {value.layout} tensor; adapters hold dense tensors"
-        elif not value.is_floating_point():
+        elif dtype.is_floating_point and not value.is_floating_point():
             problem = f"has dtype {value.dtype}, not a floating-point dtype"
+        elif value.is_floating_point() != dtype.is_floating_point:  # a buffer: BatchNorm's num_batches_tracked
+            problem = f"has dtype {value.dtype}, the model's is {dtype}"
         elif tuple(value.shape) != tuple(shape):
             problem = f"has shape {tuple(value.shape)}, the model's is {tuple(shape)} (a different r or layer size?)"
-        elif not torch.isfinite(value.to(dtype)).all():
+        elif dtype.is_floating_point and not torch.isfinite(value.to(dtype)).all():
             problem = f"has inf or NaN values (in the model's {dtype})"
         else:
             continue
@@ -1319,6 +1391,9 @@ def _read_adapter(path):
     if saved.get("version") != 1:
         raise ValueError(f"{path} is a lora_min adapter of format version {saved.get('version')!r}; "
                          "this file reads version 1")
+    to_save = saved.get("modules_to_save", [])
+    if not (isinstance(to_save, list) and all(isinstance(n, str) for n in to_save)):
+        raise ValueError(f"{path}: modules_to_save is not a list of module names: {to_save!r}")
     for name, settings in saved["config"].items():
         if not (isinstance(name, str) and isinstance(settings, dict) and set(settings) == {"r", "alpha", "use_rslora"}
                 and _is_int(settings["r"]) and _is_number(settings["alpha"])
@@ -1363,6 +1438,7 @@ _PEFT_FIELDS = {
     "bias": ("'none' (lora_min trains no biases)", lambda v: v == "none"),
     # Initialisations that differ only in the starting A and B, which the file replaces:
     "init_lora_weights": ("true, false or 'gaussian'", lambda v: v is True or v is False or v == "gaussian"),
+    "modules_to_save": ("a list of module names", lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v)),
 }
 _PEFT_REQUIRED = ("peft_type", "r", "lora_alpha", "target_modules")
 # Fields that do not change what the adapted model computes.
