@@ -538,7 +538,7 @@ def set_config(folder, **overrides):
 
 
 @pytest.mark.parametrize("field, value", [
-    ("use_dora", True), ("modules_to_save", ["lm_head"]), ("bias", "all"), ("bias", "lora_only"),
+    ("use_dora", True), ("bias", "all"), ("bias", "lora_only"),
     ("layers_to_transform", [0]), ("layers_pattern", "layers"), ("peft_type", "IA3"),
     ("lora_bias", True), ("layer_replication", [[0, 1]]), ("trainable_token_indices", [1, 2]),
     ("target_parameters", ["mlp.experts.weight"]), ("init_lora_weights", "pissa"), ("some_future_feature", {"on": 1}),
