@@ -386,3 +386,29 @@ def train_language_model(model, first_seed, steps=3):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+
+
+# --- modules_to_save (test_model.py, test_peft.py) ------------------------------------------------
+
+
+class WithNorm(nn.Module):
+    """Linear -> BatchNorm1d -> Linear head "head": BatchNorm's running statistics move in train mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.norm, self.head = nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.norm(self.body(x)))
+
+
+def trained_with_saved_modules(seed=0):
+    torch.manual_seed(seed)
+    base = WithNorm().double()
+    model = L.add_lora(copy.deepcopy(base), r=2, modules_to_save=["norm", "head"])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(3):
+        optimizer.zero_grad()
+        model(torch.randn(16, 6, dtype=torch.float64)).pow(2).mean().backward()
+        optimizer.step()
+    return base, model.eval()

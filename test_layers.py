@@ -38,8 +38,9 @@ from hypothesis import given, settings, strategies as st
 from torch.nn.utils import parametrize
 
 import lora_min as L
-from conftest import (EXACT, FLOAT_DTYPES, MODEL_KINDS, TOL, Case, adapted, assert_unchanged, cases as linear_cases,
-                      expected_lora_shapes, lora_mixed, ids, make as make_linear, snapshot)
+from conftest import (EXACT, FLOAT_DTYPES, MODEL_KINDS, TOL, adapted, assert_unchanged, Case, cases as linear_cases,
+                      cnn, expected_lora_shapes, ids, lora_mixed, make as make_linear, mlp, randomize_B, snapshot,
+                      tables)
 
 BF16 = dict(rtol=2e-2, atol=5e-2)
 KINDS = ["linear", "embedding", "conv"]
@@ -831,3 +832,162 @@ def test_torch_compile_fullgraph_equals_eager_for_all_three_layer_types():
     params = [p for p in model.parameters() if p.requires_grad]
     for a, b in zip(torch.autograd.grad(y_compiled.pow(2).sum(), params), torch.autograd.grad(y_eager.pow(2).sum(), params)):
         torch.testing.assert_close(a, b, **close)
+
+
+# --- GPT-2's Conv1D: a linear layer with its weight stored (in, out) -------------------------------------
+
+def conv1d_class():
+    return pytest.importorskip("transformers.pytorch_utils").Conv1D  # (the rest of this file needs no transformers)
+
+
+def lora_conv1d(nx=5, nf=7, r=2, alpha=3.0, dtype=torch.float64, seed=0, dropout=0.0):
+    torch.manual_seed(seed)
+    base = conv1d_class()(nf, nx).to(dtype)
+    nn.init.normal_(base.bias)
+    layer = L.LoRAConv1D(copy.deepcopy(base), r=r, alpha=alpha, dropout=dropout)
+    with torch.no_grad():
+        layer.lora_A.normal_()
+        layer.lora_B.normal_()
+    return base, layer
+
+
+@pytest.mark.parametrize("batch", [(), (3,), (2, 4)])
+def test_conv1d_lora_equals_x_times_W_plus_delta_and_parametrize(batch):
+    base, layer = lora_conv1d()
+    x = torch.randn(*batch, 5, dtype=torch.float64, requires_grad=True)
+    delta = (layer.lora_B @ layer.lora_A).T * layer.scale  # (in, out), Conv1D's layout
+    torch.testing.assert_close(layer.delta_weight(), delta)
+    torch.testing.assert_close(layer(x), x @ (base.weight + delta) + base.bias, **EXACT)
+    ref = copy.deepcopy(base).requires_grad_(False)
+    A, B = (nn.Parameter(t.detach().clone()) for t in (layer.lora_A, layer.lora_B))
+
+    class Delta(nn.Module):
+        def forward(self, W):
+            return W + (B @ A).T * layer.scale
+
+    parametrize.register_parametrization(ref, "weight", Delta())
+    y, y_ref = layer(x), ref(x)
+    torch.testing.assert_close(y, y_ref, **EXACT)
+    ours = torch.autograd.grad(y.sum(), [layer.lora_A, layer.lora_B])
+    theirs = torch.autograd.grad(y_ref.sum(), [A, B])
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, **EXACT)
+
+
+def test_conv1d_lora_disabled_is_conv1d_bit_for_bit_and_merges_exactly():
+    base, layer = lora_conv1d(dtype=torch.float32)
+    x = torch.randn(4, 5)
+    with torch.no_grad():
+        layer.enabled = False
+        assert torch.equal(layer(x), base(x))
+        layer.enabled = True
+        y = layer(x)
+        W = layer.weight.clone()
+        layer.eval().merge()
+        assert torch.equal(layer.weight, (W.float() + layer.delta_weight(torch.float32)).to(W.dtype))
+        torch.testing.assert_close(layer(x), y)
+        plain = L.merge_and_unload(nn.Sequential(layer))[0]
+    assert type(plain) is conv1d_class() and torch.equal(plain.weight, layer.weight) and plain.weight.shape == (5, 7)
+
+
+def test_conv1d_lora_gradcheck_and_gradgradcheck():
+    _, layer = lora_conv1d()
+    x = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
+    params = {"lora_A": layer.lora_A, "lora_B": layer.lora_B}
+    f = lambda x, A, B: torch.func.functional_call(layer, {"lora_A": A, "lora_B": B}, (x,))  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x, *params.values()))
+    assert torch.autograd.gradgradcheck(f, (x, *params.values()))
+
+
+def test_add_lora_by_default_adapts_gpt2s_conv1d_layers():
+    transformers = pytest.importorskip("transformers")
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2))
+    L.add_lora(model, r=2)
+    kinds = {name.rsplit(".", 1)[-1]: type(layer).__name__ for name, layer in L.lora_layers(model)}
+    assert kinds == {"c_attn": "LoRAConv1D", "c_proj": "LoRAConv1D", "c_fc": "LoRAConv1D", "lm_head": "LoRALinear"}
+
+
+# --- fp32 adapters on low-precision bases ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_adapters_on_a_half_precision_base_are_float32_and_the_output_is_the_bases_dtype(dtype):
+    model = L.add_lora(mlp(dtype=dtype), r=2)
+    assert all(layer.lora_A.dtype == layer.lora_B.dtype == torch.float32 for _, layer in L.lora_layers(model))
+    assert model(torch.randn(3, 6, dtype=dtype)).dtype == dtype
+    kept = L.add_lora(mlp(dtype=dtype), r=2, lora_dtype=dtype)
+    assert all(layer.lora_A.dtype == dtype for _, layer in L.lora_layers(kept))
+
+
+def test_float32_adapters_on_bfloat16_learn_where_bfloat16_adapters_round_small_steps_away():
+    """5 AdamW steps at lr 1e-4: every entry of every float32 lora_A moves; in bfloat16 most do not."""
+    def moved(lora_dtype):
+        torch.manual_seed(0)
+        model = randomize_B(L.add_lora(mlp(dtype=torch.bfloat16), r=4, lora_dtype=lora_dtype))
+        before = {n: layer.lora_A.detach().clone() for n, layer in L.lora_layers(model)}
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        for step in range(5):
+            optimizer.zero_grad()
+            model(torch.randn(16, 6, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(step))).float().pow(2).mean().backward()
+            optimizer.step()
+        return min((layer.lora_A != before[n]).float().mean().item() for n, layer in L.lora_layers(model))
+    assert moved(None) == 1.0
+    assert moved(torch.bfloat16) < 0.5
+
+
+@pytest.mark.parametrize("make, targets", [(mlp, None), (tables, ["tok", "pos"]), (cnn, ["0", "2"])],
+                         ids=["linear", "embedding", "conv"])
+def test_a_merge_into_a_bfloat16_base_is_rounded_once_from_float32(make, targets):
+    model = randomize_B(L.add_lora(make().to(torch.bfloat16), r=2, target_modules=targets))
+    expected = {n: (layer.weight.float() + layer.delta_weight(torch.float32)).to(torch.bfloat16)
+                for n, layer in L.lora_layers(model)}
+    merged = L.merged_state_dict(model)
+    L.merge_lora(model.eval())
+    for n, layer in L.lora_layers(model):
+        assert torch.equal(layer.weight, expected[n]) and torch.equal(merged[f"{n}.weight"], expected[n])
+
+
+# --- grouped and depthwise convolutions, as PEFT adapts them ------------------------------------------
+
+
+class Conv2dGroups(nn.Module):
+    """PEFT's own test model for grouped convolutions (tests/testing_common: Conv2dGroups), smaller."""
+
+    def __init__(self, groups=2, depthwise=False):
+        super().__init__()
+        channels = 4 if depthwise else 6
+        self.conv2d = nn.Conv2d(channels, channels, 3, padding=1, groups=channels if depthwise else groups)
+        self.relu, self.flat = nn.ReLU(), nn.Flatten()
+        self.lin0 = nn.Linear(channels * 5 * 5, 3)
+
+    def forward(self, x):
+        return self.lin0(self.flat(self.relu(self.conv2d(x))))
+
+
+@pytest.mark.parametrize("depthwise", [False, True], ids=["groups=2", "depthwise"])
+def test_grouped_conv_lora_equals_peft_both_ways_and_refuses_to_merge(depthwise, tmp_path):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = Conv2dGroups(depthwise=depthwise).double().eval()
+    r = 4
+    ours = randomize_B(L.add_lora(copy.deepcopy(base), r=r, alpha=8, target_modules=["conv2d"]))
+    with torch.no_grad():
+        ours.conv2d.lora_A.normal_()
+    x = torch.randn(2, base.conv2d.in_channels, 5, 5, dtype=torch.float64)
+    assert ours.conv2d.lora_B.shape == (base.conv2d.out_channels, r // base.conv2d.groups)
+    L.save_peft_adapter(ours, tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours")).eval()
+    torch.testing.assert_close(theirs(x), ours(x), **EXACT)
+    assert not torch.allclose(ours(x), base(x))
+    theirs.save_pretrained(str(tmp_path / "theirs"))
+    torch.testing.assert_close(L.load_peft_adapter(copy.deepcopy(base), tmp_path / "theirs")(x), ours(x), **EXACT)
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    for merge in (L.merge_lora, L.merge_and_unload, L.merged_state_dict, lambda m: m.conv2d.merge()):
+        with pytest.raises(RuntimeError, match=r"groups=\d+: the ΔW of a grouped convolution's LoRA"):
+            merge(ours)
+        assert all(torch.equal(ours.state_dict()[k], v) for k, v in before.items()) and not ours.conv2d.merged
+
+
+def test_grouped_conv_lora_refuses_a_rank_that_is_not_a_multiple_of_groups():
+    with pytest.raises(ValueError, match=r"groups=2: a grouped convolution's r must be a multiple of groups"):
+        L.add_lora(Conv2dGroups(), r=3, target_modules=["conv2d"])

@@ -1,10 +1,11 @@
 """The specification of LoRALinear and of the math it computes, as property-based tests.
 
-Above all: the hand-written LoRALinear computes what the classic
-`torch.nn.utils.parametrize` LoRA computes (outputs and gradients), in every
-shape, rank, scale, dtype and batch layout hypothesis draws.
+First, the lesson: lora_min.py's first 300 lines, cut and imported on their own, are a complete
+LoRALinear equal to the plain math and to the `parametrize` LoRA. What every layer type shares
+(above all: outputs and gradients equal the parametrize LoRA's) is one test per behaviour in
+test_layers.py, parametrized over linear, embedding and conv.
 
-Sections: equivalence with parametrize and with autograd of the plain math; complete
+Sections here: the lesson; autograd of the plain math; complete
 under autograd (gradcheck, double backward, forward mode, torch.func, vmap); exact
 identities and init; merge / unmerge; enable / disable and dropout; torch.compile;
 the pure-tensor core on NumPy and the array API. Model-level helpers: test_model.py;
@@ -157,32 +158,6 @@ def test_the_lessons_layer_trains_merges_unmerges_disables_and_guards_its_states
 
 
 @given(cases())
-def test_equals_parametrize_outputs_and_gradients(case):
-    """Outputs and the gradients of A, B and x equal the parametrize LoRA's."""
-    linear, layer, x = make(case)
-    ref, ref_lora = parametrize_reference(linear, layer.lora_A, layer.lora_B, layer.scale)
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y, y_ref = layer(x1), ref(x2)
-    torch.testing.assert_close(y, y_ref, **TOL[case.dtype])
-    assert not torch.allclose(y, linear(x), **TOL[case.dtype]), "LoRA must change the output"
-
-    w = weights_like(y, case.seed + 1)
-    (y * w).sum().backward()
-    (y_ref * w).sum().backward()
-    torch.testing.assert_close(layer.lora_A.grad, ref_lora.lora_A.grad, **TOL[case.dtype])
-    torch.testing.assert_close(layer.lora_B.grad, ref_lora.lora_B.grad, **TOL[case.dtype])
-    torch.testing.assert_close(x1.grad, x2.grad, **TOL[case.dtype])
-
-
-@given(cases())
-def test_backward_gives_the_frozen_weight_and_bias_no_gradient(case):
-    _, layer, x = make(case)
-    y = layer(x.clone().requires_grad_())
-    (y * weights_like(y, case.seed + 1)).sum().backward()
-    assert layer.weight.grad is None and (layer.bias is None or layer.bias.grad is None)
-
-
-@given(cases())
 def test_raw_lora_gradients_are_contiguous(case):
     """The raw gradients (as DDP's hooks see them, before .grad's layout fix-up) are contiguous like the params."""
     _, layer, x = make(case)
@@ -228,24 +203,6 @@ def test_dropout_gradients_equal_autograd_with_the_same_mask():
     params = [layer.lora_A, layer.lora_B, layer.weight, layer.bias]
     for a, b in zip(torch.autograd.grad((y * y).sum(), [x1] + params), torch.autograd.grad((y_ref * y_ref).sum(), [x2] + params)):
         torch.testing.assert_close(a, b)
-
-
-def test_autocast_bfloat16_matches_autograd_under_autocast():
-    """Under CPU autocast: bfloat16 outputs and float32 gradients, as autograd of the plain math gives."""
-    torch.manual_seed(0)
-    layer = L.LoRALinear(nn.Linear(32, 16), r=4)
-    nn.init.normal_(layer.lora_B)
-    x = torch.randn(8, 32)
-    params = [layer.lora_A, layer.lora_B]
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = layer(x)
-        y_ref = nn.functional.linear(x, layer.weight, layer.bias) + (x @ layer.lora_A.T * layer.scale) @ layer.lora_B.T
-    assert y.dtype == y_ref.dtype == torch.bfloat16
-    torch.testing.assert_close(y, y_ref, rtol=2e-2, atol=2e-2)
-    grads, grads_ref = torch.autograd.grad(y.float().sum(), params), torch.autograd.grad(y_ref.float().sum(), params)
-    for a, b in zip(grads, grads_ref):
-        assert a.dtype == torch.float32  # gradients reach the float32 parameters
-        torch.testing.assert_close(a, b, rtol=2e-2, atol=5e-2)
 
 
 # --- complete under autograd: double backward, forward mode, torch.func ------------------------
@@ -422,29 +379,6 @@ def test_alpha_defaults_to_r(make_layers, alpha, scale):
     assert layers and all(layer.alpha == alpha and layer.scale == scale for layer in layers)
 
 
-@given(cases(), st.sampled_from([None, 1.0, 0.02]))
-def test_fresh_layer_equals_linear_exactly(case, init_std):
-    """B = 0 and A != 0 at the start, so a new layer computes its linear bit for bit."""
-    linear, _, x = make(case)
-    layer = L.LoRALinear(copy.deepcopy(linear), r=case.r, alpha=case.alpha, init_std=init_std)
-    assert torch.count_nonzero(layer.lora_B) == 0 and torch.count_nonzero(layer.lora_A) > 0
-    assert torch.equal(layer(x), linear(x))
-
-
-def test_layer_reuses_and_freezes_the_base_parameters():
-    linear = nn.Linear(5, 7, dtype=torch.float64)
-    layer = L.LoRALinear(linear, r=3)
-    assert layer.weight is linear.weight and layer.bias is linear.bias
-    assert not layer.weight.requires_grad and not layer.bias.requires_grad
-
-
-def test_lora_A_and_B_are_trainable_with_the_weights_dtype_and_shapes_r_in_and_out_r():
-    layer = L.LoRALinear(nn.Linear(5, 7, dtype=torch.float64), r=3)
-    assert layer.lora_A.shape == (3, 5) and layer.lora_B.shape == (7, 3)
-    assert layer.lora_A.dtype == layer.lora_B.dtype == torch.float64
-    assert layer.lora_A.requires_grad and layer.lora_B.requires_grad
-
-
 def test_default_init_of_A_is_kaiming_uniform():
     torch.manual_seed(0)
     layer = L.LoRALinear(nn.Linear(400, 300), r=64)  # kaiming-uniform(a=sqrt(5)): U(-1/sqrt(in), 1/sqrt(in))
@@ -494,26 +428,6 @@ def unmerge_bound(W, delta, dtype, cycles=1):
     return cycles * torch.finfo(dtype).eps * (W.double().abs() + delta.double().abs())
 
 
-@given(cases())
-def test_merge_folds_delta_into_the_weight_and_keeps_the_outputs(case):
-    layer, x, y, W, delta = merge_case(case)
-    layer.merge()
-    assert layer.merged
-    torch.testing.assert_close(layer.weight, W + delta, **TOL[case.dtype])
-    torch.testing.assert_close(layer(x), y, **TOL[case.dtype])
-
-
-@given(cases())
-def test_unmerge_restores_W_within_the_documented_bound_and_the_outputs(case):
-    """|unmerge(merge(W)) - W| <= eps(dtype) * (|W| + |ΔW|), elementwise."""
-    layer, x, y, W, delta = merge_case(case)
-    layer.merge()
-    layer.unmerge()
-    assert not layer.merged
-    assert ((layer.weight.double() - W.double()).abs() <= unmerge_bound(W, delta, case.dtype)).all()
-    torch.testing.assert_close(layer(x), y, **TOL[case.dtype])
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 def test_unmerge_bound_per_dtype(dtype):
     """The documented bound: |unmerge(merge(W)) - W| <= eps(dtype) * (|W| + |ΔW|), in every dtype,
@@ -531,21 +445,6 @@ def test_unmerge_bound_per_dtype(dtype):
     W2 = layer.weight.detach().clone()
     layer.merge(); layer.unmerge()  # noqa: E702
     assert ((layer.weight.double() - W2.double()).abs() <= unmerge_bound(W2, delta, dtype)).all()
-
-
-@pytest.mark.parametrize("merged", [False, True])
-def test_train_and_eval_never_touch_weights(merged):
-    torch.manual_seed(0)
-    layer = L.LoRALinear(nn.Linear(6, 4), r=2)
-    nn.init.normal_(layer.lora_B)
-    if merged:
-        layer.merge()
-    before = {k: v.clone() for k, v in layer.state_dict().items()}
-    for _ in range(2):
-        layer.eval()
-        layer.train()
-    assert layer.merged == merged
-    assert all(torch.equal(before[k], v) for k, v in layer.state_dict().items())
 
 
 @pytest.mark.parametrize("inference", ["no_grad", "eval"])
@@ -580,34 +479,6 @@ def test_a_checkpoint_loads_into_a_model_in_the_state_it_was_saved_in(merged):
 
 
 # --- enable / disable, dropout -----------------------------------------------------------------------
-
-
-@given(cases())
-def test_disabled_layer_equals_linear_exactly(case):
-    linear, layer, x = make(case)
-    layer.enabled = False
-    assert torch.equal(layer(x), linear(x))
-
-
-@given(cases())
-def test_enabling_a_disabled_layer_brings_back_its_lora_output(case):
-    linear, layer, x = make(case)
-    y = layer(x)
-    layer.enabled = False
-    layer.enabled = True
-    assert torch.equal(layer(x), y) and not torch.equal(y, linear(x))
-
-
-def test_dropout_changes_training_outputs_only():
-    torch.manual_seed(0)
-    linear = nn.Linear(32, 16)
-    plain = L.LoRALinear(copy.deepcopy(linear), r=4)
-    nn.init.normal_(plain.lora_B)
-    dropped = L.LoRALinear(copy.deepcopy(linear), r=4, dropout=0.5)
-    dropped.load_state_dict(plain.state_dict())
-    x = torch.randn(8, 32)
-    assert not torch.allclose(dropped.train()(x), plain.train()(x))
-    assert torch.equal(dropped.eval()(x), plain.eval()(x))
 
 
 @pytest.mark.parametrize("dropout, module", [(0.0, nn.Identity), (0.1, nn.Dropout)])

@@ -13,6 +13,7 @@ format: test_peft.py.
 """
 
 import copy
+import re
 
 import pytest
 import torch
@@ -20,9 +21,9 @@ import torch.nn as nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 import lora_min as L
-from conftest import (EXACT, MIXED_TARGETS, MODEL_KINDS, Attention, Block, adapted, assert_unchanged,
-                      expected_lora_shapes, lora_mixed, lora_names, lora_two_blocks, mixed, mlp, randomize, randomize_B,
-                      snapshot, tied)
+from conftest import (EXACT, WithNorm, trained_with_saved_modules, MIXED_TARGETS, MODEL_KINDS, adapted, assert_unchanged, Attention, Block,
+                      expected_lora_shapes, lora_mixed, lora_names, lora_two_blocks, mixed, mlp, randomize,
+                      randomize_B, snapshot, tied)
 
 KINDS = list(MODEL_KINDS)
 
@@ -554,3 +555,176 @@ def test_save_and_load_adapter_round_trip(kind, tmp_path):
     assert not torch.equal(fresh(small.x), small.model(small.x))
     L.load_adapter(fresh, tmp_path / "adapter.pt")
     assert torch.equal(fresh(small.x), small.model(small.x))
+
+
+# --- wrapped models: torch.compile, DataParallel, DistributedDataParallel ------------------------------
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    """A one-process gloo group, so that DistributedDataParallel can wrap a CPU model here."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+WRAPPERS = {
+    "torch.compile": torch.compile,
+    "DataParallel": nn.DataParallel,
+    "DistributedDataParallel": lambda model: nn.parallel.DistributedDataParallel(model),
+}
+
+
+@pytest.mark.parametrize("wrapper", list(WRAPPERS))
+def test_every_helper_reads_and_writes_the_names_of_the_model_inside_a_wrapper(wrapper, request, tmp_path):
+    if wrapper == "DistributedDataParallel":
+        request.getfixturevalue("one_process_group")
+    inner = mlp(dtype=torch.float64)
+    wrapped = WRAPPERS[wrapper](inner)
+    L.add_lora(wrapped, r=2)  # adapts the inner model
+    randomize_B(inner)
+    assert lora_names(wrapped) == lora_names(inner) == ["0", "2.0", "3"]
+    assert set(L.lora_state_dict(wrapped)) == set(L.lora_state_dict(inner)) == {
+        f"{n}.lora_{ab}" for n in ("0", "2.0", "3") for ab in "AB"}
+    assert set(L.merged_state_dict(wrapped)) == set(mlp().state_dict())
+    L.save_adapter(wrapped, tmp_path / "a.pt")
+    fresh = L.add_lora(mlp(dtype=torch.float64), r=2)
+    L.load_adapter(fresh, tmp_path / "a.pt")
+    x = torch.randn(3, 6, dtype=torch.float64)
+    torch.testing.assert_close(fresh(x), inner(x))
+    L.load_lora_state_dict(wrapped, L.lora_state_dict(fresh))
+    plain = L.merge_and_unload(wrapped)
+    assert not list(L.lora_layers(plain)) and set(plain.state_dict()) == set(mlp().state_dict())
+    torch.testing.assert_close(plain(x), inner(x))
+    with L.lora_disabled(wrapped):
+        torch.testing.assert_close(inner(x), L.unload(inner)(x))
+
+
+# --- unload: the base model back without merging ---------------------------------------------------------
+
+
+def test_unload_gives_the_base_model_back_bit_for_bit_with_the_same_parameters():
+    base = mlp(dtype=torch.float64)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    params = {n: p for n, p in base.named_parameters()}
+    model = randomize_B(L.add_lora(base, r=2))
+    plain = L.unload(model, inplace=True)
+    assert plain is base and not list(L.lora_layers(plain))
+    assert [type(m) for m in plain.modules()] == [type(m) for m in mlp().modules()]
+    assert {n: p for n, p in plain.named_parameters()} == params  # the very Parameters
+    assert all(torch.equal(plain.state_dict()[k], v) for k, v in before.items())
+
+
+def test_unload_without_inplace_leaves_the_model_as_it_was_and_allows_new_settings():
+    model = randomize_B(L.add_lora(mlp(dtype=torch.float64), r=2))
+    before = snapshot(model)
+    plain = L.unload(model)
+    assert_unchanged(model, before)
+    again = L.add_lora(plain, r=4, alpha=2.0, target_modules=["3"])
+    assert lora_names(again) == ["3"] and again[3].r == 4
+
+
+def test_unload_refuses_merged_layers_and_changes_nothing():
+    model = randomize_B(L.add_lora(mlp(dtype=torch.float64), r=2)).eval()
+    L.merge_lora(model)
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match=r"^unload: \['0', '2\.0', '3'\] are merged.*unmerge_lora"):
+        L.unload(model)
+    assert_unchanged(model, before)
+
+
+# --- hooks move with the module they were registered on ---------------------------------------------------
+
+
+def test_forward_hooks_on_a_target_move_to_its_lora_layer_and_on_to_the_merged_export():
+    model = mlp(dtype=torch.float64)
+    seen = []
+    pre = model[0].register_forward_pre_hook(lambda m, args: seen.append(("pre", type(m).__name__)))
+    post = model[0].register_forward_hook(lambda m, args, out: out * 2)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    expected = model(x)
+    L.add_lora(model, r=2)
+    torch.testing.assert_close(model(x), expected)  # B = 0: the hooked model, as before
+    assert seen[-1] == ("pre", "LoRALinear")
+    randomize_B(model)
+    y = model(x)
+    plain = L.merge_and_unload(model)
+    torch.testing.assert_close(plain(x), y)
+    assert seen[-1] == ("pre", "Linear")
+    pre.remove()
+    post.remove()  # the handles still reach the hooks
+    assert not model[0]._forward_hooks and not model[0]._forward_pre_hooks
+
+
+# --- adapter files: refusals that say what to do -------------------------------------------------------
+
+
+def test_save_adapter_refuses_a_model_without_lora_layers(tmp_path):
+    with pytest.raises(ValueError, match="save_adapter: the model has no LoRA layers"):
+        L.save_adapter(mlp(), tmp_path / "a.pt")
+    assert not (tmp_path / "a.pt").exists()
+
+
+def test_load_adapter_before_add_lora_names_the_exact_add_lora_call_and_that_call_works(tmp_path):
+    model = randomize_B(L.add_lora(mlp(dtype=torch.float64), r=3, alpha=6, use_rslora=True, target_modules=["0", "3"]))
+    assert lora_names(model) == ["0", "2.0", "3"]
+    L.save_adapter(model, tmp_path / "a.pt")
+    base = mlp(dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"has no LoRA layers") as error:
+        L.load_adapter(base, tmp_path / "a.pt")
+    call = re.search(r"add_lora\(model, [^)]*\)", str(error.value)).group(0)
+    assert call == "add_lora(model, r=3, alpha=6, target_modules=['0', '3'], use_rslora=True)"  # "0" is also "2.0"
+    eval(call, {"add_lora": L.add_lora, "model": base})
+    L.load_adapter(base, tmp_path / "a.pt")
+    x = torch.randn(2, 6, dtype=torch.float64)
+    torch.testing.assert_close(base(x), model(x))
+
+
+def test_each_loader_given_the_other_format_names_the_right_one(tmp_path):
+    model = L.add_lora(mlp(), r=2)
+    L.save_peft_adapter(model, tmp_path / "peft")
+    L.save_adapter(model, tmp_path / "a.pt")
+    with pytest.raises(ValueError, match=r"peft is a folder.*load_peft_adapter"):
+        L.load_adapter(model, tmp_path / "peft")
+    with pytest.raises(ValueError, match=r"a\.pt is a file.*load_adapter"):
+        L.load_peft_adapter(mlp(), tmp_path / "a.pt")
+
+
+# --- modules_to_save: modules trained in full beside the adapter ----------------------------------------
+
+
+def test_modules_to_save_train_in_full_while_lora_disabled_is_exactly_the_base_model():
+    base, model = trained_with_saved_modules()
+    assert lora_names(model) == ["body"]  # the default targets leave saved modules out
+    assert type(model.head) is L.TrainedCopy and not torch.equal(model.head.trained.weight, base.head.weight)
+    assert not torch.equal(model.norm.trained.running_mean, base.norm.running_mean)  # train mode moved them
+    x = torch.randn(4, 6, dtype=torch.float64)
+    with L.lora_disabled(model):
+        assert torch.equal(model(x), base.eval()(x))
+    assert {k.split(".")[0] for k in L.lora_state_dict(model)} == {"body", "norm", "head"}
+
+
+def test_modules_to_save_travel_in_adapter_files_and_stay_in_the_merged_export(tmp_path):
+    base, model = trained_with_saved_modules()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    L.save_adapter(model, tmp_path / "a.pt")
+    with pytest.raises(ValueError, match=r"modules_to_save=\['norm', 'head'\]"):
+        L.load_adapter(L.add_lora(copy.deepcopy(base), r=2), tmp_path / "a.pt")
+    fresh = L.add_lora(copy.deepcopy(base), r=2, modules_to_save=["norm", "head"]).eval()
+    L.load_adapter(fresh, tmp_path / "a.pt")
+    assert torch.equal(fresh(x), model(x))
+    plain = L.merge_and_unload(model)
+    assert type(plain.head) is nn.Linear and set(plain.state_dict()) == set(base.state_dict())
+    torch.testing.assert_close(plain(x), model(x))
+    assert set(L.merged_state_dict(model)) == set(base.state_dict())
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in L.merged_state_dict(model).items())
+    assert type(L.unload(model).head) is nn.Linear and torch.equal(L.unload(model).head.weight, base.head.weight)
+
+
+def test_a_module_cannot_be_both_a_lora_target_and_trained_in_full():
+    model = WithNorm()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"modules_to_save 'head' is also a LoRA target"):
+        L.add_lora(model, r=2, target_modules=["head"], modules_to_save=["head"])
+    assert_unchanged(model, before)

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 import lora_min as L
-from conftest import (EXACT, Payload, assert_unchanged, cnn, images, lora_llama, lora_names, lora_two_blocks, mlp,
+from conftest import (EXACT, trained_with_saved_modules, Payload, assert_unchanged, cnn, images, lora_llama, lora_names, lora_two_blocks, mlp,
                       randomize, randomize_adapter, randomize_B, snapshot, tiny_llama, tokens, train_language_model,
                       two_blocks, write_peft, write_peft_config)
 
@@ -621,3 +621,101 @@ def test_load_peft_adapter_never_unpickles_a_bin_file(tmp_path):
     with pytest.raises(ValueError, match="adapter_model.bin is not a PEFT adapter file"):
         L.load_peft_adapter(mlp(), tmp_path)
     assert not (tmp_path / "canary").exists()
+
+
+# --- wrapped models, GPT-2's Conv1D and bfloat16 bases, both ways -----------------------------------------
+
+
+def tiny_gpt2(seed=0):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=2, n_positions=16)
+    return transformers.GPT2LMHeadModel(config).to(torch.float64).eval()
+
+
+def test_an_adapter_saved_from_a_compiled_model_loads_in_peft_with_the_trained_weights(tmp_path):
+    base, model = lora_llama()
+    L.save_peft_adapter(torch.compile(model), tmp_path)
+    assert all(k.startswith("base_model.model.model.layers.") for k in read_safetensors(tmp_path / "adapter_model.safetensors"))
+    ids = tokens()
+    torch.testing.assert_close(output(peft_from_pretrained(base, tmp_path), ids), output(model, ids), **EXACT)
+
+
+def test_gpt2_conv1d_adapter_saved_by_lora_min_loads_in_peft_with_equal_logits(tmp_path):
+    base = tiny_gpt2()
+    model = randomize_adapter(L.add_lora(copy.deepcopy(base), r=4, alpha=8, target_modules=["c_attn", "c_fc"]))
+    L.save_peft_adapter(model, tmp_path)
+    assert read_config(tmp_path)["fan_in_fan_out"] is True
+    ids = tokens()
+    torch.testing.assert_close(output(peft_from_pretrained(base, tmp_path), ids), output(model, ids), **EXACT)
+
+
+def test_gpt2_peft_adapter_loads_in_lora_min_with_equal_logits(tmp_path):
+    base = tiny_gpt2()
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
+    theirs = peft.get_peft_model(copy.deepcopy(base), config)
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.1)
+    theirs.save_pretrained(str(tmp_path))
+    ours = L.load_peft_adapter(copy.deepcopy(base), tmp_path)
+    assert {type(layer).__name__ for _, layer in L.lora_layers(ours)} == {"LoRAConv1D"}
+    ids = tokens()
+    torch.testing.assert_close(output(ours, ids), output(theirs.eval(), ids), **EXACT)
+
+
+def test_a_peft_adapter_on_a_bfloat16_base_loads_as_peft_loads_it(tmp_path):
+    base, model = lora_llama()
+    L.save_peft_adapter(model, tmp_path)
+    base16 = base.to(torch.bfloat16)
+    theirs = peft_from_pretrained(base16, tmp_path)
+    ours = L.load_peft_adapter(copy.deepcopy(base16), tmp_path).eval()
+    their_A = {n: p for n, p in theirs.named_parameters() if "lora_A" in n}
+    assert {p.dtype for p in their_A.values()} == {torch.float32}  # PEFT's autocast_adapter_dtype
+    assert {layer.lora_A.dtype for _, layer in L.lora_layers(ours)} == {torch.float32}
+    ids = tokens()
+    torch.testing.assert_close(output(ours, ids), output(theirs, ids))
+
+
+def test_a_peft_file_with_target_parameters_is_refused_naming_that_field(tmp_path):
+    write_peft_config(tmp_path, r=4, lora_alpha=8, target_modules=[], target_parameters=["experts.gate_up_proj"])
+    with pytest.raises(ValueError, match=r"target_parameters = \['experts.gate_up_proj'\] is a PEFT feature"):
+        L.load_peft_adapter(mlp(), tmp_path)
+
+
+# --- modules_to_save in PEFT's format ------------------------------------------------------------
+
+
+def test_modules_to_save_in_peft_format_both_ways(tmp_path):
+    peft = pytest.importorskip("peft")
+    base, model = trained_with_saved_modules()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    L.save_peft_adapter(model, tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours")).eval()
+    torch.testing.assert_close(theirs(x), model(x), **EXACT)
+    theirs.save_pretrained(str(tmp_path / "theirs"))
+    loaded = L.load_peft_adapter(copy.deepcopy(base), tmp_path / "theirs").eval()
+    torch.testing.assert_close(loaded(x), model(x), **EXACT)
+
+
+def test_a_peft_sequence_classification_adapter_loads_and_equals_peft(tmp_path):
+    transformers, peft = pytest.importorskip("transformers"), pytest.importorskip("peft")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=97, num_labels=3, pad_token_id=0)
+    base = transformers.LlamaForSequenceClassification(config).double().eval()
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8,
+                                                                      target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    theirs.save_pretrained(str(tmp_path))
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"]
+    assert set(saved) >= {"classifier", "score"}  # PEFT adds both; only "score" exists here
+    ours = L.load_peft_adapter(copy.deepcopy(base), tmp_path).eval()
+    ids = torch.randint(1, 97, (2, 7), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(ours(ids).logits, theirs.eval()(ids).logits, **EXACT)
+    with L.lora_disabled(ours):
+        assert torch.equal(ours(ids).logits, base(ids).logits)

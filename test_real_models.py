@@ -231,3 +231,42 @@ def test_merged_state_dict_of_a_tied_weight_keeps_the_other_owners_W(tied_llama)
     torch.testing.assert_close(state[f"{adapted}.weight"], base.get_submodule(adapted).weight + delta, **EXACT)
     expected = L.merge_and_unload(model).state_dict()
     assert set(state) == set(expected) and all(torch.equal(state[k], expected[k]) for k in expected)
+
+
+# --- transformers' gradient checkpointing: its input-embedding hook moves with the module -------------
+
+
+@pytest.mark.parametrize("when", ["before add_lora", "after add_lora"])
+def test_gradient_checkpointing_with_lora_on_embed_tokens_trains_merges_and_generates(when):
+    base = tiny_llama()
+    model = copy.deepcopy(base).train()
+    targets = ["embed_tokens", "q_proj", "v_proj"]
+
+    def enable():
+        model.gradient_checkpointing_enable()  # as Trainer(gradient_checkpointing=True) does
+        if not model.get_input_embeddings()._forward_hooks:  # (transformers versions differ)
+            model.enable_input_require_grads()
+    if when == "before add_lora":
+        enable()
+    L.add_lora(model, r=4, alpha=8, target_modules=targets)
+    if when == "after add_lora":
+        enable()
+    assert model.is_gradient_checkpointing and model.model.embed_tokens._forward_hooks
+    reference = L.add_lora(copy.deepcopy(base).train(), r=4, alpha=8, target_modules=targets)
+    reference.load_state_dict(model.state_dict())
+    ids = tokens()
+    loss, loss_ref = (m(input_ids=ids, labels=ids).loss for m in (model, reference))
+    grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
+    grads_ref = torch.autograd.grad(loss_ref, [p for p in reference.parameters() if p.requires_grad])
+    for a, b in zip(grads, grads_ref):  # checkpointing recomputes, and changes no gradient
+        torch.testing.assert_close(a, b, **GRADS)
+    train_language_model(model, first_seed=10)
+    model.eval()
+    plain = L.merge_and_unload(model)
+    assert plain.model.embed_tokens._forward_hooks  # the hook moved on to the plain embedding
+    torch.testing.assert_close(plain(ids).logits, model(ids).logits, **EXACT)
+    out = plain.generate(ids[:1, :3], max_new_tokens=4, do_sample=False)
+    torch.testing.assert_close(out, model.generate(ids[:1, :3], max_new_tokens=4, do_sample=False))
+    model.gradient_checkpointing_disable()
+    model.disable_input_require_grads()  # its handle still reaches the hook on the LoRA layer
+    assert not model.model.embed_tokens._forward_hooks
