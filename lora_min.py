@@ -185,8 +185,8 @@ class LoRALayer(nn.Module):
         A, B = self.lora_A.to(dtype or self.lora_A.dtype), self.lora_B.to(dtype or self.lora_B.dtype)
         return self.as_weight(lora_delta(A.flatten(1), B, self.scale))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        trained = self.lora_A.requires_grad or self.lora_B.requires_grad
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # named as in nn.Linear: self.fc(input=x) works
+        x, trained = input, self.lora_A.requires_grad or self.lora_B.requires_grad
         if self.merged and self.training and torch.is_grad_enabled() and trained:
             raise RuntimeError("forward in training mode on a merged LoRA layer: lora_A and lora_B would get no "
                                "gradient. Call unmerge() to train, or use eval() / torch.no_grad() for inference.")
@@ -533,7 +533,19 @@ class TrainedCopy(nn.Module):
         self.enabled, self.merged = True, False
 
     def forward(self, *args, **kwargs):
-        return (self.trained if self.enabled else self.original)(*args, **kwargs)
+        return self.running(*args, **kwargs)
+
+    @property
+    def running(self) -> nn.Module:
+        return self.trained if self.enabled else self.original
+
+    def __getattr__(self, name):  # a parent reading out_proj.weight (nn.MultiheadAttention) reads the running one's
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if "trained" not in self._modules:  # still in __init__
+                raise
+            return getattr(self.running, name)
 
 
 def _trained_copies(model):
@@ -583,15 +595,16 @@ def add_lora(model: nn.Module, r: int = 8, alpha: Optional[float] = None, dropou
     with its own forward, parametrized, hooked, or one its parent reads directly
     and never calls) raises, naming it; nothing is changed then.
     """
+    given, model = model, _inner(model)
     if isinstance(model, LoRALayer) or lora_class_for(model):
         raise TypeError("add_lora adapts the layers inside a model; wrap a lone layer yourself: LoRALinear(linear)")
-    model = _inner(model)
     modules = list(model.named_modules(remove_duplicate=False))
     settings = dict(r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init_std=init_std, lora_dtype=lora_dtype)
     to_save = _target_names(modules, modules_to_save, "modules_to_save") if modules_to_save else []
     names = [n for n in _target_names(modules, target_modules)
              if not (target_modules is None and any(_matches(n, [s]) or n.startswith(s + ".") for s in to_save))]
-    return _attach_lora(model, modules, {name: settings for name in names}, target_modules is None, to_save)
+    _attach_lora(model, modules, {name: settings for name in names}, target_modules is None, to_save)
+    return given
 
 
 def _attach_lora(model, modules, settings, skip_unused=False, to_save=()):
@@ -601,6 +614,12 @@ def _attach_lora(model, modules, settings, skip_unused=False, to_save=()):
     settings = {n: dict(kwargs, dropout=0.0) if isinstance(model.get_submodule(n), nn.Embedding) else dict(kwargs)
                 for n, kwargs in settings.items()}  # an embedding's input is indices: no dropout (as PEFT)
     targets, reads = _check_targets(modules, settings, skip_unused, to_save)
+    saved = {}
+    for n in to_save:  # deep copies, made before any change
+        try:
+            saved[id(dict(modules)[n])] = TrainedCopy(dict(modules)[n])
+        except Exception as e:
+            raise ValueError(f"modules_to_save {n!r} cannot be copied to train it ({type(e).__name__}: {e})") from None
     owners, layers, targets_by_id = _owners(modules), {}, {id(m): m for m in targets.values()}
     for name, module in targets.items():
         if id(module) not in layers:
@@ -608,8 +627,7 @@ def _attach_lora(model, modules, settings, skip_unused=False, to_save=()):
             params = [p for p in (module.weight, getattr(module, "bias", None)) if p is not None]
             layer.shared_with = tuple(n for p in params for m, n in owners[_memory(p)] if m is not module)
     _replace_modules(model, modules, {i: _carry_hooks(targets_by_id[i], layer) for i, layer in layers.items()})
-    by_name = dict(modules)
-    _replace_modules(model, modules, {id(by_name[n]): TrainedCopy(by_name[n]) for n in to_save})
+    _replace_modules(model, modules, saved)
     for reader, paths in reads.items():
         _BypassCheck(reader, sorted(paths))
     return mark_only_lora_as_trainable(model)
@@ -708,7 +726,7 @@ def merge_and_unload(model: nn.Module, inplace: bool = False) -> nn.Module:
         bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
         return nn.Parameter(_exported_weight(name, layer).clone(), requires_grad=False), bias
     _check_exportable([layer for _, layer in lora_layers(model)], "merge_and_unload")
-    return _to_base_layers(model, inplace, merged, "merge_and_unload", keep="trained")
+    return _to_base_layers(model, inplace, merged, "merge_and_unload", keep="running")
 
 
 def unload(model: nn.Module, inplace: bool = False) -> nn.Module:
@@ -761,11 +779,12 @@ def merged_state_dict(model: nn.Module) -> dict:
             with torch.no_grad():
                 exported[id(layer)] = _exported_weight(name, layer)
         state[prefix + "weight"] = exported[id(layer)]
-    for name, _ in _trained_copies(model):
+    for name, saved in _trained_copies(model):
+        running = f"{name}.trained." if saved.enabled else f"{name}.original."
         for key in [k for k in state if k.startswith(f"{name}.original.") or k.startswith(f"{name}.trained.")]:
             value = state.pop(key)
-            if key.startswith(f"{name}.trained."):
-                state[name + key[len(name) + len(".trained"):]] = value
+            if key.startswith(running):
+                state[f"{name}.{key[len(running):]}"] = value
     return state
 
 
@@ -838,11 +857,11 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
     saved = _read_adapter(path)
     want, have = saved["config"], _lora_config(model)
     to_save = saved.get("modules_to_save", [])
-    targets = _exact_peft_targets(model, want) if not have else None
+    targets = _exact_peft_targets(_inner(model), want) if not have else None
     if not have and isinstance(targets, list) and len({repr(v) for v in want.values()}) == 1:
         r, alpha, use_rslora = (next(iter(want.values()))[k] for k in ("r", "alpha", "use_rslora"))
         extra = (", use_rslora=True" if use_rslora else "") + (f", modules_to_save={to_save}" if to_save else "")
-        raise ValueError(f"the model has no LoRA layers; add the file's first: add_lora(model, r={r}, alpha={alpha:g}"
+        raise ValueError(f"the model has no LoRA layers; add the file's first: add_lora(model, r={r}, alpha={alpha!r}"
                          f", target_modules={targets}{extra}), then load_adapter(model, {str(path)!r})")
     if to_save != [n for n, _ in _trained_copies(model)]:
         raise ValueError(f"{path} trains the modules {to_save} in full (modules_to_save), the model "
@@ -1105,15 +1124,18 @@ _METADATA = {"dtype", "device", "shape", "ndim", "requires_grad", "is_cuda", "is
 
 
 def _self_path(node):
-    """("a", "0", "b") for the expression self.a[0].b, else None."""
+    """("a", "0", "b") for the expression self.a[0].b (also self.a[-1], self.heads["q"]), else None."""
     names = []
     while isinstance(node, (ast.Attribute, ast.Subscript)):
         if isinstance(node, ast.Attribute):
             names.append(node.attr)
-        elif isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, int):
-            names.append(str(node.slice.value))  # self.layers[0]: the submodule named "layers.0"
         else:
-            return None
+            key = node.slice
+            if isinstance(key, ast.UnaryOp) and isinstance(key.op, ast.USub) and isinstance(key.operand, ast.Constant):
+                key = ast.Constant(-key.operand.value)  # self.layers[-1]
+            if not (isinstance(key, ast.Constant) and isinstance(key.value, (int, str))):
+                return None
+            names.append(str(key.value))  # self.layers[0]: the submodule named "layers.0"
         node = node.value
     return tuple(reversed(names)) if isinstance(node, ast.Name) and node.id == "self" and names else None
 
@@ -1154,6 +1176,9 @@ def _uses(cls, method, after=None):
             supers.add((func.attr, klass))
         elif func is not None and _self_path(func):
             called.add(_self_path(func))
+        if func is not None and getattr(func, "id", None) not in ("isinstance", "hasattr", "getattr", "type", "id"):
+            # a module or method handed to a call is called there: checkpoint(self.fc, x), checkpoint(self._f, x)
+            called.update(_self_path(arg) for arg in node.args if _self_path(arg))
         elif (isinstance(node, ast.Attribute) and node.attr == "weight" and isinstance(node.ctx, ast.Load)
               and _self_path(node.value) and _is_tensor_use(node, parent_of)):
             read.add(_self_path(node.value))
@@ -1161,11 +1186,14 @@ def _uses(cls, method, after=None):
 
 
 def _submodule(module, path):
-    """module's submodule at path ("a", "0", "b"), or None."""
-    try:
-        return module.get_submodule(".".join(path))
-    except AttributeError:
-        return None
+    """module's submodule at path ("a", "-1", "b"), or None."""
+    for name in path:
+        container = isinstance(module, (nn.ModuleList, nn.Sequential)) and name.lstrip("-").isdigit()
+        try:
+            module = module[int(name)] if container else getattr(module, name)
+        except (AttributeError, IndexError, TypeError):
+            return None
+    return module if isinstance(module, nn.Module) else None
 
 
 def _direct_reads(modules, targets):
@@ -1190,8 +1218,8 @@ def _direct_reads(modules, targets):
                 jobs.append((name, reader, prefix + path[:-1], owner, path[-1], None))
         for path in read:
             child = _submodule(module, path)
-            if child is not None and id(child) in targets:
-                found.add((name, reader, ".".join(prefix + path), child))
+            if child is not None and id(child) in targets:  # by its name in the reader: "layers.1", not "layers.-1"
+                found.add((name, reader, next(n for n, m in reader.named_modules() if m is child), child))
     return sorted(((n, r, p, c, id(c) in called) for n, r, p, c in found), key=lambda f: (f[0], f[2]))
 
 
@@ -1290,6 +1318,12 @@ def _check_targets(modules, settings, skip_unused, to_save=()):
         if name in settings or inside:
             raise ValueError(f"modules_to_save {name!r} is also a LoRA target or holds one, or is inside another: "
                              f"{[name] if name in settings else inside}; a module is trained either way, not both")
+        module = dict(modules)[name]
+        others = [n for n, m in modules if m is module and n != name]
+        hooks = [kind for kind in _CARRIED_HOOKS + _DROPPED_HOOKS if getattr(module, kind, None)]
+        if others or hooks:
+            problem = f"is also registered as {others}" if others else f"has hooks ({', '.join(hooks)})"
+            raise ValueError(f"modules_to_save {name!r} {problem}, which its trained copy would not share")
     targets = {name: module for name, module in modules if name in settings}
     for name, module in targets.items():
         try:

@@ -890,3 +890,60 @@ def test_the_merged_flag_survives_torch_save(tmp_path):
     fresh = randomize_B(L.add_lora(mlp(), r=2))
     with pytest.raises(RuntimeError, match="saved merged"):
         fresh.load_state_dict(torch.load(tmp_path / "full.pt", weights_only=True))
+
+
+# --- reads the scan follows: negative indices, dict keys, callbacks -------------------------------------
+
+
+class ReadsTheLastLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])
+
+    def forward(self, x):
+        return F.linear(self.layers[0](x), self.layers[-1].weight)
+
+
+class ReadsADictEntry(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.heads = nn.Linear(4, 4), nn.ModuleDict({"q": nn.Linear(4, 4)})
+
+    def forward(self, x):
+        return F.linear(self.fc(x), self.heads["q"].weight)
+
+
+class ReadsInACheckpointedMethod(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.out = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def _read(self, x):
+        return F.linear(x, self.fc.weight)
+
+    def forward(self, x):
+        return self.out(torch.utils.checkpoint.checkpoint(self._read, x, use_reentrant=False))
+
+
+@pytest.mark.parametrize("make, child", [(ReadsTheLastLayer, "layers.1"), (ReadsADictEntry, "heads.q"),
+                                         (ReadsInACheckpointedMethod, "fc")], ids=["self.layers[-1]", 'self.heads["q"]',
+                                                                                  "checkpoint(self._read, x)"])
+def test_a_read_through_a_negative_index_a_dict_key_or_a_callback_is_found(make, child):
+    with pytest.warns(UserWarning, match=rf"skipping '{re.escape(child)}': its parent {make.__name__} reads its weight"):
+        model = L.add_lora(make(), r=2)
+    assert child not in lora_names(model)
+
+
+def test_a_module_handed_to_checkpoint_counts_as_called():
+    class CheckpointsItsChild(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.utils.checkpoint.checkpoint(self.fc, x, use_reentrant=False) + x @ self.fc.weight.T * 0
+
+    with pytest.warns(UserWarning, match=r"reads the weight of \['fc'\] directly on some code paths"):
+        model = L.add_lora(CheckpointsItsChild(), r=2, target_modules=["fc"])
+    model(torch.randn(2, 4)).sum().backward()
+    assert model.fc.lora_B.grad is not None

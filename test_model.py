@@ -674,7 +674,7 @@ def test_load_adapter_before_add_lora_names_the_exact_add_lora_call_and_that_cal
     with pytest.raises(ValueError, match=r"has no LoRA layers") as error:
         L.load_adapter(base, tmp_path / "a.pt")
     call = re.search(r"add_lora\(model, [^)]*\)", str(error.value)).group(0)
-    assert call == "add_lora(model, r=3, alpha=6, target_modules=['0', '3'], use_rslora=True)"  # "0" is also "2.0"
+    assert call == "add_lora(model, r=3, alpha=6.0, target_modules=['0', '3'], use_rslora=True)"  # "0" is also "2.0"
     eval(call, {"add_lora": L.add_lora, "model": base})
     L.load_adapter(base, tmp_path / "a.pt")
     x = torch.randn(2, 6, dtype=torch.float64)
@@ -728,3 +728,89 @@ def test_a_module_cannot_be_both_a_lora_target_and_trained_in_full():
     with pytest.raises(ValueError, match=r"modules_to_save 'head' is also a LoRA target"):
         L.add_lora(model, r=2, target_modules=["head"], modules_to_save=["head"])
     assert_unchanged(model, before)
+
+
+def test_the_suggested_add_lora_call_reproduces_an_alpha_that_is_not_round(tmp_path):
+    model = L.add_lora(mlp(dtype=torch.float64), r=2, alpha=8 * 2 ** 0.5)
+    L.save_adapter(model, tmp_path / "a.pt")
+    base = nn.DataParallel(mlp(dtype=torch.float64))  # a wrapper too: the call names the inner model's layers
+    with pytest.raises(ValueError, match=r"has no LoRA layers") as error:
+        L.load_adapter(base, tmp_path / "a.pt")
+    eval(re.search(r"add_lora\(model, [^)]*\)", str(error.value)).group(0), {"add_lora": L.add_lora, "model": base})
+    L.load_adapter(base, tmp_path / "a.pt")
+
+
+def test_add_lora_returns_the_wrapper_it_was_given():
+    wrapped = nn.DataParallel(mlp())
+    assert L.add_lora(wrapped, r=2) is wrapped and lora_names(wrapped) == ["0", "2.0", "3"]
+
+
+def test_a_lora_layer_takes_its_input_by_the_keyword_nn_linear_uses():
+    layer = randomize_B(nn.Sequential(L.LoRALinear(nn.Linear(4, 3), r=2)))[0]
+    x = torch.randn(2, 4)
+    assert torch.equal(layer(input=x), layer(x))
+
+
+# --- modules_to_save: what a trained copy cannot be -------------------------------------------------------
+
+
+def test_a_disabled_trained_copy_exports_its_original():
+    _, model = trained_with_saved_modules()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    with L.lora_disabled(model):
+        y = model(x)
+        plain, state = L.merge_and_unload(model), L.merged_state_dict(model)
+    torch.testing.assert_close(plain(x), y)
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in state.items()) and set(state) == set(plain.state_dict())
+
+
+class SharedHead(nn.Module):
+    """A head registered under two names, "b" and "c"."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+        self.c = self.b
+
+    def forward(self, x):
+        return self.c(self.a(x))
+
+
+def locked_head():
+    import threading
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 3))
+    model[1].lock = threading.Lock()  # cannot be deep-copied
+    return model
+
+
+def hooked_head():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 3))
+    model[1].register_forward_hook(lambda m, a, o: None)
+    return model
+
+
+@pytest.mark.parametrize("make, saved, words", [
+    (SharedHead, "c", r"modules_to_save 'c' is also registered as \['b'\]"),
+    (locked_head, "1", r"modules_to_save '1' cannot be copied to train it \(TypeError"),
+    (hooked_head, "1", r"modules_to_save '1' has hooks \(_forward_hooks"),
+], ids=["registered twice", "not copyable", "hooked"])
+def test_a_module_to_save_that_a_trained_copy_would_split_is_refused_and_nothing_changes(make, saved, words):
+    model = make()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=words):
+        L.add_lora(model, r=2, target_modules=["a" if make is SharedHead else "0"], modules_to_save=[saved])
+    assert_unchanged(model, before)
+
+
+def test_a_trained_copy_of_a_module_whose_parent_reads_its_weight_gives_the_running_modules_weight():
+    torch.manual_seed(0)
+    base = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True).double().eval()
+    model = L.add_lora(copy.deepcopy(base), r=2, target_modules=["linear1"], modules_to_save=["self_attn.out_proj"])
+    with torch.no_grad():
+        model.self_attn.out_proj.trained.weight.add_(1.0)
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    expected = copy.deepcopy(base)
+    expected.self_attn.out_proj.weight.data.add_(1.0)
+    torch.testing.assert_close(model(x), expected(x))
+    with L.lora_disabled(model):
+        torch.testing.assert_close(model(x), base(x))
