@@ -332,10 +332,9 @@ class LoRAEmbedding(LoRALayer):
         ΔW_table = (B @ A)^T * scale                       (num_embeddings, embedding_dim)
         y = W[idx] + (A^T[idx] B^T) * scale                 idx: (...) -> y: (..., embedding_dim)
 
-    A^T[idx] is a lookup of A's columns: the forward never forms ΔW. Init: B = 0 as in
-    the paper, A ~ N(0, 1) (a one-hot input has fan-in 1). padding_idx: as in nn.Embedding,
-    the pad row is a constant that passes no gradient; A's column for it starts at zero.
-    No dropout (an index cannot be dropped out; PEFT applies none either).
+    A^T[idx] is a lookup of A's columns: the forward never forms ΔW. Init: B = 0, A ~ N(0, 1) (a
+    one-hot input has fan-in 1). padding_idx: as in nn.Embedding, the pad row passes no gradient;
+    A's column for it starts at zero. No dropout (an index cannot be dropped out; nor in PEFT).
     """
 
     base_types = (nn.Embedding,)
@@ -396,12 +395,10 @@ class LoRAConv(LoRALayer):
         ΔW = (B @ A.flatten(1)).view(W.shape) * scale
         y = conv(x, W, b) + B · conv(dropout(x), A) * scale     (B per pixel: a 1x1 conv)
 
-    Both convolutions run the base class's own _conv_forward with the base's stride,
-    padding, dilation and padding_mode, so unmerged computes exactly what merged does.
-
-    Grouped convolutions (groups = G > 1) follow PEFT's rule: A is dense (every input channel),
-    B a grouped 1x1 conv, lora_B (out_channels, r / G), r divisible by G. That ΔW mixes channels
-    the grouped W never does: it does not fit W, so these layers train and run but never merge.
+    Both convolutions run the base's own _conv_forward with its stride, padding, dilation and
+    padding_mode, so unmerged computes exactly what merged does. Grouped convolutions (groups =
+    G > 1) follow PEFT's rule: A dense (every input channel), B a grouped 1x1 conv (out, r / G).
+    That ΔW mixes channels the grouped W never does, so it does not fit W: these never merge.
     """
 
     base_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -504,8 +501,7 @@ def lora_class_for(module: nn.Module) -> Optional[type]:
 
 
 def _inner(model):
-    """The model a torch.compile (_orig_mod), DistributedDataParallel or DataParallel (module)
-    wrapper holds: the names every helper reads and writes are the inner model's."""
+    """The model inside torch.compile's, DDP's or DataParallel's wrapper: every helper uses its names."""
     while True:
         if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
             model = model.module
@@ -523,9 +519,8 @@ def lora_layers(model: nn.Module, remove_duplicate: bool = True) -> Iterator[tup
 
 
 class TrainedCopy(nn.Module):
-    """A module trained in full beside the adapter (add_lora's modules_to_save, as in PEFT): a
-    classification head, BatchNorm statistics. `trained`, a copy, is what the adapted model runs
-    and what adapter files carry; `original` stays as it was, and runs while LoRA is disabled."""
+    """A module trained in full beside the adapter (add_lora's modules_to_save, as in PEFT): `trained`,
+    a copy, runs and goes into adapter files; `original` stays as it was and runs while LoRA is off."""
 
     def __init__(self, module: nn.Module):
         super().__init__()
@@ -584,16 +579,12 @@ def add_lora(model: nn.Module, r: int = 8, alpha: Optional[float] = None, dropou
              modules_to_save: Sequence[str] = ()) -> nn.Module:
     """Replace submodules by LoRA layers in place, freeze all else; return model.
 
-    target_modules: None for every nn.Linear, or a list of module names, each the
-    full name from model.named_modules() ("layers.0.attn.q_proj") or its end
-    ("q_proj"); named modules may be nn.Linear, nn.Embedding or nn.Conv1d/2d/3d.
-    dropout applies to linear and conv layers (an embedding's indices take none);
-    lora_dtype: see LoRALayer (float32 adapters on float16 / bfloat16 bases by default).
-    modules_to_save: modules (full name or dotted end) trained in full beside the adapter,
-    each as a TrainedCopy; the default targets leave them out.
-    A named module no LoRA layer can replace exactly (another class, a subclass
-    with its own forward, parametrized, hooked, or one its parent reads directly
-    and never calls) raises, naming it; nothing is changed then.
+    target_modules: None for every nn.Linear and Conv1D, or module names, each a full name
+    ("layers.0.attn.q_proj") or its dotted end ("q_proj"): linears, embeddings, convs.
+    dropout: linears and convs only (an embedding's indices take none). lora_dtype: see LoRALayer.
+    modules_to_save: modules (named the same way) trained in full beside the adapter, each as a
+    TrainedCopy; the default targets leave them out. A module no LoRA layer can replace exactly
+    raises, naming it and why; nothing is changed then.
     """
     given, model = model, _inner(model)
     if isinstance(model, LoRALayer) or lora_class_for(model):
@@ -608,9 +599,8 @@ def add_lora(model: nn.Module, r: int = 8, alpha: Optional[float] = None, dropou
 
 
 def _attach_lora(model, modules, settings, skip_unused=False, to_save=()):
-    """Replace each module named in settings ({name: layer kwargs}) by its LoRA layer, and each
-    named in to_save by a TrainedCopy, after every check (_check_targets); a module under
-    several names gets one layer under each."""
+    """Replace each module named in settings ({name: layer kwargs}) by its LoRA layer, each in to_save
+    by a TrainedCopy, after every check; a module under several names gets one layer under each."""
     settings = {n: dict(kwargs, dropout=0.0) if isinstance(model.get_submodule(n), nn.Embedding) else dict(kwargs)
                 for n, kwargs in settings.items()}  # an embedding's input is indices: no dropout (as PEFT)
     targets, reads = _check_targets(modules, settings, skip_unused, to_save)
@@ -730,8 +720,7 @@ def merge_and_unload(model: nn.Module, inplace: bool = False) -> nn.Module:
 
 
 def unload(model: nn.Module, inplace: bool = False) -> nn.Module:
-    """The base model back without merging (PEFT's unload()): every LoRA layer becomes its base
-    layer with the very W and b it holds, bit for bit, so add_lora can start again."""
+    """The base model back unmerged (PEFT's unload()): each LoRA layer its base layer, the very W and b."""
     merged = [name for name, layer in lora_layers(model) if layer.merged]
     if merged:
         raise RuntimeError(f"unload: {merged} are merged (their weight holds W + ΔW): call unmerge_lora(model) "
@@ -740,9 +729,8 @@ def unload(model: nn.Module, inplace: bool = False) -> nn.Module:
 
 
 def _to_base_layers(model, inplace, weights, what, keep):
-    """model (a copy unless inplace) with each LoRA layer replaced by its base layer holding
-    weights(name, layer) = (weight, bias), which takes over the layer's forward hooks, and each
-    TrainedCopy by its `keep` module."""
+    """model (a copy unless inplace), each LoRA layer replaced by its base layer holding weights(name,
+    layer) = (weight, bias) and the layer's forward hooks, each TrainedCopy by its `keep` module."""
     model = _inner(model)
     for name, layer in lora_layers(model):
         if _hooks(layer):
@@ -763,10 +751,9 @@ def _to_base_layers(model, inplace, weights, what, keep):
 
 
 def merged_state_dict(model: nn.Module) -> dict:
-    """The state_dict of merge_and_unload(model), without copying or changing the model: W + ΔW
-    one layer at a time (in at least float32, rounded once), every other tensor model.state_dict()'s
-    own, no lora_A / lora_B / merged-flag keys. For pushing merged weights to an inference server
-    every few steps: unlike merge() / unmerge() cycles it never writes into W, so nothing drifts."""
+    """The state_dict of merge_and_unload(model), without copying or changing the model: W + ΔW one
+    layer at a time, every other tensor model.state_dict()'s own. For pushing merged weights to an
+    inference server every few steps: unlike merge() / unmerge() it never writes into W (no drift)."""
     model = _inner(model)
     layers = dict(lora_layers(model, remove_duplicate=False))
     _check_exportable(layers.values(), "merged_state_dict")
@@ -801,8 +788,7 @@ def count_parameters(model: nn.Module) -> ParameterCount:
 
 
 def lora_state_dict(model: nn.Module) -> dict:
-    """Only the adapter tensors (lora_A, lora_B), keyed as in model.state_dict(). Sharded
-    (FSDP2) tensors are gathered: a collective, so every rank must call it."""
+    """The adapter's tensors, keyed as in model.state_dict(); FSDP2 shards gathered (call on every rank)."""
     return {k: v.full_tensor() if _is_sharded(v) else v for k, v in _adapter_tensors(model).items()}
 
 
@@ -814,8 +800,7 @@ def _adapter_tensors(model, keep_vars=False):
 
 
 def load_lora_state_dict(model: nn.Module, state: dict, strict: bool = True) -> nn.Module:
-    """Copy adapter tensors into the model. Every key, type, shape and value is checked
-    (missing / unexpected keys only if strict) before any tensor is copied."""
+    """Copy adapter tensors into the model, every key (if strict), type, shape and value checked first."""
     return _load_adapter_tensors(model, state, strict, "the adapter")
 
 
@@ -843,8 +828,7 @@ def _lora_config(model):
 
 
 def save_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> None:
-    """Save only the adapter: its tensors plus r, alpha, scaling rule and target modules (and the
-    modules trained in full, modules_to_save)."""
+    """Save only the adapter: its tensors, each layer's r, alpha and scaling rule, modules_to_save."""
     if not _lora_config(model):
         raise ValueError("save_adapter: the model has no LoRA layers, so there is no adapter to save (see add_lora)")
     state = {k: v.detach().cpu() for k, v in lora_state_dict(model).items()}
@@ -864,8 +848,7 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
         raise ValueError(f"the model has no LoRA layers; add the file's first: add_lora(model, r={r}, alpha={alpha!r}"
                          f", target_modules={targets}{extra}), then load_adapter(model, {str(path)!r})")
     if to_save != [n for n, _ in _trained_copies(model)]:
-        raise ValueError(f"{path} trains the modules {to_save} in full (modules_to_save), the model "
-                         f"{[n for n, _ in _trained_copies(model)]}: add_lora(..., modules_to_save={to_save})")
+        raise ValueError(f"{path} trains {to_save} in full: add_lora(..., modules_to_save={to_save})")
     if want != have:
         diffs = [f"{n!r}: in the file, not a LoRA layer of the model" if n not in have else
                  f"{n!r}: a LoRA layer of the model, not in the file" if n not in want else
@@ -893,8 +876,7 @@ def _peft_pattern_value(patterns, name, default):
 
 
 def _peft_targets(config, name):
-    """PEFT's target rule: a list matches a full name or its dotted end; a string is a
-    regex that must match the full name. exclude_modules removes names the same way."""
+    """PEFT's rule: a list matches a full name or its dotted end, a string is a regex of the full name."""
     def matches(spec):
         return bool(re.fullmatch(spec, name)) if isinstance(spec, str) else _matches(name, spec)
 
@@ -1004,10 +986,8 @@ def save_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike],
 
 
 def load_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike]) -> nn.Module:
-    """Add LoRA layers where a PEFT adapter says and load its weights; returns model, the base
-    model without LoRA layers (module names as PEFT saw them). Every config field, target and
-    tensor is checked before the model changes. New layers take the train / eval mode of the
-    modules they replace (PeftModel.from_pretrained gives eval models)."""
+    """Add LoRA layers where a PEFT adapter says and load its weights into model, the base model
+    (names as PEFT saw them); returns model. Every field, target and tensor is checked first."""
     model, config = _inner(model), _read_peft_config(directory)
     path, state = _read_peft_weights(directory)
     modules = list(model.named_modules(remove_duplicate=False))
@@ -1141,8 +1121,7 @@ def _self_path(node):
 
 
 def _is_tensor_use(node, parent_of):
-    """Whether self.<path>.weight at node is used as a tensor: not .dtype / .shape, not
-    isinstance / hasattr, not compared (self.fc.weight is None, ids == self.embed.weight[0])."""
+    """Whether self.<path>.weight is used as a tensor: not .dtype, not isinstance, not compared (is None)."""
     parent = parent_of.get(node)
     if isinstance(parent, ast.Attribute) and parent.attr in _METADATA:
         return False
@@ -1157,10 +1136,8 @@ def _is_tensor_use(node, parent_of):
 
 @functools.lru_cache(maxsize=None)
 def _uses(cls, method, after=None):
-    """(read, called, supers) of cls's `method` (as found after class `after` in the MRO, for
-    super()): the paths self.<path> whose .weight it uses as a tensor (LoRA leaves the bias
-    alone), those it calls, self.<path>(...), a path that may end in a method (("altup",
-    "correct"), ("helper",)), and its super().<name>(...) calls."""
+    """(read, called, supers) of cls's `method` (found after `after` in the MRO, for super()): paths
+    self.<path> whose .weight it uses, those it calls or hands to a call (("altup", "correct")), supers."""
     mro = cls.__mro__[cls.__mro__.index(after) + 1:] if after else cls.__mro__
     klass = next((k for k in mro if method in vars(k)), nn.Module)
     try:  # the function's own lines only: cheap even in a 5000-line module
@@ -1197,9 +1174,8 @@ def _submodule(module, path):
 
 
 def _direct_reads(modules, targets):
-    """[(reader name, reader, child path from it, child, whether any forward calls it)] where a
-    reader's forward reads the weight of a target (targets: {id: module}): in its own methods,
-    its super() methods, or the methods of descendants it calls."""
+    """[(reader name, reader, child path, child, whether any forward calls it)] where a reader's
+    forward (or a method it reaches) reads the weight of a target (targets: {id: module})."""
     called, found, seen = set(), set(), set()
     jobs = [(name, module, (), module, "forward", None) for name, module in modules]
     while jobs:
@@ -1224,9 +1200,8 @@ def _direct_reads(modules, targets):
 
 
 class _BypassCheck:
-    """Hooks on a reader that reads LoRA children's weights directly on some code paths: after
-    its forward, each enabled, unmerged child must have run, or it raises. Inside it, torch's
-    fused attention fast path (which reads weights itself) is off."""
+    """Hooks on a reader of LoRA children's weights: after its forward each enabled, unmerged child must
+    have run, or it raises. Inside it torch's attention fast path (which reads weights itself) is off."""
 
     def __init__(self, reader, paths):
         self.paths, self.ran, self.fastpath = paths, set(), []
@@ -1269,9 +1244,7 @@ class _BypassCheck:
 
 
 def _owners(modules):
-    """{memory: [(module, "module.param")]} for every place a parameter is registered. Two
-    Parameters over one storage (one made from the other's .data) are tied as surely as one
-    Parameter registered twice; meta tensors and DTensors have no storage: identity counts."""
+    """{memory: [(module, "module.param")]}: Parameters over one storage are tied, as one registered twice."""
     owners = collections.defaultdict(list)
     for module_name, module in modules:
         for param_name, param in module.named_parameters(prefix=module_name, recurse=False):
@@ -1307,8 +1280,7 @@ def _shard_like(param, value):
 
 
 def _check_targets(modules, settings, skip_unused, to_save=()):
-    """Check every target and change nothing; warn before any change. Returns ({name: module},
-    {reader: {paths of children it reads that also run}}); raises ValueError naming the problem."""
+    """Check every target, change nothing (warnings come first); ({name: module}, {reader: {paths}})."""
     if any(isinstance(m, (LoRALayer, TrainedCopy)) for _, m in modules):
         raise ValueError("model already has LoRA layers; lora_min does not stack adapters: unload(model) first to "
                          "add others, or load_adapter(model, path) to swap in another adapter for the same layers")
