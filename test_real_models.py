@@ -10,6 +10,7 @@ Needs the test requirements (pip install -r requirements-test.txt); CI installs 
 """
 
 import copy
+import inspect
 import re
 
 import pytest
@@ -272,3 +273,31 @@ def test_gradient_checkpointing_with_lora_on_embed_tokens_trains_merges_and_gene
     model.gradient_checkpointing_disable()
     model.disable_input_require_grads()  # its handle still reaches the hook on the LoRA layer
     assert not model.model.embed_tokens._forward_hooks
+
+
+# --- Gemma3n: a weight read in a child's method other than forward ----------------------------------------
+
+
+def test_gemma3n_correction_coefs_read_in_altup_correct_is_checked_at_run_time():
+    """Gemma3n's decoder layer calls self.altup.correct(...), which in training computes
+    F.linear(x, self.correction_coefs.weight.clamp(...)) and in eval calls correction_coefs."""
+    modeling = pytest.importorskip("transformers.models.gemma3n.modeling_gemma3n")
+    config = transformers.Gemma3nTextConfig(
+        vocab_size=64, vocab_size_per_layer_input=64, hidden_size=32, hidden_size_per_layer_input=8,
+        intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+        altup_num_inputs=2, laurel_rank=4, activation_sparsity_pattern=[0.0, 0.0],
+        layer_types=["sliding_attention", "full_attention"], num_kv_shared_layers=0, sliding_window=8)
+    torch.manual_seed(0)
+    model = modeling.Gemma3nForCausalLM(config)
+    with pytest.warns(UserWarning, match=r"Gemma3nTextDecoderLayer's forward reads the weight of "
+                                         r"\['altup\.correction_coefs'\] directly on some code paths"):
+        L.add_lora(model, r=2, target_modules=["correction_coefs"])
+    ids = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(1))
+    if "correction_coefs.weight.clamp(" in inspect.getsource(modeling.Gemma3nTextAltUp.correct):  # transformers 5
+        with pytest.raises(RuntimeError, match=r"LoRA on \['altup\.correction_coefs'\] did not run"):
+            model.train()(ids)
+    else:  # transformers 4 clamps weight.data in place and always calls the layer: LoRA runs
+        model.train()(ids).logits.sum().backward()
+        assert all(layer.lora_B.grad is not None for _, layer in L.lora_layers(model))
+    with torch.no_grad():
+        assert model.eval()(ids).logits.shape == (1, 6, 64)  # eval calls the LoRA layer
