@@ -913,6 +913,17 @@ class ReadsADictEntry(nn.Module):
         return F.linear(self.fc(x), self.heads["q"].weight)
 
 
+class ReadsANumberedDictEntry(nn.Module):
+    """A ModuleDict whose key is a number: self.heads["0"] is an entry by name, not a list index."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.heads = nn.Linear(4, 4), nn.ModuleDict({"0": nn.Linear(4, 4)})
+
+    def forward(self, x):
+        return F.linear(self.fc(x), self.heads["0"].weight)
+
+
 class ReadsInACheckpointedMethod(nn.Module):
     def __init__(self):
         super().__init__()
@@ -925,9 +936,10 @@ class ReadsInACheckpointedMethod(nn.Module):
         return self.out(torch.utils.checkpoint.checkpoint(self._read, x, use_reentrant=False))
 
 
-@pytest.mark.parametrize("make, child", [(ReadsTheLastLayer, "layers.1"), (ReadsADictEntry, "heads.q"),
-                                         (ReadsInACheckpointedMethod, "fc")], ids=["self.layers[-1]", 'self.heads["q"]',
-                                                                                  "checkpoint(self._read, x)"])
+@pytest.mark.parametrize("make, child", [
+    (ReadsTheLastLayer, "layers.1"), (ReadsADictEntry, "heads.q"), (ReadsANumberedDictEntry, "heads.0"),
+    (ReadsInACheckpointedMethod, "fc")], ids=["self.layers[-1]", 'self.heads["q"]', 'self.heads["0"]',
+                                              "checkpoint(self._read, x)"])
 def test_a_read_through_a_negative_index_a_dict_key_or_a_callback_is_found(make, child):
     with pytest.warns(UserWarning, match=rf"skipping '{re.escape(child)}': its parent {make.__name__} reads its weight"):
         model = L.add_lora(make(), r=2)
