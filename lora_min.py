@@ -604,10 +604,10 @@ def _attach_lora(model, modules, settings, skip_unused=False, to_save=()):
     settings = {n: dict(kwargs, dropout=0.0) if isinstance(model.get_submodule(n), nn.Embedding) else dict(kwargs)
                 for n, kwargs in settings.items()}  # an embedding's input is indices: no dropout (as PEFT)
     targets, reads = _check_targets(modules, settings, skip_unused, to_save)
-    saved = {}
+    saved, by_name = {}, dict(modules)
     for n in to_save:  # deep copies, made before any change
         try:
-            saved[id(dict(modules)[n])] = TrainedCopy(dict(modules)[n])
+            saved[id(by_name[n])] = TrainedCopy(by_name[n])
         except Exception as e:
             raise ValueError(f"modules_to_save {n!r} cannot be copied to train it ({type(e).__name__}: {e})") from None
     owners, layers, targets_by_id = _owners(modules), {}, {id(m): m for m in targets.values()}
@@ -1284,13 +1284,14 @@ def _check_targets(modules, settings, skip_unused, to_save=()):
     if any(isinstance(m, (LoRALayer, TrainedCopy)) for _, m in modules):
         raise ValueError("model already has LoRA layers; lora_min does not stack adapters: unload(model) first to "
                          "add others, or load_adapter(model, path) to swap in another adapter for the same layers")
+    by_name = dict(modules)
     for name in to_save:
         inside = [n for n in list(settings) + list(to_save) if n != name and (n.startswith(name + ".")
                                                                              or name.startswith(n + "."))]
         if name in settings or inside:
             raise ValueError(f"modules_to_save {name!r} is also a LoRA target or holds one, or is inside another: "
                              f"{[name] if name in settings else inside}; a module is trained either way, not both")
-        module = dict(modules)[name]
+        module = by_name[name]
         others = [n for n, m in modules if m is module and n != name]
         hooks = [kind for kind in _CARRIED_HOOKS + _DROPPED_HOOKS if getattr(module, kind, None)]
         if others or hooks:
@@ -1299,8 +1300,8 @@ def _check_targets(modules, settings, skip_unused, to_save=()):
     targets = {name: module for name, module in modules if name in settings}
     for name, module in targets.items():
         try:
-            if _why_not_replaceable(module):
-                raise ValueError(f"it {_why_not_replaceable(module)}")
+            if reason := _why_not_replaceable(module):
+                raise ValueError(f"it {reason}")
             lora_class_for(module).check(module, **settings[name])
         except ValueError as e:
             raise ValueError(f"cannot add LoRA to {name!r}: {e}") from None

@@ -913,12 +913,12 @@ class ReadsADictEntry(nn.Module):
         return F.linear(self.fc(x), self.heads["q"].weight)
 
 
-class ReadsANumberedDictEntry(nn.Module):
+class ReadsANumberedDictEntry(ReadsADictEntry):
     """A ModuleDict whose key is a number: self.heads["0"] is an entry by name, not a list index."""
 
     def __init__(self):
         super().__init__()
-        self.fc, self.heads = nn.Linear(4, 4), nn.ModuleDict({"0": nn.Linear(4, 4)})
+        self.heads = nn.ModuleDict({"0": nn.Linear(4, 4)})
 
     def forward(self, x):
         return F.linear(self.fc(x), self.heads["0"].weight)
