@@ -103,8 +103,7 @@ class LoRALayer(nn.Module):
                  use_rslora: bool = False, init_std: Optional[float] = None, lora_dtype: Optional[torch.dtype] = None):
         self.check(base, r, alpha, dropout, use_rslora, init_std, lora_dtype)
         super().__init__()
-        self.weight = base.weight  # the same Parameter objects: no copy, and frozen
-        self.bias = getattr(base, "bias", None)
+        self.keep_base(base)  # self.weight, self.bias: the base's own Parameters (no copy), frozen here
         for p in (self.weight, self.bias):
             if p is not None:
                 p.requires_grad_(False)
@@ -121,6 +120,9 @@ class LoRALayer(nn.Module):
         self.keep_base_settings(base)
         self.reset_lora_parameters(init_std)
         self.train(base.training)  # a new layer behaves as the one it replaces (eval stays eval)
+
+    def keep_base(self, base: nn.Module) -> None:
+        self.weight, self.bias = base.weight, getattr(base, "bias", None)  # the same Parameter objects
 
     @classmethod
     def check(cls, base: nn.Module, r: int = 8, alpha: Optional[float] = None, dropout: float = 0.0,
@@ -202,10 +204,10 @@ class LoRALayer(nn.Module):
         """W + ΔW, computed in at least float32, rounded once to W's dtype."""
         return self._weight_plus(+1)
 
-    def _weight_plus(self, sign):
+    def _weight_plus(self, sign, check_finite=True):
         dtype = torch.promote_types(self.weight.dtype, torch.float32)
         result = (self.weight.to(dtype) + sign * self.delta_weight(dtype)).to(self.weight.dtype)
-        if result.device.type != "meta" and not torch.isfinite(result).all():
+        if check_finite and result.device.type != "meta" and not torch.isfinite(result).all():
             raise RuntimeError(f"W {'+' if sign > 0 else '-'} ΔW has inf or NaN entries in {self.weight.dtype} "
                                "(overflow?); the weight was left unchanged")
         return result
@@ -489,6 +491,165 @@ class LoRAConv1D(LoRALayer):
         return conv1d
 
 
+# --- LoRA on a Parameter that no nn.Linear holds: transformers 5's MoE experts (stacked (E, out, in)
+# weights), nn.MultiheadAttention's in_proj_weight. Named by add_lora's target_parameters.
+
+# A Parameter as LoRAParameter's base: module.<name> (module may be another LoRAParameter).
+ModuleParameter = collections.namedtuple("ModuleParameter", "module name weight training")
+
+
+def _owner(module):
+    """The module below any LoRAParameter wrappers: the one that holds the Parameters."""
+    while isinstance(module, LoRAParameter):
+        module = module.base_layer
+    return module
+
+
+def _is_experts(module):
+    """Whether module follows transformers' experts interface (@use_experts_implementation)."""
+    return all(hasattr(module, a) for a in ("num_experts", "has_gate", "has_bias", "is_transposed", "down_proj")) \
+        and hasattr(type(module).forward, "__wrapped__")
+
+
+class LoRAParameter(LoRALayer):
+    """LoRA on one Parameter of any module (PEFT's target_parameters): a weight (out, in), or a stack
+    (E, out, in) of E experts' weights (transformers' MoE experts), each expert with its own update:
+
+        lora_A (E, r, in), lora_B (E, out, r):   ΔW_e = (B_e @ A_e) * scale     (a weight: (r, in), (out, r))
+
+    A stack the module stores transposed, (E, in, out) (is_transposed: gpt-oss), holds ΔW_e^T. The module
+    becomes `base_layer`, its Parameter untouched; several Parameters of one module nest, each wrapper
+    around the one before (as in PEFT). Two forwards, one result: transformers' experts run factored
+    (experts_forward, ΔW never formed) while `factored`; any other module runs with W + ΔW in W's place
+    (formed in at least float32, rounded once, as merge() does), so its LoRA takes no dropout.
+    """
+
+    base_types = (ModuleParameter,)
+
+    @classmethod
+    def why_unsupported(cls, base: ModuleParameter, r: int, dropout: float) -> Optional[str]:
+        if base.weight.dim() not in (2, 3):
+            return f"{base.name} has shape {tuple(base.weight.shape)}: LoRA needs a weight (out, in) or a stack (E, out, in)"
+        if dropout and not _is_experts(_owner(base.module)):
+            return (f"dropout={dropout}: {base.name} is used as W + ΔW (only transformers' experts run factored), "
+                    "where no input dropout exists; use dropout=0")
+        return None
+
+    @staticmethod
+    def lora_shapes(base: ModuleParameter, r: int) -> tuple:
+        *stack, out, in_ = base.weight.shape
+        if stack and getattr(_owner(base.module), "is_transposed", False):
+            out, in_ = in_, out
+        return (*stack, r, in_), (*stack, out, r)
+
+    def keep_base(self, base: ModuleParameter) -> None:
+        self.base_layer, self.parameter_name, self.bias = base.module, base.name, None
+
+    def keep_base_settings(self, base: ModuleParameter) -> None:
+        self.transposed = self.weight.dim() == 3 and getattr(self.owner, "is_transposed", False)
+        self.factored = _is_experts(self.owner)  # False: the W + ΔW path, also for experts
+        self.reads = ()  # children the module reads (F.linear(x, self.out_proj.weight)): their W + ΔW goes in too
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return getattr(self.owner, self.parameter_name)
+
+    @property
+    def owner(self) -> nn.Module:
+        return _owner(self.base_layer)
+
+    def reset_lora_parameters(self, init_std: Optional[float] = None) -> None:
+        super().reset_lora_parameters(init_std)
+        if init_std is None:  # each expert's A as an (r, in) linear's: fan_in = in (also PEFT's)
+            with torch.no_grad():
+                nn.init.kaiming_uniform_(self.lora_A.view(-1, self.lora_A.shape[-1]), a=math.sqrt(5))
+
+    def delta_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        A, B = self.lora_A.to(dtype or self.lora_A.dtype), self.lora_B.to(dtype or self.lora_B.dtype)
+        delta = lora_delta(A, B, self.scale)  # batched over experts: (E, out, in)
+        return delta.transpose(-2, -1) if self.transposed else delta
+
+    def forward(self, *args, **kwargs):  # LoRALayer.forward's one input is here the call: (args, kwargs)
+        return super().forward((args, kwargs))
+
+    def chain(self) -> list:
+        """This wrapper and the LoRAParameters below it, outermost first."""
+        return [self] + (self.base_layer.chain() if isinstance(self.base_layer, LoRAParameter) else [])
+
+    def base_forward(self, call: tuple) -> torch.Tensor:
+        return self._run_with(call, {})
+
+    def adapted_forward(self, call: tuple) -> torch.Tensor:
+        chain, depth = self.chain(), "base_layer." * (len(self.chain()) - 1)
+        if all(layer.factored for layer in chain) and not getattr(self.owner, "_is_expert_parallel", False):
+            loras = {layer.parameter_name: layer for layer in chain if layer.enabled and not layer.merged}
+            return experts_forward(self.owner, *call[0], **call[1], loras=loras)
+        if self.dropout and self.training:
+            raise RuntimeError(f"dropout={self.dropout} on {self.parameter_name}, which runs as W + ΔW here (no input "
+                               "to drop out): set factored=True (transformers' experts) or use dropout=0")
+        return self._run_with(call, {depth + self.parameter_name: self._weight_plus(+1, check_finite=False)})
+
+    def _run_with(self, call, weights):
+        """base_layer(*args, **kwargs) with these tensors in place of its Parameters, and W + ΔW of
+        each child in `reads` that is enabled and unmerged."""
+        depth = "base_layer." * (len(self.chain()) - 1)
+        for name in self.reads:
+            child = self.owner.get_submodule(name)
+            if child.enabled and not child.merged:
+                weights[f"{depth}{name}.weight"] = child._weight_plus(+1, check_finite=False)
+        args, kwargs = call
+        return torch.func.functional_call(self.base_layer, weights, args, kwargs) if weights else \
+            self.base_layer(*args, **kwargs)
+
+    def base_module(self, weight: nn.Parameter, bias: None) -> nn.Module:
+        setattr(self.owner, self.parameter_name, weight)
+        return self.owner
+
+    def extra_repr(self) -> str:
+        return f"{self.parameter_name}={tuple(self.weight.shape)}, " + super().extra_repr()
+
+    def __getattr__(self, name):  # a parent reading experts.num_experts, mha.batch_first reads the module's
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if "base_layer" not in self._modules:  # still in __init__
+                raise
+            return getattr(self.owner, name)
+
+
+def experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                    top_k_weights: torch.Tensor, loras: dict) -> torch.Tensor:
+    """transformers' experts computation (as its grouped form computes it), every projection factored:
+    y_e = x_e W_e^T + b_e + ((dropout(x_e) A_e^T) B_e^T) * scale for the rows x_e routed to expert e.
+
+    hidden_states (T, H), top_k_index / top_k_weights (T, k) -> (T, H); loras: {Parameter name: LoRAParameter}.
+    Backward keeps the routed inputs and the (rows, r) products, never an (E, out, in) tensor.
+    """
+    expert_ids = top_k_index.flatten()
+    order = expert_ids.argsort(stable=True)  # the T * k routed rows, grouped by expert
+    counts = torch.bincount(expert_ids, minlength=experts.num_experts).tolist()
+
+    def project(name, x):  # (rows, in) -> (rows, out), expert by expert
+        W, bias, lora = getattr(experts, name), getattr(experts, name + "_bias", None), loras.get(name)
+        x_lora = lora.lora_dropout(x).to(lora.lora_A.dtype).split(counts) if lora else None
+        ys = []
+        for e, x_e in enumerate(x.split(counts)):
+            y = F.linear(x_e, W[e].T if experts.is_transposed else W[e], bias[e] if experts.has_bias else None)
+            if lora:
+                h = F.linear(x_lora[e], lora.lora_A[e]) * lora.scale  # (rows, r)
+                y = (y + F.linear(h, lora.lora_B[e])).to(y.dtype)
+            ys.append(y)
+        return torch.cat(ys)
+
+    h = project("gate_up_proj" if experts.has_gate else "up_proj", hidden_states[order // top_k_index.shape[-1]])
+    h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
+    y = project("down_proj", h)
+    if getattr(experts, "has_post_expert_norm", False):
+        y = experts.post_expert_norm(y)
+    y = (y * top_k_weights.flatten()[order, None])[order.argsort()]  # back to (token, k) order
+    return y.view(*top_k_index.shape, -1).sum(1).to(hidden_states.dtype)
+
+
 LORA_CLASSES = (LoRALinear, LoRAEmbedding, LoRAConv, LoRAConv1D)
 
 
@@ -553,8 +714,9 @@ def _matches(name, targets):
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def _target_names(modules, target_modules, field="target_modules"):
-    """The names add_lora adapts: every nn.Linear and Conv1D, or the modules target_modules names."""
+def _target_names(modules, target_modules, field="target_modules", adaptable=lora_class_for):
+    """The names add_lora adapts: every nn.Linear and Conv1D, or those target_modules names
+    (modules: [(name, module or Parameter)]; adaptable says which ones the hints list)."""
     if target_modules is None:
         return [n for n, m in modules if n and (isinstance(m, nn.Linear) or LoRAConv1D.base_class(m))]
     targets = [target_modules] if isinstance(target_modules, str) else target_modules
@@ -562,29 +724,32 @@ def _target_names(modules, target_modules, field="target_modules"):
         raise ValueError(f"{field} must be None, a module name or a list of names, got {target_modules!r}")
     unmatched = [t for t in targets if not any(_matches(n, [t]) for n, _ in modules if n)]
     if unmatched:
-        short = sorted({n.rsplit(".", 1)[-1] for n, m in modules if n and lora_class_for(m)})
+        short = sorted({n.rsplit(".", 1)[-1] for n, m in modules if n and adaptable(m)})
         hints = [f"did you mean {close} for {t!r}?" for t in unmatched
                  if (close := difflib.get_close_matches(t.rsplit(".", 1)[-1], short, n=3))]
         if any(t.lower() == "all-linear" for t in unmatched):
             hints.append("'all-linear' is PEFT's name for every linear layer but the output head: here "
                          "target_modules=None adapts every nn.Linear, the head too")
-        raise ValueError(f"{field} {unmatched} match no module in the model; {' '.join(hints + [''])}the "
-                         f"modules LoRA can adapt are named (at their end): {short}")
+        what = "Parameter" if field == "target_parameters" else "module"
+        raise ValueError(f"{field} {unmatched} match no {what} in the model; {' '.join(hints + [''])}the "
+                         f"{what}s LoRA can adapt are named (at their end): {short}")
     return [n for n, _ in modules if n and _matches(n, targets)]
 
 
 def add_lora(model: nn.Module, r: int = 8, alpha: Optional[float] = None, dropout: float = 0.0,
              target_modules: Optional[Union[str, Sequence[str]]] = None, use_rslora: bool = False,
              init_std: Optional[float] = None, lora_dtype: Optional[torch.dtype] = None,
-             modules_to_save: Sequence[str] = ()) -> nn.Module:
+             modules_to_save: Sequence[str] = (), target_parameters: Sequence[str] = ()) -> nn.Module:
     """Replace submodules by LoRA layers in place, freeze all else; return model.
 
     target_modules: None for every nn.Linear and Conv1D, or module names, each a full name
     ("layers.0.attn.q_proj") or its dotted end ("q_proj"): linears, embeddings, convs.
     dropout: linears and convs only (an embedding's indices take none). lora_dtype: see LoRALayer.
     modules_to_save: modules (named the same way) trained in full beside the adapter, each as a
-    TrainedCopy; the default targets leave them out. A module no LoRA layer can replace exactly
-    raises, naming it and why; nothing is changed then.
+    TrainedCopy; the default targets leave them out. target_parameters: Parameters (full name or
+    dotted end: "experts.gate_up_proj"), each a LoRAParameter; target_modules=[] adapts only them.
+    Naming an nn.MultiheadAttention adapts its in_proj_weight and out_proj (as PEFT). A module no LoRA
+    layer can replace exactly raises, naming it and why; nothing is changed then.
     """
     given, model = model, _inner(model)
     if isinstance(model, LoRALayer) or lora_class_for(model):
@@ -594,17 +759,24 @@ def add_lora(model: nn.Module, r: int = 8, alpha: Optional[float] = None, dropou
     to_save = _target_names(modules, modules_to_save, "modules_to_save") if modules_to_save else []
     names = [n for n in _target_names(modules, target_modules)
              if not (target_modules is None and any(_matches(n, [s]) or n.startswith(s + ".") for s in to_save))]
+    params = [(f"{n}.{p}".lstrip("."), w) for n, m in modules for p, w in m.named_parameters(recurse=False)]
+    names += _target_names(params, target_parameters, "target_parameters", lambda p: p.dim() > 1) \
+        if target_parameters else []
     _attach_lora(model, modules, {name: settings for name in names}, target_modules is None, to_save)
     return given
 
 
 def _attach_lora(model, modules, settings, skip_unused=False, to_save=()):
     """Replace each module named in settings ({name: layer kwargs}) by its LoRA layer, each in to_save
-    by a TrainedCopy, after every check; a module under several names gets one layer under each."""
-    settings = {n: dict(kwargs, dropout=0.0) if isinstance(model.get_submodule(n), nn.Embedding) else dict(kwargs)
+    by a TrainedCopy, after every check; a module under several names gets one layer under each.
+    A name in settings that is no module's is a Parameter's: a LoRAParameter, nested per module."""
+    by_name = dict(modules)
+    for n in [n for n in settings if isinstance(by_name.get(n), nn.MultiheadAttention)]:  # PEFT's rule: both
+        settings[f"{n}.out_proj"] = settings[f"{n}.in_proj_weight"] = settings.pop(n)
+    settings = {n: dict(kwargs, dropout=0.0) if isinstance(by_name.get(n), nn.Embedding) else dict(kwargs)
                 for n, kwargs in settings.items()}  # an embedding's input is indices: no dropout (as PEFT)
-    targets, reads = _check_targets(modules, settings, skip_unused, to_save)
-    saved, by_name = {}, dict(modules)
+    targets, reads, wrapped = _check_targets(modules, settings, skip_unused, to_save)
+    saved = {}
     for n in to_save:  # deep copies, made before any change
         try:
             saved[id(by_name[n])] = TrainedCopy(by_name[n])
@@ -616,6 +788,12 @@ def _attach_lora(model, modules, settings, skip_unused=False, to_save=()):
             layers[id(module)] = layer = lora_class_for(module)(module, **settings[name])
             params = [p for p in (module.weight, getattr(module, "bias", None)) if p is not None]
             layer.shared_with = tuple(n for p in params for m, n in owners[_memory(p)] if m is not module)
+    for owner, names, covered in wrapped.values():  # nested in the module's own order, as PEFT nests them
+        layer = owner
+        for p, weight in [(p, w) for p, w in owner.named_parameters(recurse=False) if p in names]:
+            layer = LoRAParameter(ModuleParameter(layer, p, weight, owner.training), **settings[names[p]])
+            layer.shared_with = tuple(n for m, n in owners[_memory(weight)] if m is not owner)
+        layer.reads, layers[id(owner)], targets_by_id[id(owner)] = tuple(covered), layer, owner
     _replace_modules(model, modules, {i: _carry_hooks(targets_by_id[i], layer) for i, layer in layers.items()})
     _replace_modules(model, modules, saved)
     for reader, paths in reads.items():
@@ -624,8 +802,8 @@ def _attach_lora(model, modules, settings, skip_unused=False, to_save=()):
 
 
 def _replace_modules(model, modules, new):
-    """Put new[id(module)] in place of each such module, under every name it has."""
-    for name, module in modules:
+    """Put new[id(module)] in place of each such module, under every name it has (inner ones first)."""
+    for name, module in reversed(modules):
         if id(module) in new:
             parent_name, _, child_name = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child_name, new[id(module)])
@@ -741,7 +919,7 @@ def _to_base_layers(model, inplace, weights, what, keep):
     new = {id(layer): weights(name, layer) for name, layer in layers}  # all computed (and checked) first
     _BypassCheck.remove_all(model)
     plain = {}  # one plain layer per LoRA layer, also where it is registered under several names
-    for name, layer in layers:
+    for name, layer in reversed(layers):  # nested LoRAParameters: the outer one's hooks last
         plain[id(layer)] = _carry_hooks(layer, layer.base_module(*new[id(layer)]).train(layer.training))
     plain.update({id(saved): getattr(saved, keep) for _, saved in _trained_copies(model)})
     if isinstance(model, LoRALayer):
@@ -765,7 +943,12 @@ def merged_state_dict(model: nn.Module) -> dict:
         if id(layer) not in exported:
             with torch.no_grad():
                 exported[id(layer)] = _exported_weight(name, layer)
-        state[prefix + "weight"] = exported[id(layer)]
+        key = "base_layer." * len(layer.chain()) + layer.parameter_name if isinstance(layer, LoRAParameter) else "weight"
+        state[prefix + key] = exported[id(layer)]
+    for name in sorted([n for n, layer in layers.items() if isinstance(layer, LoRAParameter)], key=len, reverse=True):
+        wrapped = f"{name}.base_layer." if name else "base_layer."  # inner wrappers first: keys lose base_layer.
+        state = {(k.replace(wrapped, wrapped[:-len("base_layer.")], 1) if k.startswith(wrapped) else k): v
+                 for k, v in state.items()}
     for name, saved in _trained_copies(model):
         running = f"{name}.trained." if saved.enabled else f"{name}.original."
         for key in [k for k in state if k.startswith(f"{name}.original.") or k.startswith(f"{name}.trained.")]:
@@ -1204,11 +1387,14 @@ class _BypassCheck:
     have run, or it raises. Inside it torch's attention fast path (which reads weights itself) is off."""
 
     def __init__(self, reader, paths):
-        self.paths, self.ran, self.fastpath = paths, set(), []
+        self.paths, self.ran, self.fastpath, self.runners = paths, set(), [], {}
         reader.register_forward_pre_hook(self.before)
         reader.register_forward_hook(self.after, always_call=True)
-        for path in paths:
-            reader.get_submodule(path).register_forward_hook(self.child_ran)
+        for path in paths:  # a LoRAParameter that puts a child's W + ΔW in runs for it (MultiheadAttention)
+            parent = reader.get_submodule(path.rpartition(".")[0])
+            covered = isinstance(parent, LoRAParameter) and path.rpartition(".")[2] in parent.reads
+            self.runners[path] = parent if covered else reader.get_submodule(path)
+            self.runners[path].register_forward_hook(self.child_ran)
 
     def child_ran(self, child, args, output):
         self.ran.add(id(child))
@@ -1224,7 +1410,7 @@ class _BypassCheck:
             return
         torch.backends.mha.set_fastpath_enabled(self.fastpath.pop())
         children = {p: reader.get_submodule(p) for p in self.paths}
-        skipped = [p for p, c in children.items() if c.enabled and not c.merged and id(c) not in self.ran]
+        skipped = [p for p, c in children.items() if c.enabled and not c.merged and id(self.runners[p]) not in self.ran]
         if skipped and output is not None:  # None: the forward raised (this hook is always called)
             raise RuntimeError(
                 f"LoRA on {skipped} did not run: this {type(reader).__name__}'s forward read their weight directly "
@@ -1280,7 +1466,8 @@ def _shard_like(param, value):
 
 
 def _check_targets(modules, settings, skip_unused, to_save=()):
-    """Check every target, change nothing (warnings come first); ({name: module}, {reader: {paths}})."""
+    """Check every target, change nothing (warnings come first); ({name: module}, {reader: {paths}},
+    {id(owner): (owner, {Parameter: its name in settings}, [children it reads])})."""
     if any(isinstance(m, (LoRALayer, TrainedCopy)) for _, m in modules):
         raise ValueError("model already has LoRA layers; lora_min does not stack adapters: unload(model) first to "
                          "add others, or load_adapter(model, path) to swap in another adapter for the same layers")
@@ -1311,7 +1498,26 @@ def _check_targets(modules, settings, skip_unused, to_save=()):
         if settings[name] != settings[other]:
             raise ValueError(f"{name!r} and {other!r} are the same module but are asked for different LoRA settings: "
                              f"{settings[name]} vs {settings[other]}")
+    params, owners = {}, _owners(modules)
+    for name in [n for n in settings if n not in by_name]:
+        owner_name, _, p = name.rpartition(".")
+        owner, weight = by_name[owner_name], by_name[owner_name]._parameters.get(p)
+        try:
+            if weight is None:  # nn.MultiheadAttention(kdim=...): no in_proj_weight
+                raise ValueError("it is None (a MultiheadAttention with kdim or vdim: target q_proj_weight, ...)")
+            owned = [n for m, n in owners[_memory(weight)] if m in targets.values()]
+            if owned or _hooks(owner):
+                raise ValueError(f"a LoRA layer adapts it already, as {owned}" if owned else
+                                 f"its module has hooks that wrapping it would drop: {', '.join(_hooks(owner))}")
+            LoRAParameter.check(ModuleParameter(owner, p, weight, owner.training), **settings[name])
+        except ValueError as e:
+            raise ValueError(f"cannot add LoRA to {name!r}: {e}") from None
+        params.setdefault(id(owner), (owner, {}, []))[1][p] = name
     reads = _direct_reads(modules, {id(m): m for m in targets.values()})
+    for _, reader, path, child, _ in [read for read in reads if id(read[1]) in params]:  # it puts their W + ΔW in
+        params[id(reader)][2].append(path)
+    covered = {id(read[3]) for read in reads if id(read[1]) in params}
+    reads = [(n, r, p, c, called or id(c) in covered) for n, r, p, c, called in reads if id(r) not in params]
     never_called = {id(c): (n, r) for n, r, _, c, called in reads if not called}
     for name in [n for n, m in targets.items() if id(m) in never_called]:
         rname, reader = never_called[id(targets.pop(name))]
@@ -1320,7 +1526,7 @@ def _check_targets(modules, settings, skip_unused, to_save=()):
                              "weight directly and never calls it, so LoRA there would be ignored")
         warnings.warn(f"add_lora: skipping {name!r}: its parent {type(reader).__name__} reads its weight directly "
                       "and never calls it, so LoRA there would be ignored", stacklevel=4)  # the caller of add_lora
-    if not targets:
+    if not targets and not params:
         raise ValueError("the model has no nn.Linear that LoRA can adapt")
     checked = collections.defaultdict(set)  # the children that run, and are read too
     for _, reader, path, _, called in reads:
@@ -1330,7 +1536,7 @@ def _check_targets(modules, settings, skip_unused, to_save=()):
         warnings.warn(f"add_lora: {type(reader).__name__}'s forward reads the weight of {sorted(paths)} directly on "
                       "some code paths, and sees W there, not W + ΔW; a forward that does not call them raises",
                       stacklevel=4)
-    return targets, checked
+    return targets, checked, params
 
 
 # --- files -------------------------------------------------------------------------------
