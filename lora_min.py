@@ -1073,14 +1073,29 @@ def _peft_layout(name, cls, module, r):
     a_shape, b_shape = cls.lora_shapes(module, r)
     if cls is LoRAConv:
         b_shape = (*b_shape, *[1] * len(module.kernel_size))
+    if len(b_shape) == 3:  # an expert stack: A (r*E, in) expert-major, B (out, r*E) rank-major (see _from_peft)
+        (E, r, in_), (_, out, _) = a_shape, b_shape
+        a_shape, b_shape = (E * r, in_), (out, r * E)
     key = f"{_PEFT_PREFIX}{name}." + ("lora_embedding_{}" if cls is LoRAEmbedding else "lora_{}.weight")
     return {"lora_A": (key.format("A"), a_shape), "lora_B": (key.format("B"), b_shape)}
+
+
+def _from_peft(ab, value, shape):
+    """A PEFT tensor in our `shape`: a stack's B (out, r*E) is rank-major, B_e = b.reshape(out, r, E)[..., e]."""
+    if ab == "lora_B" and len(shape) == 3:
+        return value.reshape(shape[1], shape[2], shape[0]).permute(2, 0, 1)
+    return value.reshape(shape)
+
+
+def _peft_name(name):
+    """A layer's name in the base model, as PEFT's config names it (LoRAParameter wrappers add base_layer.)."""
+    return re.sub(r"(^|\.)base_layer(?=\.|$)", "", name).lstrip(".")
 
 
 def _exact_peft_targets(model, names):
     """target_modules that select exactly `names` under PEFT's rule: short names where they
     do, else full names, else a regex (a list entry matches dotted ends: ["0"] selects "1.0")."""
-    every = [n for n, _ in model.named_modules(remove_duplicate=False) if n]
+    every = [_peft_name(n) for n, _ in model.named_modules(remove_duplicate=False) if n]
     for targets in (sorted({n.rsplit(".", 1)[-1] for n in names}), sorted(names)):
         if {n for n in every if _matches(n, targets)} == set(names):
             return targets
@@ -1097,7 +1112,25 @@ def _peft_modules_to_save(model):
 
 
 def _peft_config(model, layers, base_model_name_or_path):
-    """adapter_config.json's content for these {name: LoRA layer} layers of model."""
+    """adapter_config.json's content for these {name: LoRA layer} layers of model. PEFT names a
+    LoRAParameter by its Parameter (target_parameters, "experts.gate_up_proj"), but an nn.MultiheadAttention
+    by the module (target_modules; its out_proj LoRA comes with it, so it takes the attention's r and alpha)."""
+    mha = {n: layer for n, layer in layers.items() if isinstance(getattr(layer, "owner", None), nn.MultiheadAttention)}
+    for n, layer in mha.items():
+        out_proj = layers.get(f"{n}.base_layer.out_proj")
+        if out_proj is None or (out_proj.r, out_proj.alpha) != (layer.r, layer.alpha):
+            raise ValueError(f"{n!r}: PEFT gives a MultiheadAttention's out_proj the attention's own r and alpha")
+    params = {f"{_peft_name(n)}.{layer.parameter_name}": layer for n, layer in layers.items()
+              if isinstance(layer, LoRAParameter) and n not in mha}
+    if params and any(layer.dropout for layer in layers.values()):
+        raise ValueError("PEFT's target_parameters take no dropout (its ParamWrapper refuses it); save_adapter keeps it")
+    modules = {_peft_name(n): layer for n, layer in layers.items() if n not in params and not
+               (n.endswith(".base_layer.out_proj") and n[:-len(".base_layer.out_proj")] in mha)
+               and not (isinstance(layer, LoRAParameter) and n not in mha)}
+    every_param = [f"{_peft_name(n)}.{p}".lstrip(".") for n, m in model.named_modules()
+                   for p, _ in m.named_parameters(recurse=False) if p not in ("lora_A", "lora_B")]
+    short = sorted({p.rsplit(".", 1)[-1] for p in params})  # as target_modules: short names where they select exactly
+    exact = {p for p in every_param if _matches(p, short)} == set(params)
     with_dropout = {n: layer for n, layer in layers.items() if not isinstance(layer, LoRAEmbedding)}  # (none there)
     for setting, group in (("use_rslora", layers), ("dropout", with_dropout)):
         values = {n: getattr(layer, setting) for n, layer in group.items()}
@@ -1108,16 +1141,18 @@ def _peft_config(model, layers, base_model_name_or_path):
     config = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path,
         "r": r, "lora_alpha": int(alpha) if alpha == int(alpha) else alpha,
-        "target_modules": _exact_peft_targets(model, layers),
-        "rank_pattern": {n: layer.r for n, layer in layers.items() if layer.r != r},
-        "alpha_pattern": {n: layer.alpha for n, layer in layers.items() if layer.alpha != alpha},
+        "target_modules": _exact_peft_targets(model, modules) if modules else [],
+        "rank_pattern": {n: layer.r for n, layer in (modules | params).items() if layer.r != r},
+        "alpha_pattern": {n: layer.alpha for n, layer in (modules | params).items() if layer.alpha != alpha},
         "lora_dropout": next(iter(with_dropout.values())).dropout if with_dropout else 0.0,
         "use_rslora": next(iter(layers.values())).use_rslora,
         "bias": "none", "fan_in_fan_out": any(isinstance(layer, LoRAConv1D) for layer in layers.values()),
         "use_dora": False, "modules_to_save": _peft_modules_to_save(model),
         "layers_to_transform": None, "layers_pattern": None, "init_lora_weights": True, "inference_mode": True,
     }
-    for n, layer in layers.items():  # PEFT's pattern rule must give every layer back its own r and alpha
+    if params:
+        config["target_parameters"] = short if exact else sorted(params)
+    for n, layer in (modules | params).items():  # PEFT's pattern rule must give every layer back its own r, alpha
         r_n, alpha_n = (_peft_pattern_value(config[key], n, default) for key, default in
                         (("rank_pattern", r), ("alpha_pattern", alpha)))
         if (r_n, alpha_n) != (layer.r, layer.alpha):
@@ -1150,7 +1185,11 @@ def save_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike],
         if saved:  # PEFT keys a module trained in full as the plain module: base_model.model.score.weight
             peft_key, shape = _PEFT_PREFIX + copies[saved] + "." + key[len(saved):], value.shape
         else:
-            peft_key, shape = _peft_layout(name, type(layers[name]), layers[name], layers[name].r)[ab]
+            layer = layers[name]
+            base = ModuleParameter(layer.base_layer, layer.parameter_name, layer.weight, layer.training) \
+                if isinstance(layer, LoRAParameter) else layer
+            peft_key, shape = _peft_layout(name, type(layer), base, layer.r)[ab]
+            value = value.permute(1, 2, 0) if ab == "lora_B" and value.dim() == 3 else value  # see _from_peft
         # A copy of its own: safetensors refuses tensors that share memory.
         tensors[peft_key] = value.detach().cpu().reshape(shape).clone(memory_format=torch.contiguous_format)
     os.makedirs(directory, exist_ok=True)
@@ -1175,23 +1214,37 @@ def load_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike]) -> n
     path, state = _read_peft_weights(directory)
     modules = list(model.named_modules(remove_duplicate=False))
     names = [n for n, _ in modules if n and _peft_targets(config, n)]
-    if not names:
-        raise ValueError(f"target_modules {config['target_modules']!r} of {directory} match no module of the model")
-    settings, expected, keys = {}, {}, {}
+    entries = []  # (name in settings, our layer's name, its base: a module or a ModuleParameter)
     for n in names:
-        module = model.get_submodule(n)
-        reason = _why_not_replaceable(module)
+        mha = model.get_submodule(n)
+        if isinstance(mha, nn.MultiheadAttention) and mha._qkv_same_embed_dim:  # in_proj_weight, then out_proj in it
+            entries += [(n, n, ModuleParameter(mha, "in_proj_weight", mha.in_proj_weight, mha.training)),
+                        (n, f"{n}.base_layer.out_proj", mha.out_proj)]
+        else:
+            entries.append((n, n, mha))
+    for owner_name, owner in model.named_modules():  # PEFT's rule and nesting: the last Parameter outermost
+        found = [(p, w) for p, w in owner.named_parameters(recurse=False)
+                 if _matches(f"{owner_name}.{p}".lstrip("."), config.get("target_parameters") or [])]
+        entries += [(f"{owner_name}.{p}".lstrip("."), owner_name + ".base_layer" * (len(found) - 1 - i),
+                     ModuleParameter(owner, p, w, owner.training)) for i, (p, w) in enumerate(found)]
+    if not entries:
+        raise ValueError(f"target_modules {config['target_modules']!r} and target_parameters "
+                         f"{config.get('target_parameters')!r} of {directory} match nothing in the model")
+    settings, expected, keys = {}, {}, {}
+    for n, layer_name, base in entries:
+        cls = LoRAParameter if isinstance(base, ModuleParameter) else lora_class_for(base)
+        reason = None if cls is LoRAParameter else _why_not_replaceable(base)
         if reason:
             raise ValueError(f"{directory} targets {n!r}, which lora_min cannot adapt: it {reason}")
-        if module.weight.is_meta:
+        if base.weight.is_meta:
             raise ValueError(f"{n!r} is on the meta device, with no memory to load into: materialise the model "
                              "first (model.to_empty(device=...) and its base weights), then load the adapter")
         settings[n] = dict(r=_peft_pattern_value(config.get("rank_pattern"), n, config["r"]),
                            alpha=_peft_pattern_value(config.get("alpha_pattern"), n, config["lora_alpha"]),
                            dropout=config.get("lora_dropout") or 0.0, use_rslora=bool(config.get("use_rslora")))
-        half = module.weight.dtype in (torch.float16, torch.bfloat16)  # float32 adapters there, as PEFT's
-        for ab, (key, shape) in _peft_layout(n, lora_class_for(module), module, settings[n]["r"]).items():
-            expected[key], keys[key] = (shape, torch.float32 if half else module.weight.dtype), f"{n}.{ab}"
+        half = base.weight.dtype in (torch.float16, torch.bfloat16)  # float32 adapters there, as PEFT's
+        for ab, (key, shape) in _peft_layout(layer_name, cls, base, settings[n]["r"]).items():
+            expected[key], keys[key] = (shape, torch.float32 if half else base.weight.dtype), f"{layer_name}.{ab}"
     # modules_to_save: PEFT's rule (a name's end, no dot needed); a name matching nothing is fine, as in
     # PEFT (its SEQ_CLS adapters list both "classifier" and "score")
     to_save = [n for n, _ in modules if n and any(n.endswith(t) for t in config.get("modules_to_save") or [])]
@@ -1203,7 +1256,8 @@ def load_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike]) -> n
     _check_adapter_tensors(expected, state, source=path)
     _attach_lora(model, modules, settings, to_save=to_save)
     own = {k: p.shape for k, p in _adapter_tensors(model).items()}
-    return _load_adapter_tensors(model, {keys[k]: v.reshape(own[keys[k]]) for k, v in state.items()}, True, path)
+    return _load_adapter_tensors(model, {keys[k]: _from_peft(keys[k].rsplit(".", 1)[-1], v, own[keys[k]])
+                                         for k, v in state.items()}, True, path)
 
 
 def _read_peft_weights(directory):
@@ -1652,6 +1706,7 @@ _PEFT_FIELDS = {
     # Initialisations that differ only in the starting A and B, which the file replaces:
     "init_lora_weights": ("true, false or 'gaussian'", lambda v: v is True or v is False or v == "gaussian"),
     "modules_to_save": ("a list of module names", lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v)),
+    "target_parameters": ("a list of Parameter names", lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v)),
 }
 _PEFT_REQUIRED = ("peft_type", "r", "lora_alpha", "target_modules")
 # Fields that do not change what the adapted model computes.

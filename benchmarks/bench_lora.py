@@ -26,6 +26,7 @@ W + ΔW formed on every call). All adapters start from the same nonzero A and B
 """
 
 import argparse
+import collections
 import statistics
 import sys
 import time
@@ -191,6 +192,133 @@ CONV_IMPLEMENTATIONS = {
         lambda size, r, device, dtype: ParametrizeConvLoRA(size[0], size[0] * size[1] ** 2, r, 2 * r, device, dtype),
         base_conv),
 }
+
+
+# --- MoE experts: transformers 5's MixtralExperts, LoRA on its stacked (E, out, in) Parameters ---------
+# spec: an ExpertsSpec. The makers take (spec, r, device, dtype) and return (module, tensors): the module
+# takes x alone (Routed), tensors are [A, B] of gate_up_proj, then of down_proj, each in lora_min's layout
+# (A (E, r, in), B (E, out, r); PEFT's as views), so that same_init gives every contender the same values.
+
+ExpertsSpec = collections.namedtuple("ExpertsSpec", "hidden intermediate num_experts top_k implementation")
+EXPERTS_TARGETS = ["gate_up_proj", "down_proj"]  # the module's own order: down_proj is the outer wrapper
+
+
+class Routed(nn.Module):
+    """An experts layer with its routing fixed, called with x alone: experts(x, top_k_index, top_k_weights).
+    So train_step, saved_bytes and bench_layers measure it as any layer; add_lora and PEFT adapt its
+    `.experts`, and the outer wrapper is what runs."""
+
+    def __init__(self, experts):
+        super().__init__()
+        self.experts, self.top_k_index, self.top_k_weights = experts, None, None
+
+    def forward(self, x):
+        return self.experts(x, self.top_k_index, self.top_k_weights)
+
+
+def default_experts_implementation():
+    """What transformers picks for a Mixtral model on this machine (a lone experts layer's config holds None,
+    which runs the eager loop): the default of get_correct_experts_implementation, read off a tiny model."""
+    from transformers import MixtralConfig, MixtralModel
+
+    tiny = MixtralConfig(hidden_size=8, intermediate_size=4, num_local_experts=2, num_experts_per_tok=1, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=4, vocab_size=8)
+    return MixtralModel(tiny).config._experts_implementation
+
+
+def base_experts(spec, device, dtype, seed=0):
+    """Routed(MixtralExperts) running spec.implementation, its weights N(0, 1 / in) (the class leaves them empty)."""
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    config = MixtralConfig(hidden_size=spec.hidden, intermediate_size=spec.intermediate,
+                           num_local_experts=spec.num_experts, num_experts_per_tok=spec.top_k)
+    config._experts_implementation = spec.implementation
+    torch.manual_seed(seed)
+    experts = MixtralExperts(config)
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.normal_(0, p.shape[-1] ** -0.5)
+    return Routed(experts.to(device=device, dtype=dtype))
+
+
+def frozen_experts(spec, r, device, dtype):
+    return base_experts(spec, device, dtype).requires_grad_(False), []
+
+
+def lora_min_experts(factored):
+    """factored=False: every LoRAParameter forms W + ΔW per forward (as PEFT) instead of running factored."""
+    def make(spec, r, device, dtype):
+        routed = lora_min.add_lora(base_experts(spec, device, dtype), r=r, alpha=r, target_modules=[],
+                                   target_parameters=EXPERTS_TARGETS)
+        layers = {layer.parameter_name: layer for _, layer in lora_min.lora_layers(routed)}
+        for layer in layers.values():
+            layer.factored = factored
+        return routed, [t for name in EXPERTS_TARGETS for t in (layers[name].lora_A, layers[name].lora_B)]
+    return make
+
+
+def peft_factors(wrapper, num_experts, tensor=lambda linear: linear.weight):
+    """A PEFT ParamWrapper's lora_A (r E, in) and lora_B (out, r E) (or their .grad, by `tensor`) as views
+    in lora_min's layout: A_e = a.view(E, r, in)[e], B_e = b.view(out, r, E).permute(2, 0, 1)[e]."""
+    a, b = tensor(wrapper.lora_A["default"]), tensor(wrapper.lora_B["default"])
+    return [a.view(num_experts, -1, a.shape[-1]), b.view(b.shape[0], -1, num_experts).permute(2, 0, 1)]
+
+
+def peft_wrappers(module):
+    """{parameter name: PEFT ParamWrapper} inside module."""
+    return {m.parameter_name: m for m in module.modules() if type(m).__name__ == "ParamWrapper"}
+
+
+def peft_experts(spec, r, device, dtype):
+    from peft import LoraConfig, get_peft_model
+
+    routed = base_experts(spec, device, dtype)
+    get_peft_model(routed, LoraConfig(r=r, lora_alpha=r, target_modules=[], target_parameters=EXPERTS_TARGETS))
+    wrappers = peft_wrappers(routed)  # adapted in place: routed.experts is now the outer ParamWrapper
+    return routed, [t for name in EXPERTS_TARGETS for t in peft_factors(wrappers[name], spec.num_experts)]
+
+
+EXPERTS_FLOOR = "frozen MixtralExperts (floor)"
+EXPERTS_IMPLEMENTATIONS = {
+    EXPERTS_FLOOR: frozen_experts,
+    "lora_min factored": lora_min_experts(factored=True),
+    "lora_min general (W + ΔW)": lora_min_experts(factored=False),
+    "PEFT target_parameters": peft_experts,
+}
+
+
+def experts_inputs(spec, tokens, device, dtype, seed=2):
+    """x (tokens, hidden) that needs its gradient, Mixtral's routing of it from random router logits
+    (softmax, top-k, renormalised), and a gradient for the (tokens, hidden) output."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, spec.hidden, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+    probs = torch.randn(tokens, spec.num_experts, generator=gen).softmax(-1)
+    weights, index = probs.topk(spec.top_k, dim=-1)
+    weights = (weights / weights.sum(-1, keepdim=True)).to(device=device, dtype=dtype)
+    return x, index.to(device), weights, torch.randn(tokens, spec.hidden, generator=gen).to(device=device, dtype=dtype)
+
+
+def route(layers, index, weights):
+    for layer in layers.values():
+        layer.top_k_index, layer.top_k_weights = index, weights
+
+
+def check_same_output(layers, floor, x, rtol=1e-4, atol=1e-5):
+    """Raise unless every adapter's output matches the first adapter's (allclose) and differs from the floor's;
+    return a line saying by how much."""
+    with torch.no_grad():
+        ys = {n: layer(x) for n, layer in layers.items()}
+    (first, y0), *others = [(n, y) for n, y in ys.items() if n != floor]
+    diffs = {n: (y - y0).abs().max().item() for n, y in others}
+    for n, y in others:
+        if not torch.allclose(y, y0, rtol=rtol, atol=atol):
+            raise AssertionError(f"{n} computes another output than {first}: max |diff| {diffs[n]:.3g}")
+    update = (ys[floor] - y0).abs().max().item()
+    if update <= atol:
+        raise AssertionError(f"the LoRA update is zero: {first} computes the floor's output")
+    return (f"outputs agree: {', '.join(diffs)} match {first} (allclose, max |diff| {max(diffs.values()):.2g}); "
+            f"the frozen layer's differs by up to {update:.2g} (the update is real)")
 
 
 def available(names, table=IMPLEMENTATIONS, probe=8):
