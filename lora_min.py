@@ -306,7 +306,6 @@ class LoRALinear(LoRALayer):
 
 import ast  # noqa: E402  (the lesson above needs only torch)
 import collections  # noqa: E402
-import collections.abc  # noqa: E402
 import contextlib  # noqa: E402
 import copy  # noqa: E402
 import difflib  # noqa: E402
@@ -491,37 +490,48 @@ class LoRAConv1D(LoRALayer):
         return conv1d
 
 
-# --- LoRA on a Parameter that no nn.Linear holds: transformers 5's MoE experts (stacked (E, out, in)
-# weights), nn.MultiheadAttention's in_proj_weight. Named by add_lora's target_parameters.
+# --- LoRA on a Parameter no nn.Linear holds: transformers 5's MoE experts (stacks (E, out, in)),
+# nn.MultiheadAttention's in_proj_weight. add_lora's target_parameters names them.
 
 # A Parameter as LoRAParameter's base: module.<name> (module may be another LoRAParameter).
-ModuleParameter = collections.namedtuple("ModuleParameter", "module name weight training")
+ModuleParameter = collections.namedtuple("ModuleParameter", "base_layer name weight training")
 
 
 def _owner(module):
     """The module below any LoRAParameter wrappers: the one that holds the Parameters."""
-    while isinstance(module, LoRAParameter):
-        module = module.base_layer
-    return module
+    return _owner(module.base_layer) if isinstance(module, LoRAParameter) else module
 
 
 def _is_experts(module):
     """Whether module follows transformers' experts interface (@use_experts_implementation)."""
-    return all(hasattr(module, a) for a in ("num_experts", "has_gate", "has_bias", "is_transposed", "down_proj")) \
-        and hasattr(type(module).forward, "__wrapped__")
+    return hasattr(type(module).forward, "__wrapped__") and all(
+        hasattr(module, a) for a in ("num_experts", "has_gate", "has_bias", "is_transposed", "down_proj"))
 
 
-class LoRAParameter(LoRALayer):
-    """LoRA on one Parameter of any module (PEFT's target_parameters): a weight (out, in), or a stack
-    (E, out, in) of E experts' weights (transformers' MoE experts), each expert with its own update:
+class _PassThrough:
+    """Attributes a wrapper lacks are read from the module it stands for (`inner`): a parent reading
+    mha.batch_first, experts.num_experts or out_proj.weight (nn.MultiheadAttention) still finds them."""
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if not self.__dict__.get("_modules"):  # still in __init__
+                raise
+            return getattr(self.inner, name)
+
+
+class LoRAParameter(_PassThrough, LoRALayer):
+    """LoRA on one Parameter of any module (PEFT's target_parameters): a weight (out, in) or a stack
+    (E, out, in) of E experts' weights, each expert with its own update:
 
         lora_A (E, r, in), lora_B (E, out, r):   ΔW_e = (B_e @ A_e) * scale     (a weight: (r, in), (out, r))
 
-    A stack the module stores transposed, (E, in, out) (is_transposed: gpt-oss), holds ΔW_e^T. The module
-    becomes `base_layer`, its Parameter untouched; several Parameters of one module nest, each wrapper
-    around the one before (as in PEFT). Two forwards, one result: transformers' experts run factored
-    (experts_forward, ΔW never formed) while `factored`; any other module runs with W + ΔW in W's place
-    (formed in at least float32, rounded once, as merge() does), so its LoRA takes no dropout.
+    A stack stored transposed, (E, in, out) (the module's is_transposed: gpt-oss), holds ΔW_e^T. The
+    module becomes `base_layer`, Parameters untouched; a module's several Parameters nest, as in PEFT.
+    Two forwards, one result: transformers' experts run factored while `factored` (experts_forward, ΔW
+    never formed); other modules run with W + ΔW in W's place (at least float32, rounded once, as
+    merge()), so no dropout there. A child the module reads (`reads`: MHA's out_proj) goes in as W + ΔW.
     """
 
     base_types = (ModuleParameter,)
@@ -529,92 +539,80 @@ class LoRAParameter(LoRALayer):
     @classmethod
     def why_unsupported(cls, base: ModuleParameter, r: int, dropout: float) -> Optional[str]:
         if base.weight.dim() not in (2, 3):
-            return f"{base.name} has shape {tuple(base.weight.shape)}: LoRA needs a weight (out, in) or a stack (E, out, in)"
-        if dropout and not _is_experts(_owner(base.module)):
-            return (f"dropout={dropout}: {base.name} is used as W + ΔW (only transformers' experts run factored), "
-                    "where no input dropout exists; use dropout=0")
+            return f"its shape {tuple(base.weight.shape)} is no weight (out, in) nor stack (E, out, in)"
+        if dropout and not _is_experts(_owner(base.base_layer)):
+            return f"dropout={dropout}: its module runs with W + ΔW (only transformers' experts run factored)"
         return None
 
     @staticmethod
     def lora_shapes(base: ModuleParameter, r: int) -> tuple:
         *stack, out, in_ = base.weight.shape
-        if stack and getattr(_owner(base.module), "is_transposed", False):
+        if stack and getattr(_owner(base.base_layer), "is_transposed", False):
             out, in_ = in_, out
         return (*stack, r, in_), (*stack, out, r)
 
     def keep_base(self, base: ModuleParameter) -> None:
-        self.base_layer, self.parameter_name, self.bias = base.module, base.name, None
+        self.base_layer, self.parameter_name, self.bias = base.base_layer, base.name, None
 
     def keep_base_settings(self, base: ModuleParameter) -> None:
-        self.transposed = self.weight.dim() == 3 and getattr(self.owner, "is_transposed", False)
-        self.factored = _is_experts(self.owner)  # False: the W + ΔW path, also for experts
-        self.reads = ()  # children the module reads (F.linear(x, self.out_proj.weight)): their W + ΔW goes in too
+        self.transposed = self.weight.dim() == 3 and getattr(self.inner, "is_transposed", False)
+        self.factored, self.reads = _is_experts(self.inner), ()
+
+    @property
+    def inner(self) -> nn.Module:  # the module that holds the Parameter
+        return _owner(self.base_layer)
 
     @property
     def weight(self) -> nn.Parameter:
-        return getattr(self.owner, self.parameter_name)
-
-    @property
-    def owner(self) -> nn.Module:
-        return _owner(self.base_layer)
+        return getattr(self.inner, self.parameter_name)
 
     def reset_lora_parameters(self, init_std: Optional[float] = None) -> None:
         super().reset_lora_parameters(init_std)
-        if init_std is None:  # each expert's A as an (r, in) linear's: fan_in = in (also PEFT's)
+        if init_std is None:  # each expert's A as an (r, in) linear's: fan_in = in (as PEFT's)
             with torch.no_grad():
                 nn.init.kaiming_uniform_(self.lora_A.view(-1, self.lora_A.shape[-1]), a=math.sqrt(5))
 
     def delta_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        A, B = self.lora_A.to(dtype or self.lora_A.dtype), self.lora_B.to(dtype or self.lora_B.dtype)
-        delta = lora_delta(A, B, self.scale)  # batched over experts: (E, out, in)
+        delta = lora_delta(self.lora_A.to(dtype or self.lora_A.dtype), self.lora_B.to(dtype or self.lora_B.dtype),
+                           self.scale)  # batched over experts: (E, out, in)
         return delta.transpose(-2, -1) if self.transposed else delta
 
     def forward(self, *args, **kwargs):  # LoRALayer.forward's one input is here the call: (args, kwargs)
         return super().forward((args, kwargs))
 
     def chain(self) -> list:
-        """This wrapper and the LoRAParameters below it, outermost first."""
+        """This wrapper and the LoRAParameters inside it, outermost first."""
         return [self] + (self.base_layer.chain() if isinstance(self.base_layer, LoRAParameter) else [])
 
     def base_forward(self, call: tuple) -> torch.Tensor:
-        return self._run_with(call, {})
+        return self._run_with(call, None)
 
     def adapted_forward(self, call: tuple) -> torch.Tensor:
-        chain, depth = self.chain(), "base_layer." * (len(self.chain()) - 1)
-        if all(layer.factored for layer in chain) and not getattr(self.owner, "_is_expert_parallel", False):
+        chain = self.chain()
+        if all(layer.factored for layer in chain) and not getattr(self.inner, "_is_expert_parallel", False):
             loras = {layer.parameter_name: layer for layer in chain if layer.enabled and not layer.merged}
-            return experts_forward(self.owner, *call[0], **call[1], loras=loras)
+            return experts_forward(self.inner, *call[0], **call[1], loras=loras)
         if self.dropout and self.training:
-            raise RuntimeError(f"dropout={self.dropout} on {self.parameter_name}, which runs as W + ΔW here (no input "
-                               "to drop out): set factored=True (transformers' experts) or use dropout=0")
-        return self._run_with(call, {depth + self.parameter_name: self._weight_plus(+1, check_finite=False)})
+            raise RuntimeError(f"dropout={self.dropout} on {self.parameter_name}, which runs as W + ΔW here: "
+                               "use factored=True (transformers' experts) or dropout=0")
+        return self._run_with(call, self._weight_plus(+1, check_finite=False))
 
-    def _run_with(self, call, weights):
-        """base_layer(*args, **kwargs) with these tensors in place of its Parameters, and W + ΔW of
-        each child in `reads` that is enabled and unmerged."""
+    def _run_with(self, call, weight):
+        """base_layer(*args, **kwargs) with `weight` (if not None) in W's place and W + ΔW of each
+        enabled, unmerged child in `reads` in its weight's place."""
         depth = "base_layer." * (len(self.chain()) - 1)
-        for name in self.reads:
-            child = self.owner.get_submodule(name)
-            if child.enabled and not child.merged:
-                weights[f"{depth}{name}.weight"] = child._weight_plus(+1, check_finite=False)
-        args, kwargs = call
-        return torch.func.functional_call(self.base_layer, weights, args, kwargs) if weights else \
-            self.base_layer(*args, **kwargs)
+        children = {f"{depth}{n}.weight": self.inner.get_submodule(n) for n in self.reads}
+        new = {k: c._weight_plus(+1, check_finite=False) for k, c in children.items() if c.enabled and not c.merged}
+        if weight is not None:
+            new[depth + self.parameter_name] = weight
+        return torch.func.functional_call(self.base_layer, new, *call)
 
     def base_module(self, weight: nn.Parameter, bias: None) -> nn.Module:
-        setattr(self.owner, self.parameter_name, weight)
-        return self.owner
+        setattr(self.inner, self.parameter_name, weight)
+        return self.inner
 
     def extra_repr(self) -> str:
         return f"{self.parameter_name}={tuple(self.weight.shape)}, " + super().extra_repr()
-
-    def __getattr__(self, name):  # a parent reading experts.num_experts, mha.batch_first reads the module's
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if "base_layer" not in self._modules:  # still in __init__
-                raise
-            return getattr(self.owner, name)
 
 
 def experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -679,7 +677,7 @@ def lora_layers(model: nn.Module, remove_duplicate: bool = True) -> Iterator[tup
             yield name, module
 
 
-class TrainedCopy(nn.Module):
+class TrainedCopy(_PassThrough, nn.Module):
     """A module trained in full beside the adapter (add_lora's modules_to_save, as in PEFT): `trained`,
     a copy, runs and goes into adapter files; `original` stays as it was and runs while LoRA is off."""
 
@@ -695,13 +693,8 @@ class TrainedCopy(nn.Module):
     def running(self) -> nn.Module:
         return self.trained if self.enabled else self.original
 
-    def __getattr__(self, name):  # a parent reading out_proj.weight (nn.MultiheadAttention) reads the running one's
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if "trained" not in self._modules:  # still in __init__
-                raise
-            return getattr(self.running, name)
+    inner = running
+
 
 
 def _trained_copies(model):
@@ -771,7 +764,8 @@ def _attach_lora(model, modules, settings, skip_unused=False, to_save=()):
     by a TrainedCopy, after every check; a module under several names gets one layer under each.
     A name in settings that is no module's is a Parameter's: a LoRAParameter, nested per module."""
     by_name = dict(modules)
-    for n in [n for n in settings if isinstance(by_name.get(n), nn.MultiheadAttention)]:  # PEFT's rule: both
+    for n in [n for n in settings if isinstance(m := by_name.get(n), nn.MultiheadAttention) and m.in_proj_weight
+              is not None]:  # PEFT's rule: in_proj_weight and out_proj (kdim / vdim: no in_proj, refused below)
         settings[f"{n}.out_proj"] = settings[f"{n}.in_proj_weight"] = settings.pop(n)
     settings = {n: dict(kwargs, dropout=0.0) if isinstance(by_name.get(n), nn.Embedding) else dict(kwargs)
                 for n, kwargs in settings.items()}  # an embedding's input is indices: no dropout (as PEFT)
@@ -793,8 +787,9 @@ def _attach_lora(model, modules, settings, skip_unused=False, to_save=()):
         for p, weight in [(p, w) for p, w in owner.named_parameters(recurse=False) if p in names]:
             layer = LoRAParameter(ModuleParameter(layer, p, weight, owner.training), **settings[names[p]])
             layer.shared_with = tuple(n for m, n in owners[_memory(weight)] if m is not owner)
-        layer.reads, layers[id(owner)], targets_by_id[id(owner)] = tuple(covered), layer, owner
-    _replace_modules(model, modules, {i: _carry_hooks(targets_by_id[i], layer) for i, layer in layers.items()})
+        layer.reads, layers[id(owner)] = tuple(covered), layer
+    _replace_modules(model, modules, {i: layer if isinstance(layer, LoRAParameter) else  # (the module runs inside)
+                                      _carry_hooks(targets_by_id[i], layer) for i, layer in layers.items()})
     _replace_modules(model, modules, saved)
     for reader, paths in reads.items():
         _BypassCheck(reader, sorted(paths))
@@ -945,10 +940,8 @@ def merged_state_dict(model: nn.Module) -> dict:
                 exported[id(layer)] = _exported_weight(name, layer)
         key = "base_layer." * len(layer.chain()) + layer.parameter_name if isinstance(layer, LoRAParameter) else "weight"
         state[prefix + key] = exported[id(layer)]
-    for name in sorted([n for n, layer in layers.items() if isinstance(layer, LoRAParameter)], key=len, reverse=True):
-        wrapped = f"{name}.base_layer." if name else "base_layer."  # inner wrappers first: keys lose base_layer.
-        state = {(k.replace(wrapped, wrapped[:-len("base_layer.")], 1) if k.startswith(wrapped) else k): v
-                 for k, v in state.items()}
+    if any(isinstance(layer, LoRAParameter) for layer in layers.values()):  # their keys lose base_layer.
+        state = {_peft_name(k): v for k, v in state.items()}
     for name, saved in _trained_copies(model):
         running = f"{name}.trained." if saved.enabled else f"{name}.original."
         for key in [k for k in state if k.startswith(f"{name}.original.") or k.startswith(f"{name}.trained.")]:
@@ -1113,20 +1106,15 @@ def _peft_modules_to_save(model):
 
 def _peft_config(model, layers, base_model_name_or_path):
     """adapter_config.json's content for these {name: LoRA layer} layers of model. PEFT names a
-    LoRAParameter by its Parameter (target_parameters, "experts.gate_up_proj"), but an nn.MultiheadAttention
-    by the module (target_modules; its out_proj LoRA comes with it, so it takes the attention's r and alpha)."""
-    mha = {n: layer for n, layer in layers.items() if isinstance(getattr(layer, "owner", None), nn.MultiheadAttention)}
-    for n, layer in mha.items():
-        out_proj = layers.get(f"{n}.base_layer.out_proj")
-        if out_proj is None or (out_proj.r, out_proj.alpha) != (layer.r, layer.alpha):
-            raise ValueError(f"{n!r}: PEFT gives a MultiheadAttention's out_proj the attention's own r and alpha")
+    LoRAParameter by its Parameter (target_parameters: "experts.gate_up_proj"), an nn.MultiheadAttention
+    by the module (target_modules: its out_proj's LoRA, inside it, comes with it)."""
+    mha = {n for n, layer in layers.items() if isinstance(getattr(layer, "inner", None), nn.MultiheadAttention)}
     params = {f"{_peft_name(n)}.{layer.parameter_name}": layer for n, layer in layers.items()
               if isinstance(layer, LoRAParameter) and n not in mha}
     if params and any(layer.dropout for layer in layers.values()):
         raise ValueError("PEFT's target_parameters take no dropout (its ParamWrapper refuses it); save_adapter keeps it")
-    modules = {_peft_name(n): layer for n, layer in layers.items() if n not in params and not
-               (n.endswith(".base_layer.out_proj") and n[:-len(".base_layer.out_proj")] in mha)
-               and not (isinstance(layer, LoRAParameter) and n not in mha)}
+    modules = {_peft_name(n): layer for n, layer in layers.items() if n not in params and
+               (n in mha or not isinstance(layer, LoRAParameter)) and not n.endswith(".base_layer.out_proj")}
     every_param = [f"{_peft_name(n)}.{p}".lstrip(".") for n, m in model.named_modules()
                    for p, _ in m.named_parameters(recurse=False) if p not in ("lora_A", "lora_B")]
     short = sorted({p.rsplit(".", 1)[-1] for p in params})  # as target_modules: short names where they select exactly
@@ -1185,10 +1173,7 @@ def save_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike],
         if saved:  # PEFT keys a module trained in full as the plain module: base_model.model.score.weight
             peft_key, shape = _PEFT_PREFIX + copies[saved] + "." + key[len(saved):], value.shape
         else:
-            layer = layers[name]
-            base = ModuleParameter(layer.base_layer, layer.parameter_name, layer.weight, layer.training) \
-                if isinstance(layer, LoRAParameter) else layer
-            peft_key, shape = _peft_layout(name, type(layer), base, layer.r)[ab]
+            peft_key, shape = _peft_layout(name, type(layers[name]), layers[name], layers[name].r)[ab]
             value = value.permute(1, 2, 0) if ab == "lora_B" and value.dim() == 3 else value  # see _from_peft
         # A copy of its own: safetensors refuses tensors that share memory.
         tensors[peft_key] = value.detach().cpu().reshape(shape).clone(memory_format=torch.contiguous_format)
@@ -1300,6 +1285,10 @@ def _hooks(module):
     """Every hook on the module that a replacement would drop, e.g. "backward pre hook fn"."""
     return [f"{kind.strip('_').replace('_hooks', ' hook')} {getattr(h, '__qualname__', repr(h))}"
             for kind in _DROPPED_HOOKS for h in getattr(module, kind, {}).values()]
+
+
+def _all_hooks(module):
+    return [kind for kind in _CARRIED_HOOKS + _DROPPED_HOOKS if getattr(module, kind, None)]
 
 
 def _carry_hooks(old, new):
@@ -1533,8 +1522,7 @@ def _check_targets(modules, settings, skip_unused, to_save=()):
             raise ValueError(f"modules_to_save {name!r} is also a LoRA target or holds one, or is inside another: "
                              f"{[name] if name in settings else inside}; a module is trained either way, not both")
         module = by_name[name]
-        others = [n for n, m in modules if m is module and n != name]
-        hooks = [kind for kind in _CARRIED_HOOKS + _DROPPED_HOOKS if getattr(module, kind, None)]
+        others, hooks = [n for n, m in modules if m is module and n != name], _all_hooks(module)
         if others or hooks:
             problem = f"is also registered as {others}" if others else f"has hooks ({', '.join(hooks)})"
             raise ValueError(f"modules_to_save {name!r} {problem}, which its trained copy would not share")
@@ -1555,14 +1543,12 @@ def _check_targets(modules, settings, skip_unused, to_save=()):
     params, owners = {}, _owners(modules)
     for name in [n for n in settings if n not in by_name]:
         owner_name, _, p = name.rpartition(".")
-        owner, weight = by_name[owner_name], by_name[owner_name]._parameters.get(p)
+        owner, weight = by_name[owner_name], getattr(by_name[owner_name], p)
+        owned, hooks = [n for m, n in owners[_memory(weight)] if m in targets.values()], _all_hooks(owner)
         try:
-            if weight is None:  # nn.MultiheadAttention(kdim=...): no in_proj_weight
-                raise ValueError("it is None (a MultiheadAttention with kdim or vdim: target q_proj_weight, ...)")
-            owned = [n for m, n in owners[_memory(weight)] if m in targets.values()]
-            if owned or _hooks(owner):
+            if owned or hooks:  # (the wrapper's factored path would skip the module's hooks)
                 raise ValueError(f"a LoRA layer adapts it already, as {owned}" if owned else
-                                 f"its module has hooks that wrapping it would drop: {', '.join(_hooks(owner))}")
+                                 f"its module has hooks ({', '.join(hooks)})")
             LoRAParameter.check(ModuleParameter(owner, p, weight, owner.training), **settings[name])
         except ValueError as e:
             raise ValueError(f"cannot add LoRA to {name!r}: {e}") from None
@@ -1607,7 +1593,7 @@ def _is_number(v):
 def _check_adapter_tensors(expected, state, strict=True, source="the adapter"):
     """expected: {key: (shape, dtype)}. Refuse missing or unexpected keys (if strict) and any
     value that is not a dense floating tensor of that shape, finite in that dtype."""
-    if not isinstance(state, collections.abc.Mapping):
+    if not isinstance(state, dict):
         raise ValueError(f"{source}: expected a dict of tensors keyed by name, got a {type(state).__name__}")
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected), key=str)
