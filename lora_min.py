@@ -999,8 +999,9 @@ def _load_adapter_tensors(model, state, strict, source):
 
 
 def _lora_config(model):
-    """The settings that give the adapter tensors meaning, as plain Python values."""
-    return {name: {"r": m.r, "alpha": m.alpha, "use_rslora": m.use_rslora} for name, m in lora_layers(model)}
+    """The settings that give the adapter tensors meaning, as plain Python values (and a LoRAParameter's Parameter)."""
+    return {name: {"r": m.r, "alpha": m.alpha, "use_rslora": m.use_rslora} | (
+        {"parameter": m.parameter_name} if isinstance(m, LoRAParameter) else {}) for name, m in lora_layers(model)}
 
 
 def save_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> None:
@@ -1018,7 +1019,8 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
     want, have = saved["config"], _lora_config(model)
     to_save = saved.get("modules_to_save", [])
     targets = _exact_peft_targets(_inner(model), want) if not have else None
-    if not have and isinstance(targets, list) and len({repr(v) for v in want.values()}) == 1:
+    if not have and isinstance(targets, list) and len({repr(v) for v in want.values()}) == 1 and not any(
+            "parameter" in v for v in want.values()):  # (LoRAParameters: the settings below name them)
         r, alpha, use_rslora = (next(iter(want.values()))[k] for k in ("r", "alpha", "use_rslora"))
         extra = (", use_rslora=True" if use_rslora else "") + (f", modules_to_save={to_save}" if to_save else "")
         raise ValueError(f"the model has no LoRA layers; add the file's first: add_lora(model, r={r}, alpha={alpha!r}"
@@ -1648,11 +1650,11 @@ def _read_adapter(path):
     if not (isinstance(to_save, list) and all(isinstance(n, str) for n in to_save)):
         raise ValueError(f"{path}: modules_to_save is not a list of module names: {to_save!r}")
     for name, settings in saved["config"].items():
-        if not (isinstance(name, str) and isinstance(settings, dict) and set(settings) == {"r", "alpha", "use_rslora"}
-                and _is_int(settings["r"]) and _is_number(settings["alpha"])
-                and isinstance(settings["use_rslora"], bool)):
+        if not (isinstance(name, str) and isinstance(settings, dict) and set(settings) - {"parameter"} == {
+                "r", "alpha", "use_rslora"} and _is_int(settings["r"]) and _is_number(settings["alpha"])
+                and isinstance(settings["use_rslora"], bool) and isinstance(settings.get("parameter", ""), str)):
             raise ValueError(f"{path}: the settings of layer {name!r} are not {{'r': int, 'alpha': number, "
-                             f"'use_rslora': bool}}: {settings!r}")
+                             f"'use_rslora': bool}} (and a LoRAParameter's 'parameter': str): {settings!r}")
     return saved
 
 
