@@ -1548,8 +1548,9 @@ def _check_targets(modules, settings, skip_unused, to_save=()):
         owner, weight = by_name[owner_name], getattr(by_name[owner_name], p)
         owned, hooks = [n for m, n in owners[_memory(weight)] if m in targets.values()], _all_hooks(owner)
         try:
-            if owned or hooks:  # (the wrapper's factored path would skip the module's hooks)
-                raise ValueError(f"a LoRA layer adapts it already, as {owned}" if owned else
+            if not owner_name or owned or hooks:  # (the wrapper's factored path would skip the module's hooks)
+                raise ValueError("it is the model's own, and add_lora wraps submodules" if not owner_name else
+                                 f"a LoRA layer adapts it already, as {owned}" if owned else
                                  f"its module has hooks ({', '.join(hooks)})")
             LoRAParameter.check(ModuleParameter(owner, p, weight, owner.training), **settings[name])
         except ValueError as e:
