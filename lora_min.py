@@ -552,11 +552,12 @@ class LoRAParameter(_PassThrough, LoRALayer):
         return (*stack, r, in_), (*stack, out, r)
 
     def keep_base(self, base: ModuleParameter) -> None:
-        self.base_layer, self.parameter_name, self.bias = base.base_layer, base.name, None
+        self.base_layer, self.parameter_name = base.base_layer, base.name
 
     def keep_base_settings(self, base: ModuleParameter) -> None:
         self.transposed = self.weight.dim() == 3 and getattr(self.inner, "is_transposed", False)
-        self.factored, self.reads = _is_experts(self.inner), ()
+        self.factored = _is_experts(self.inner) and self.parameter_name in ("gate_up_proj", "up_proj", "down_proj")
+        self.reads = ()
 
     @property
     def inner(self) -> nn.Module:  # the module that holds the Parameter
@@ -565,6 +566,10 @@ class LoRAParameter(_PassThrough, LoRALayer):
     @property
     def weight(self) -> nn.Parameter:
         return getattr(self.inner, self.parameter_name)
+
+    @property
+    def bias(self) -> Optional[nn.Parameter]:  # the module's own (a parent may read it), left as it is
+        return getattr(self.inner, "bias", None)
 
     def reset_lora_parameters(self, init_std: Optional[float] = None) -> None:
         super().reset_lora_parameters(init_std)
@@ -793,6 +798,8 @@ def _attach_lora(model, modules, settings, skip_unused=False, to_save=()):
     _replace_modules(model, modules, saved)
     for reader, paths in reads.items():
         _BypassCheck(reader, sorted(paths))
+    for encoder in [m for m in model.modules() if isinstance(m, nn.TransformerEncoder) and set(reads) & set(m.modules())]:
+        _BypassCheck(encoder, [])  # its fast path would turn the input nested, which only the layers' fast path takes
     return mark_only_lora_as_trainable(model)
 
 
@@ -940,8 +947,9 @@ def merged_state_dict(model: nn.Module) -> dict:
                 exported[id(layer)] = _exported_weight(name, layer)
         key = "base_layer." * len(layer.chain()) + layer.parameter_name if isinstance(layer, LoRAParameter) else "weight"
         state[prefix + key] = exported[id(layer)]
-    if any(isinstance(layer, LoRAParameter) for layer in layers.values()):  # their keys lose base_layer.
-        state = {_peft_name(k): v for k, v in state.items()}
+    for n in sorted((n for n, layer in layers.items() if isinstance(layer, LoRAParameter)), key=len, reverse=True):
+        inner = f"{n}.base_layer."  # inner wrappers first: their keys lose base_layer.
+        state = {k.replace(inner, f"{n}.", 1) if k.startswith(inner) else k: v for k, v in state.items()}
     for name, saved in _trained_copies(model):
         running = f"{name}.trained." if saved.enabled else f"{name}.original."
         for key in [k for k in state if k.startswith(f"{name}.original.") or k.startswith(f"{name}.trained.")]:
@@ -1304,6 +1312,8 @@ def _carry_hooks(old, new):
 def _why_not_replaceable(module):
     """Why no LoRA layer can stand in for this module exactly (None if one can)."""
     kind, cls = type(module).__name__, lora_class_for(module)
+    if isinstance(module, nn.MultiheadAttention):  # (one with in_proj_weight is adapted by add_lora's rule)
+        return "is a MultiheadAttention with kdim / vdim: name its q_proj_weight, ... in target_parameters"
     if cls is None:
         return f"is a {kind}, not an nn.Linear, nn.Embedding, nn.Conv1d/2d/3d or transformers' Conv1D"
     if parametrize.is_parametrized(module):
@@ -1363,9 +1373,9 @@ def _is_tensor_use(node, parent_of):
 
 
 @functools.lru_cache(maxsize=None)
-def _uses(cls, method, after=None):
+def _uses(cls, method, after=None, attrs=("weight",)):
     """(read, called, supers) of cls's `method` (found after `after` in the MRO, for super()): paths
-    self.<path> whose .weight it uses, those it calls or hands to a call (("altup", "correct")), supers."""
+    self.<path> whose .weight (or other attrs) it uses, those it calls or hands to a call, supers."""
     mro = cls.__mro__[cls.__mro__.index(after) + 1:] if after else cls.__mro__
     klass = next((k for k in mro if method in vars(k)), nn.Module)
     try:  # the function's own lines only: cheap even in a 5000-line module
@@ -1384,7 +1394,7 @@ def _uses(cls, method, after=None):
         if func is not None and getattr(func, "id", None) not in ("isinstance", "hasattr", "getattr", "type", "id"):
             # a module or method handed to a call is called there: checkpoint(self.fc, x), checkpoint(self._f, x)
             called.update(_self_path(arg) for arg in node.args if _self_path(arg))
-        elif (isinstance(node, ast.Attribute) and node.attr == "weight" and isinstance(node.ctx, ast.Load)
+        elif (isinstance(node, ast.Attribute) and node.attr in attrs and isinstance(node.ctx, ast.Load)
               and _self_path(node.value) and _is_tensor_use(node, parent_of)):
             read.add(_self_path(node.value))
     return read, called, supers
@@ -1401,9 +1411,9 @@ def _submodule(module, path):
     return module if isinstance(module, nn.Module) else None
 
 
-def _direct_reads(modules, targets):
+def _direct_reads(modules, targets, attrs=("weight",)):
     """[(reader name, reader, child path, child, whether any forward calls it)] where a reader's
-    forward (or a method it reaches) reads the weight of a target (targets: {id: module})."""
+    forward (or a method it reaches) reads the weight (or attrs) of a target (targets: {id: module})."""
     called, found, seen = set(), set(), set()
     jobs = [(name, module, (), module, "forward", None) for name, module in modules]
     while jobs:
@@ -1412,7 +1422,7 @@ def _direct_reads(modules, targets):
         if (id(reader), id(module), method, after) in seen:
             continue
         seen.add((id(reader), id(module), method, after))
-        read, calls, supers = _uses(type(module), method, after)
+        read, calls, supers = _uses(type(module), method, after, attrs)
         jobs += [(name, reader, prefix, module, m, klass) for m, klass in supers]
         for path in calls:
             callee, owner = _submodule(module, path), _submodule(module, path[:-1])
@@ -1556,12 +1566,17 @@ def _check_targets(modules, settings, skip_unused, to_save=()):
         except ValueError as e:
             raise ValueError(f"cannot add LoRA to {name!r}: {e}") from None
         params.setdefault(id(owner), (owner, {}, []))[1][p] = name
-    reads = _direct_reads(modules, {id(m): m for m in targets.values()})
-    for _, reader, path, child, _ in [read for read in reads if id(read[1]) in params]:  # it puts their W + ΔW in
-        params[id(reader)][2].append(path)
-    covered = {id(read[3]) for read in reads if id(read[1]) in params}
-    reads = [(n, r, p, c, called or id(c) in covered) for n, r, p, c, called in reads if id(r) not in params]
+    attrs = tuple(sorted({"weight"} | {p for _, names, _ in params.values() for p in names}))
+    reads = _direct_reads(modules, {id(m): m for m in [*targets.values(), *(o for o, _, _ in params.values())]}, attrs)
+    for _, reader, path, child, _ in [read for read in reads if id(read[1]) in params and id(read[3]) not in params]:
+        params[id(reader)][2].append(path)  # a LoRAParameter puts the W + ΔW of the LoRA children it reads in
+    covered = {id(read[3]) for read in reads if id(read[1]) in params and id(read[3]) not in params}
+    reads = [(n, r, p, c, called or id(c) in covered) for n, r, p, c, called in reads if id(r) not in params
+             or id(c) in params]
     never_called = {id(c): (n, r) for n, r, _, c, called in reads if not called}
+    for owner, names, _ in [params[i] for i in never_called if i in params]:
+        raise ValueError(f"cannot add LoRA to {sorted(names.values())}: the module's parent "
+                         f"{never_called[id(owner)][0]!r} reads them directly and never calls it")
     for name in [n for n, m in targets.items() if id(m) in never_called]:
         rname, reader = never_called[id(targets.pop(name))]
         if not skip_unused:
