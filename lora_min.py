@@ -304,19 +304,8 @@ class LoRALinear(LoRALayer):
 # The plumbing: everything above is LoRA; each part below keeps one promise.
 # ===========================================================================
 
-import ast  # noqa: E402  (the lesson above needs only torch)
-import collections  # noqa: E402
-import contextlib  # noqa: E402
-import copy  # noqa: E402
-import difflib  # noqa: E402
-import functools  # noqa: E402
-import inspect  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import re  # noqa: E402
-import textwrap  # noqa: E402
-import warnings  # noqa: E402
-from typing import Iterator, Sequence, Union  # noqa: E402
+import ast, collections, contextlib, copy, difflib, functools, inspect, json, os, re, textwrap, warnings  # noqa
+from typing import Iterator, Sequence, Union  # noqa: E402  (the lesson above needs only torch)
 
 from torch.nn.utils import parametrize  # noqa: E402
 
@@ -798,8 +787,9 @@ def _attach_lora(model, modules, settings, skip_unused=False, to_save=()):
     _replace_modules(model, modules, saved)
     for reader, paths in reads.items():
         _BypassCheck(reader, sorted(paths))
-    for encoder in [m for m in model.modules() if isinstance(m, nn.TransformerEncoder) and set(reads) & set(m.modules())]:
-        _BypassCheck(encoder, [])  # its fast path would turn the input nested, which only the layers' fast path takes
+    for encoder in [m for m in model.modules() if isinstance(m, nn.TransformerEncoder)]:
+        if set(encoder.modules()) & set(reads):  # its fast path would make the input nested: only the layers' takes it
+            _BypassCheck(encoder, [])
     return mark_only_lora_as_trainable(model)
 
 
@@ -945,8 +935,9 @@ def merged_state_dict(model: nn.Module) -> dict:
         if id(layer) not in exported:
             with torch.no_grad():
                 exported[id(layer)] = _exported_weight(name, layer)
-        key = "base_layer." * len(layer.chain()) + layer.parameter_name if isinstance(layer, LoRAParameter) else "weight"
-        state[prefix + key] = exported[id(layer)]
+        wrapper = isinstance(layer, LoRAParameter)
+        state[prefix + ("base_layer." * len(layer.chain()) + layer.parameter_name if wrapper else "weight")] = \
+            exported[id(layer)]
     for n in sorted((n for n, layer in layers.items() if isinstance(layer, LoRAParameter)), key=len, reverse=True):
         inner = f"{n}.base_layer."  # inner wrappers first: their keys lose base_layer.
         state = {k.replace(inner, f"{n}.", 1) if k.startswith(inner) else k: v for k, v in state.items()}
@@ -1122,7 +1113,7 @@ def _peft_config(model, layers, base_model_name_or_path):
     params = {f"{_peft_name(n)}.{layer.parameter_name}": layer for n, layer in layers.items()
               if isinstance(layer, LoRAParameter) and n not in mha}
     if params and any(layer.dropout for layer in layers.values()):
-        raise ValueError("PEFT's target_parameters take no dropout (its ParamWrapper refuses it); save_adapter keeps it")
+        raise ValueError("PEFT's target_parameters take no dropout (its ParamWrapper refuses it): use save_adapter")
     modules = {_peft_name(n): layer for n, layer in layers.items() if n not in params and
                (n in mha or not isinstance(layer, LoRAParameter)) and not n.endswith(".base_layer.out_proj")}
     every_param = [f"{_peft_name(n)}.{p}".lstrip(".") for n, m in model.named_modules()
@@ -1682,9 +1673,13 @@ def _is_regex(v, rule="{}"):
         return False
 
 
+def _is_list_of_names(v):
+    return isinstance(v, list) and all(isinstance(t, str) for t in v)
+
+
 def _is_names(v):
     """A list of module names, or one regex string (PEFT's two forms of target_modules)."""
-    return _is_regex(v) or isinstance(v, list) and all(isinstance(t, str) for t in v)
+    return _is_regex(v) or _is_list_of_names(v)
 
 
 def _is_pattern_dict(check):
@@ -1709,8 +1704,8 @@ _PEFT_FIELDS = {
     "bias": ("'none' (lora_min trains no biases)", lambda v: v == "none"),
     # Initialisations that differ only in the starting A and B, which the file replaces:
     "init_lora_weights": ("true, false or 'gaussian'", lambda v: v is True or v is False or v == "gaussian"),
-    "modules_to_save": ("a list of module names", lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v)),
-    "target_parameters": ("a list of Parameter names", lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v)),
+    "modules_to_save": ("a list of module names", _is_list_of_names),
+    "target_parameters": ("a list of Parameter names", _is_list_of_names),
 }
 _PEFT_REQUIRED = ("peft_type", "r", "lora_alpha", "target_modules")
 # Fields that do not change what the adapted model computes.
