@@ -1,6 +1,7 @@
 """Smoke tests: both benchmark scripts run end to end on tiny sizes, and the
 saved-for-backward measurement tells the implementations apart."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "benchmarks"))
 import bench_lora  # noqa: E402
+import lora_min  # noqa: E402
 from test_mnist_demo import synthetic_mnist  # noqa: E402
 
 
@@ -82,6 +84,64 @@ def test_bench_embedding_and_conv_run_on_tiny_sizes(capsys):
         assert f"| {row} |" in out
     assert "frozen nn.Linear" not in out and "in = out =" not in out  # --layers left linear out
     assert out.count("profile of one training step") == 2
+
+
+# An experts layer that runs in milliseconds (the default is 64 experts, 512 -> 2x256 -> 512, 1024 tokens).
+TINY_EXPERTS = ["--experts-hidden", "16", "--experts-intermediate", "8", "--num-experts", "4", "--experts-top-k", "2",
+                "--experts-tokens", "12", "--experts-ranks", "2"]
+EXPERTS_ROWS = ("frozen MixtralExperts (floor)", "lora_min factored", "lora_min general (W + ΔW)",
+                "PEFT target_parameters")
+
+
+def lora_grads(layer, parameter, spec):
+    """The gradients of the LoRA A and B on `parameter` in lora_min's layout, (E, r, in) and (E, out, r)."""
+    peft = bench_lora.peft_wrappers(layer)
+    if peft:
+        return bench_lora.peft_factors(peft[parameter], spec.num_experts, lambda linear: linear.weight.grad)
+    lora = {lora.parameter_name: lora for _, lora in lora_min.lora_layers(layer)}[parameter]
+    return [lora.lora_A.grad, lora.lora_B.grad]
+
+
+@pytest.mark.parametrize("implementation", ["grouped_mm", "eager"])
+def test_experts_contenders_do_the_same_work(implementation):
+    """lora_min (factored and W + ΔW) and PEFT hold the same A and B (PEFT's (r E, in) and (out, r E) as views
+    in lora_min's layout), so all compute the same output and the same gradients; only the factored one
+    keeps no (E, out, in) tensor for backward. float32: CPU grouped_mm has no float64 kernel."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    spec = bench_lora.ExpertsSpec(32, 16, 4, 2, implementation)
+    layers = bench_lora.build(bench_lora.EXPERTS_IMPLEMENTATIONS, spec, 2, "cpu", torch.float32)
+    x, index, weights, grad_out = bench_lora.experts_inputs(spec, 24, "cpu", torch.float32)
+    bench_lora.route(layers, index, weights)
+    assert "outputs agree" in bench_lora.check_same_output(layers, bench_lora.EXPERTS_FLOOR, x)
+    grads = {}
+    for name, layer in list(layers.items())[1:]:  # the adapters: dx, then d(A, B) of gate_up_proj and down_proj
+        layer(x).backward(grad_out)
+        grads[name] = [x.grad.clone()] + [g for p in bench_lora.EXPERTS_TARGETS for g in lora_grads(layer, p, spec)]
+        x.grad = None
+    for name in EXPERTS_ROWS[2:]:
+        torch.testing.assert_close(grads[name], grads["lora_min factored"], rtol=1e-4, atol=1e-6)
+    saved = {name: bench_lora.saved_bytes(layer, x) for name, layer in layers.items()}
+    beyond = {name: nbytes - saved[bench_lora.EXPERTS_FLOOR][0] for name, (nbytes, _) in saved.items()}
+    stacks = 4 * (4 * 2 * 16 * 32 + 4 * 32 * 16)  # gate_up_proj (E, 2I, H) and down_proj (E, H, I), float32
+    assert beyond["PEFT target_parameters"] >= stacks  # both W + ΔW stacks are formed and kept
+    assert beyond["lora_min factored"] < stacks / 2 and len(saved["lora_min factored"][1]) == 2  # never a stack
+
+
+def test_bench_experts_runs_on_tiny_sizes(capsys):
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    bench_lora.main(["--layers", "experts", "--reps", "2", "--warmup", "1", "--profile", *TINY_EXPERTS])
+    out = capsys.readouterr().out
+    implementations = list(dict.fromkeys([bench_lora.default_experts_implementation(), "eager"]))
+    for implementation in implementations:
+        assert f"16 -> 2x8 -> 16, 12 tokens, top-2, r = 2, float32, {implementation}" in out
+    assert out.count("outputs agree: ") == len(implementations)
+    for row in EXPERTS_ROWS:  # one table per implementation, then side by side (the profile's rows name ops)
+        assert len(re.findall(rf"^\| {re.escape(row)} \| [0-9.]+ \|", out, re.MULTILINE)) == len(implementations) + 1
+    assert "## experts side by side: r = 2" in out and "factored / PEFT: saved beyond floor " in out
+    assert out.count("profile of one training step") == len(implementations)
+    assert "frozen nn.Linear" not in out and "## embedding" not in out  # --layers left the others out
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
     python benchmarks/bench_lora.py                       # in = out = 4096, r in {1, 8, 64}, 512 tokens
     python benchmarks/bench_lora.py --dim 256 --tokens 64 --ranks 4 --reps 3   # a smoke run
     python benchmarks/bench_lora.py --layers embedding,conv    # only the nn.Embedding and nn.Conv2d tables
+    python benchmarks/bench_lora.py --layers experts           # one MoE experts layer (transformers 5)
 
 Every implementation is measured in the same process on the same tensors, and the
 measurements are interleaved (one step of each in turn, the order rotated every
@@ -23,6 +24,18 @@ conv's includes the gradient to its input), lora_min's LoRAEmbedding / LoRAConv,
 PEFT's lora.Embedding / lora.Conv2d, and parametrize LoRA (the table or kernel
 W + ΔW formed on every call). All adapters start from the same nonzero A and B
 (PEFT's own init has A = 0 for embeddings), so all do the same work.
+
+`--layers experts` (opt in: it needs transformers 5, and takes a few minutes on 2 CPU
+cores) measures one MoE experts layer: transformers' MixtralExperts (64 experts,
+gate_up_proj (E, 2I, H), down_proj (E, H, I), H = 512, I = 256) on 1024 tokens routed
+top-4 (random router logits, softmax, top-k, renormalised; fixed seed), r = 8, with LoRA
+on both stacked Parameters (target_parameters). Contenders: the frozen layer (the floor),
+lora_min's LoRAParameter factored (experts_forward: ΔW never formed) and general
+(factored = False: W + ΔW in W's place each forward), and PEFT's ParamWrapper; each run
+under transformers' default experts implementation here (grouped_mm) and under eager,
+each implementation in its own interleaved table against its own frozen layer. Before
+timing, the adapters' outputs are checked to agree (PEFT's A and B are the same values,
+in its (r E, in) and (out, r E) layout). CPU grouped_mm has no float64 kernel.
 """
 
 import argparse
@@ -221,8 +234,8 @@ def default_experts_implementation():
     which runs the eager loop): the default of get_correct_experts_implementation, read off a tiny model."""
     from transformers import MixtralConfig, MixtralModel
 
-    tiny = MixtralConfig(hidden_size=8, intermediate_size=4, num_local_experts=2, num_experts_per_tok=1, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=4, vocab_size=8)
+    tiny = MixtralConfig(hidden_size=8, intermediate_size=4, num_local_experts=2, num_experts_per_tok=1,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=4, vocab_size=8)
     return MixtralModel(tiny).config._experts_implementation
 
 
@@ -470,8 +483,9 @@ def build(impls, size, r, device, dtype):
     return layers
 
 
-def bench_layers(layers, floor, x, grad_out, device, warmup, reps):
-    """The training-step table for built layers that all take x: time, ratio to `floor`, saved bytes."""
+def bench_layers(layers, floor, x, grad_out, device, warmup, reps, beyond=False):
+    """The training-step table for built layers that all take x: time, ratio to `floor`, saved bytes
+    (beyond=True: also the saved bytes minus the floor's)."""
     step = interleaved({n: (lambda layer=layer: train_step(layer, x, grad_out)) for n, layer in layers.items()},
                        device, warmup, reps, reference=floor)
     memory = {n: saved_bytes(layer, x) for n, layer in layers.items()}
@@ -480,12 +494,16 @@ def bench_layers(layers, floor, x, grad_out, device, warmup, reps):
     fmt_mib = lambda b: f"{b / 2**20:.2f}"  # noqa: E731
     header = "| implementation | train step (ms) | x floor | saved for backward (MiB) | largest saved tensor |"
     align = "| --- | ---: | ---: | ---: | --- |"
+    if beyond:
+        header, align = header + " beyond floor (MiB) |", align + " ---: |"
     if device.type == "cuda":
         header, align = header + " peak memory (MiB) |", align + " ---: |"
     lines = [header, align]
     for n in layers:
         nbytes, largest = memory[n]
         row = f"| {n} | {1e3 * step[n][0]:.1f} | {step[n][1]:.3f} | {fmt_mib(nbytes)} | {largest or '-'} |"
+        if beyond:
+            row += f" {fmt_mib(nbytes - memory[floor][0])} |"
         if device.type == "cuda":
             row += f" {fmt_mib(peaks[n])} |"
         lines.append(row)
@@ -534,8 +552,9 @@ def profile_lora(d, r, tokens, device, dtype, steps=5):
     return profile_layers(layers, x, grad_out, device, steps)
 
 
-def profile_layers(layers, x, grad_out, device, steps=5):
-    """{name: layer} -> a table of the aten ops of one training step by self time (over 0.1 ms)."""
+def profile_layers(layers, x, grad_out, device, steps=5, by_shape=True):
+    """{name: layer} -> a table of the aten ops of one training step by self time (over 0.1 ms);
+    by_shape=False: each op over all its input shapes (per-expert ops each have their own)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -546,11 +565,12 @@ def profile_layers(layers, x, grad_out, device, steps=5):
             for _ in range(steps):
                 train_step(layer, x, grad_out)
             sync(device)
-        events = sorted(prof.key_averages(group_by_input_shape=True), key=lambda e: -e.self_cpu_time_total)
+        events = sorted(prof.key_averages(group_by_input_shape=by_shape), key=lambda e: -e.self_cpu_time_total)
         for e in events:
             ms = e.self_cpu_time_total / steps / 1e3
             if ms >= 0.1 and e.key.startswith("aten::"):
-                lines.append(f"| {name} | {e.key} | {e.input_shapes} | {ms:.2f} |")
+                shapes = e.input_shapes if by_shape else f"all ({e.count // steps} calls)"
+                lines.append(f"| {name} | {e.key} | {shapes} | {ms:.2f} |")
     return "\n".join(lines)
 
 
@@ -566,7 +586,8 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="also time torch.compile(fullgraph=True) vs eager")
     p.add_argument("--profile", action="store_true",
                    help="also show where each lora_min layer's extra time goes (torch.profiler)")
-    p.add_argument("--layers", type=layer_list, default=list(LAYERS), help="comma-separated, from " + ",".join(LAYERS))
+    p.add_argument("--layers", type=layer_list, default=list(DEFAULT_LAYERS),
+                   help=f"comma-separated, from {','.join(LAYERS)} (default {','.join(DEFAULT_LAYERS)})")
     e = p.add_argument_group("embedding (--layers ...embedding...; --tokens indices are looked up)")
     e.add_argument("--vocab", type=int, default=32000, help="num_embeddings")
     e.add_argument("--embed-dim", type=int, default=4096, help="embedding_dim")
@@ -577,6 +598,15 @@ def main(argv=None):
     c.add_argument("--image-size", type=int, default=28)
     c.add_argument("--batch", type=int, default=8)
     c.add_argument("--conv-ranks", type=int, nargs="+", default=[8])
+    x = p.add_argument_group("experts (--layers ...experts...): transformers' MixtralExperts, top-k routed tokens")
+    x.add_argument("--experts-hidden", type=int, default=512, help="hidden_size")
+    x.add_argument("--experts-intermediate", type=int, default=256, help="intermediate_size")
+    x.add_argument("--num-experts", type=int, default=64, help="num_local_experts")
+    x.add_argument("--experts-top-k", type=int, default=4, help="num_experts_per_tok")
+    x.add_argument("--experts-tokens", type=int, default=1024)
+    x.add_argument("--experts-ranks", type=int, nargs="+", default=[8])
+    x.add_argument("--experts-implementations", nargs="+", default=None,
+                   help="transformers experts implementations (default: transformers' default here, and eager)")
     args = p.parse_args(argv)
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
@@ -589,12 +619,15 @@ def main(argv=None):
                             if "embedding" in args.layers else ({}, []))
     conv_impls, conv_notes = (available(list(CONV_IMPLEMENTATIONS), CONV_IMPLEMENTATIONS, (4, 3))
                               if "conv" in args.layers else ({}, []))
+    experts_impls, experts_notes = (available(list(EXPERTS_IMPLEMENTATIONS), EXPERTS_IMPLEMENTATIONS,
+                                              ExpertsSpec(4, 2, 2, 1, "eager"))
+                                    if "experts" in args.layers else ({}, []))
     hw = torch.cuda.get_device_name() if device.type == "cuda" else f"{device.type}, {torch.get_num_threads()} threads"
     shape = f"in = out = {args.dim}, {tokens} tokens, " if "linear" in args.layers else ""
     print(f"# LoRA layer benchmark: {shape}{hw}, torch {torch.__version__}")
     print(f"{args.reps} interleaved rounds after {args.warmup} warm-up rounds; time: median; "
           f"x floor: median of the per-round ratios\n")
-    for note in notes + emb_notes + conv_notes:
+    for note in notes + emb_notes + conv_notes + experts_notes:
         print(f"- {note}")
     for dtype_name in dtypes:
         dtype = getattr(torch, dtype_name)
@@ -628,6 +661,60 @@ def main(argv=None):
             if args.profile:
                 print(f"\nprofile of one training step (ops over 0.1 ms):\n\n{profile_layers(unparametrized(layers), x, grad_out, device)}")
             del layers
+        for r in args.experts_ranks if EXPERTS_FLOOR in experts_impls else ():
+            bench_experts(experts_impls, args, r, device, dtype, dtype_name)
+
+
+def experts_spec(args, implementation):
+    return ExpertsSpec(args.experts_hidden, args.experts_intermediate, args.num_experts, args.experts_top_k,
+                       implementation)
+
+
+def bench_experts(impls, args, r, device, dtype, dtype_name):
+    """One table per experts implementation (the contenders interleaved against that implementation's
+    frozen layer), each after checking that all adapters compute the same output; then side by side."""
+    default = default_experts_implementation()
+    implementations = args.experts_implementations or list(dict.fromkeys([default, "eager"]))
+    results = {}
+    for implementation in implementations:
+        spec = experts_spec(args, implementation)
+        note = " (transformers' default here)" if implementation == default else ""
+        print(f"\n## experts training step: MixtralExperts, {spec.num_experts} experts, {spec.hidden} -> "
+              f"2x{spec.intermediate} -> {spec.hidden}, {args.experts_tokens} tokens, top-{spec.top_k}, r = {r}, "
+              f"{dtype_name}, {implementation}{note}\n")
+        layers = build(impls, spec, r, device, dtype)
+        x, index, weights, grad_out = experts_inputs(spec, args.experts_tokens, device, dtype)
+        route(layers, index, weights)
+        print(check_same_output(layers, EXPERTS_FLOOR, x) + "\n")
+        table, ratios, memory = bench_layers(layers, EXPERTS_FLOOR, x, grad_out, device, args.warmup, args.reps,
+                                             beyond=True)
+        print(table)
+        if args.profile:
+            print(f"\nprofile of one training step (ops over 0.1 ms):\n\n"
+                  f"{profile_layers(layers, x, grad_out, device, steps=2, by_shape=False)}")
+        results[implementation] = ratios, {n: nbytes - memory[EXPERTS_FLOOR][0] for n, (nbytes, _) in memory.items()}
+        del layers
+    print(experts_side_by_side(results, r, dtype_name))
+
+
+def experts_side_by_side(results, r, dtype_name):
+    """{implementation: (x floor, bytes beyond floor) per contender} -> one table, and the targets' ratios."""
+    names = list(next(iter(results.values()))[0])
+    lines = [f"\n## experts side by side: r = {r}, {dtype_name} (x floor: that implementation's frozen layer; "
+             "beyond: saved for backward minus the frozen layer's)\n",
+             "| implementation | " + " | ".join(f"{i} x floor | {i} beyond floor (MiB)" for i in results) + " |",
+             "| --- |" + " ---: | ---: |" * len(results)]
+    for n in names:
+        lines.append(f"| {n} | " + " | ".join(f"{ratios[n]:.3f} | {beyond[n] / 2**20:.2f}"
+                                             for ratios, beyond in results.values()) + " |")
+    factored, peft = "lora_min factored", "PEFT target_parameters"
+    if factored in names and peft in names:
+        lines.append("\nfactored / PEFT: saved beyond floor " +
+                     ", ".join(f"{i} {beyond[factored] / beyond[peft]:.3f}" for i, (_, beyond) in results.items()) +
+                     " (target <= 0.2); train step " +
+                     ", ".join(f"{i} {ratios[factored] / ratios[peft]:.3f}" for i, (ratios, _) in results.items()) +
+                     " (target <= 1)")
+    return "\n".join(lines)
 
 
 def unparametrized(layers):
@@ -635,7 +722,8 @@ def unparametrized(layers):
     return {n: layer for n, layer in layers.items() if not n.startswith("parametrize")}
 
 
-LAYERS = ("linear", "embedding", "conv")
+LAYERS = ("linear", "embedding", "conv", "experts")
+DEFAULT_LAYERS = ("linear", "embedding", "conv")  # experts: opt in (needs transformers; a few minutes on CPU)
 
 
 def layer_list(text):
