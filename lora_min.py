@@ -623,14 +623,12 @@ def experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index
 
     def project(name, x):  # (rows, in) -> (rows, out), expert by expert
         W, bias, lora = getattr(experts, name), getattr(experts, name + "_bias", None), loras.get(name)
-        x_lora = lora.lora_dropout(x).to(lora.lora_A.dtype).split(counts) if lora else None
-        ys = []
-        for e, x_e in enumerate(x.split(counts)):
-            y = F.linear(x_e, W[e].T if experts.is_transposed else W[e], bias[e] if experts.has_bias else None)
-            if lora:
-                h = F.linear(x_lora[e], lora.lora_A[e]) * lora.scale  # (rows, r)
-                y = (y + F.linear(h, lora.lora_B[e])).to(y.dtype)
-            ys.append(y)
+        ys = [F.linear(x_e, W[e].T if experts.is_transposed else W[e], bias[e] if experts.has_bias else None)
+              for e, x_e in enumerate(x.split(counts))]
+        if lora:  # A and B unbound once: indexing them per expert would add E full-size zero gradients each
+            x_lora = lora.lora_dropout(x).to(lora.lora_A.dtype).split(counts)
+            h = [F.linear(x_e, A_e) * lora.scale for x_e, A_e in zip(x_lora, lora.lora_A.unbind())]  # (rows, r)
+            ys = [(y + F.linear(h_e, B_e)).to(y.dtype) for y, h_e, B_e in zip(ys, h, lora.lora_B.unbind())]
         return torch.cat(ys)
 
     h = project("gate_up_proj" if experts.has_gate else "up_proj", hidden_states[order // top_k_index.shape[-1]])
