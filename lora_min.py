@@ -491,6 +491,9 @@ def _owner(module):
     return _owner(module.base_layer) if isinstance(module, LoRAParameter) else module
 
 
+_PROJECTIONS = ("gate_up_proj", "up_proj", "down_proj")  # what experts_forward computes factored
+
+
 def _is_experts(module):
     """Whether module follows transformers' experts interface (@use_experts_implementation)."""
     return hasattr(type(module).forward, "__wrapped__") and all(
@@ -529,8 +532,8 @@ class LoRAParameter(_PassThrough, LoRALayer):
     def why_unsupported(cls, base: ModuleParameter, r: int, dropout: float) -> Optional[str]:
         if base.weight.dim() not in (2, 3):
             return f"its shape {tuple(base.weight.shape)} is no weight (out, in) nor stack (E, out, in)"
-        if dropout and not _is_experts(_owner(base.base_layer)):
-            return f"dropout={dropout}: its module runs with W + ΔW (only transformers' experts run factored)"
+        if dropout and not (_is_experts(_owner(base.base_layer)) and base.name in _PROJECTIONS):
+            return f"dropout={dropout}: its module runs with W + ΔW (only transformers' experts' projections factor)"
         return None
 
     @staticmethod
@@ -545,7 +548,7 @@ class LoRAParameter(_PassThrough, LoRALayer):
 
     def keep_base_settings(self, base: ModuleParameter) -> None:
         self.transposed = self.weight.dim() == 3 and getattr(self.inner, "is_transposed", False)
-        self.factored = _is_experts(self.inner) and self.parameter_name in ("gate_up_proj", "up_proj", "down_proj")
+        self.factored = _is_experts(self.inner) and self.parameter_name in _PROJECTIONS
         self.reads = ()
 
     @property
@@ -557,8 +560,9 @@ class LoRAParameter(_PassThrough, LoRALayer):
         return getattr(self.inner, self.parameter_name)
 
     @property
-    def bias(self) -> Optional[nn.Parameter]:  # the module's own (a parent may read it), left as it is
-        return getattr(self.inner, "bias", None)
+    def bias(self) -> Optional[nn.Parameter]:  # the module's own bias Parameter (a parent may read it), if any
+        bias = getattr(self.inner, "bias", None)
+        return bias if isinstance(bias, torch.Tensor) else None
 
     def reset_lora_parameters(self, init_std: Optional[float] = None) -> None:
         super().reset_lora_parameters(init_std)
@@ -637,7 +641,7 @@ def experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index
     if getattr(experts, "has_post_expert_norm", False):
         y = experts.post_expert_norm(y)
     y = (y * top_k_weights.flatten()[order, None])[order.argsort()]  # back to (token, k) order
-    return y.view(*top_k_index.shape, -1).sum(1).to(hidden_states.dtype)
+    return y.view(*top_k_index.shape, y.shape[-1]).sum(1).to(hidden_states.dtype)
 
 
 LORA_CLASSES = (LoRALinear, LoRAEmbedding, LoRAConv, LoRAConv1D)
@@ -780,9 +784,8 @@ def _attach_lora(model, modules, settings, skip_unused=False, to_save=()):
             layer = LoRAParameter(ModuleParameter(layer, p, weight, owner.training), **settings[names[p]])
             layer.shared_with = tuple(n for m, n in owners[_memory(weight)] if m is not owner)
         layer.reads, layers[id(owner)] = tuple(covered), layer
-    _replace_modules(model, modules, {i: layer if isinstance(layer, LoRAParameter) else  # (the module runs inside)
-                                      _carry_hooks(targets_by_id[i], layer) for i, layer in layers.items()})
-    _replace_modules(model, modules, saved)
+    _replace_modules(model, modules, saved | {i: layer if isinstance(layer, LoRAParameter) else  # (it runs inside)
+                                              _carry_hooks(targets_by_id[i], layer) for i, layer in layers.items()})
     for reader, paths in reads.items():
         _BypassCheck(reader, sorted(paths))
     for encoder in [m for m in model.modules() if isinstance(m, nn.TransformerEncoder)]:
@@ -936,15 +939,15 @@ def merged_state_dict(model: nn.Module) -> dict:
         wrapper = isinstance(layer, LoRAParameter)
         state[prefix + ("base_layer." * len(layer.chain()) + layer.parameter_name if wrapper else "weight")] = \
             exported[id(layer)]
-    for n in sorted((n for n, layer in layers.items() if isinstance(layer, LoRAParameter)), key=len, reverse=True):
-        inner = f"{n}.base_layer."  # inner wrappers first: their keys lose base_layer.
-        state = {k.replace(inner, f"{n}.", 1) if k.startswith(inner) else k: v for k, v in state.items()}
     for name, saved in _trained_copies(model):
         running = f"{name}.trained." if saved.enabled else f"{name}.original."
         for key in [k for k in state if k.startswith(f"{name}.original.") or k.startswith(f"{name}.trained.")]:
             value = state.pop(key)
             if key.startswith(running):
                 state[f"{name}.{key[len(running):]}"] = value
+    for n in sorted((n for n, layer in layers.items() if isinstance(layer, LoRAParameter)), key=len, reverse=True):
+        inner = f"{n}.base_layer."  # inner wrappers first: their keys lose base_layer.
+        state = {k.replace(inner, f"{n}.", 1) if k.startswith(inner) else k: v for k, v in state.items()}
     return state
 
 
@@ -1097,6 +1100,8 @@ def _exact_peft_targets(model, names):
 def _peft_modules_to_save(model):
     """config's modules_to_save: names PEFT's rule (the end of a name, no dot needed) maps back to ours."""
     names = [n for n, _ in _trained_copies(model)]
+    if any(".base_layer." in n for n in names):  # PEFT refuses a ModulesToSaveWrapper inside a ParamWrapper
+        raise ValueError(f"PEFT cannot train {names} in full inside a module whose Parameters have LoRA")
     every = [n for n, _ in _inner(model).named_modules() if n and ".original" not in n and ".trained" not in n]
     if {n for n in every if any(n.endswith(t) for t in names)} != set(names):
         raise ValueError(f"PEFT's modules_to_save rule (a name's end) would select more modules than {names}")
@@ -1107,13 +1112,18 @@ def _peft_config(model, layers, base_model_name_or_path):
     """adapter_config.json's content for these {name: LoRA layer} layers of model. PEFT names a
     LoRAParameter by its Parameter (target_parameters: "experts.gate_up_proj"), an nn.MultiheadAttention
     by the module (target_modules: its out_proj's LoRA, inside it, comes with it)."""
-    mha = {n for n, layer in layers.items() if isinstance(getattr(layer, "inner", None), nn.MultiheadAttention)}
+    mha = {n for n, layer in layers.items() if isinstance(getattr(layer, "inner", None), nn.MultiheadAttention)
+           and layer.parameter_name == "in_proj_weight" and f"{n}.base_layer.out_proj" in layers}  # (add_lora's rule)
+    if mha:
+        warnings.warn(f"PEFT 0.21 adds the out_proj ΔW of {sorted(mha)} twice (its issue #3774): there PeftModel "
+                      "computes W + 2 ΔW, lora_min W + ΔW", stacklevel=3)
     params = {f"{_peft_name(n)}.{layer.parameter_name}": layer for n, layer in layers.items()
               if isinstance(layer, LoRAParameter) and n not in mha}
     if params and any(layer.dropout for layer in layers.values()):
         raise ValueError("PEFT's target_parameters take no dropout (its ParamWrapper refuses it): use save_adapter")
-    modules = {_peft_name(n): layer for n, layer in layers.items() if n not in params and
-               (n in mha or not isinstance(layer, LoRAParameter)) and not n.endswith(".base_layer.out_proj")}
+    inside = {f"{m}.base_layer.out_proj" for m in mha}  # comes with its attention
+    modules = {_peft_name(n): layer for n, layer in layers.items()
+               if (n in mha or not isinstance(layer, LoRAParameter)) and n not in inside}
     every_param = [f"{_peft_name(n)}.{p}".lstrip(".") for n, m in model.named_modules()
                    for p, _ in m.named_parameters(recurse=False) if p not in ("lora_A", "lora_B")]
     short = sorted({p.rsplit(".", 1)[-1] for p in params})  # as target_modules: short names where they select exactly
@@ -1198,19 +1208,19 @@ def load_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike]) -> n
     path, state = _read_peft_weights(directory)
     modules = list(model.named_modules(remove_duplicate=False))
     names = [n for n, _ in modules if n and _peft_targets(config, n)]
+    mha = {n for n in names if isinstance(m := model.get_submodule(n), nn.MultiheadAttention) and m.in_proj_weight
+           is not None}  # add_lora's rule, and PEFT's: in_proj_weight on the attention, out_proj inside it
+    found = {o: [(p, w) for p, w in m.named_parameters(recurse=False) if _matches(f"{o}.{p}".lstrip("."),
+             config.get("target_parameters") or [])] for o, m in modules}  # in the module's order, as PEFT nests
+    depth = {o: len(f) for o, f in found.items() if f} | {n: 1 for n in mha}
     entries = []  # (name in settings, our layer's name, its base: a module or a ModuleParameter)
     for n in names:
-        mha = model.get_submodule(n)
-        if isinstance(mha, nn.MultiheadAttention) and mha._qkv_same_embed_dim:  # in_proj_weight, then out_proj in it
-            entries += [(n, n, ModuleParameter(mha, "in_proj_weight", mha.in_proj_weight, mha.training)),
-                        (n, f"{n}.base_layer.out_proj", mha.out_proj)]
-        else:
-            entries.append((n, n, mha))
-    for owner_name, owner in model.named_modules():  # PEFT's rule and nesting: the last Parameter outermost
-        found = [(p, w) for p, w in owner.named_parameters(recurse=False)
-                 if _matches(f"{owner_name}.{p}".lstrip("."), config.get("target_parameters") or [])]
-        entries += [(f"{owner_name}.{p}".lstrip("."), owner_name + ".base_layer" * (len(found) - 1 - i),
-                     ModuleParameter(owner, p, w, owner.training)) for i, (p, w) in enumerate(found)]
+        m = model.get_submodule(n)
+        entries += [(n, _adapted(n, depth), ModuleParameter(m, "in_proj_weight", m.in_proj_weight, m.training)),
+                    (n, _adapted(f"{n}.out_proj", depth), m.out_proj)] if n in mha else [(n, _adapted(n, depth), m)]
+    for o, m in [(o, m) for o, m in modules if found[o]]:  # the last Parameter outermost
+        entries += [(f"{o}.{p}".lstrip("."), _adapted(o, depth) + ".base_layer" * (len(found[o]) - 1 - i),
+                     ModuleParameter(m, p, w, m.training)) for i, (p, w) in enumerate(found[o])]
     if not entries:
         raise ValueError(f"target_modules {config['target_modules']!r} and target_parameters "
                          f"{config.get('target_parameters')!r} of {directory} match nothing in the model")
@@ -1242,6 +1252,13 @@ def load_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike]) -> n
     own = {k: p.shape for k, p in _adapter_tensors(model).items()}
     return _load_adapter_tensors(model, {keys[k]: _from_peft(keys[k].rsplit(".", 1)[-1], v, own[keys[k]])
                                          for k, v in state.items()}, True, path)
+
+
+def _adapted(name, depth):
+    """A module's name once each module in depth ({name: k}) is inside k LoRAParameters (base_layer. each)."""
+    parts = name.split(".")
+    return ".".join(p + ".base_layer" * depth.get(".".join(parts[:i + 1]), 0) for i, p in enumerate(parts[:-1])) \
+        + ("." if len(parts) > 1 else "") + parts[-1]
 
 
 def _read_peft_weights(directory):
@@ -1291,9 +1308,11 @@ def _all_hooks(module):
 
 
 def _carry_hooks(old, new):
-    """new, with old's forward hooks and pre-hooks (see _CARRIED_HOOKS)."""
+    """new, with old's forward hooks and pre-hooks (see _CARRIED_HOOKS); a LoRAParameter's join its module's."""
     for kind in _CARRIED_HOOKS:
-        if hasattr(old, kind):
+        if isinstance(old, LoRAParameter):
+            getattr(new, kind).update(getattr(old, kind))
+        elif hasattr(old, kind):
             setattr(new, kind, getattr(old, kind))
     return new
 
@@ -1383,9 +1402,10 @@ def _uses(cls, method, after=None, attrs=("weight",)):
         if func is not None and getattr(func, "id", None) not in ("isinstance", "hasattr", "getattr", "type", "id"):
             # a module or method handed to a call is called there: checkpoint(self.fc, x), checkpoint(self._f, x)
             called.update(_self_path(arg) for arg in node.args if _self_path(arg))
-        elif (isinstance(node, ast.Attribute) and node.attr in attrs and isinstance(node.ctx, ast.Load)
-              and _self_path(node.value) and _is_tensor_use(node, parent_of)):
-            read.add(_self_path(node.value))
+        elif isinstance(node, ast.Attribute) and node.attr in attrs and isinstance(node.ctx, ast.Load) and (
+                path := () if getattr(node.value, "id", None) == "self" else _self_path(node.value)) is not None \
+                and _is_tensor_use(node, parent_of):  # () : its own, self.w (in a method a parent calls)
+            read.add(path)
     return read, called, supers
 
 
@@ -1415,13 +1435,13 @@ def _direct_reads(modules, targets, attrs=("weight",)):
         jobs += [(name, reader, prefix, module, m, klass) for m, klass in supers]
         for path in calls:
             callee, owner = _submodule(module, path), _submodule(module, path[:-1])
-            if callee is not None:
-                called.add(id(callee))
+            if callee is not None or path[-1] == "forward" and owner is not None:  # self.fc(x), self.fc.forward(x)
+                called.add(id(callee if callee is not None else owner))
             elif owner is not None:  # a method: self.helper(...), self.altup.correct(...)
                 jobs.append((name, reader, prefix + path[:-1], owner, path[-1], None))
         for path in read:
             child = _submodule(module, path)
-            if child is not None and id(child) in targets:  # by its name in the reader: "layers.1", not "layers.-1"
+            if child is not None and child is not reader and id(child) in targets:  # by its name: "layers.1"
                 found.add((name, reader, next(n for n, m in reader.named_modules() if m is child), child))
     return sorted(((n, r, p, c, id(c) in called) for n, r, p, c in found), key=lambda f: (f[0], f[2]))
 
@@ -1549,7 +1569,7 @@ def _check_targets(modules, settings, skip_unused, to_save=()):
         try:
             if not owner_name or owned or hooks:  # (the wrapper's factored path would skip the module's hooks)
                 raise ValueError("it is the model's own, and add_lora wraps submodules" if not owner_name else
-                                 f"a LoRA layer adapts it already, as {owned}" if owned else
+                                 f"a LoRA layer from target_modules holds it too, as {owned}" if owned else
                                  f"its module has hooks ({', '.join(hooks)})")
             LoRAParameter.check(ModuleParameter(owner, p, weight, owner.training), **settings[name])
         except ValueError as e:
@@ -1565,7 +1585,8 @@ def _check_targets(modules, settings, skip_unused, to_save=()):
     never_called = {id(c): (n, r) for n, r, _, c, called in reads if not called}
     for owner, names, _ in [params[i] for i in never_called if i in params]:
         raise ValueError(f"cannot add LoRA to {sorted(names.values())}: the module's parent "
-                         f"{never_called[id(owner)][0]!r} reads them directly and never calls it")
+                         f"{never_called[id(owner)][0] or type(never_called[id(owner)][1]).__name__!r} "
+                         "reads them directly and never calls it")
     for name in [n for n, m in targets.items() if id(m) in never_called]:
         rname, reader = never_called[id(targets.pop(name))]
         if not skip_unused:
@@ -1732,6 +1753,8 @@ def _read_peft_config(directory):
                 raise ValueError(f"{path}: {field} = {value!r}: lora_min reads {what} here")
         elif field not in _PEFT_NO_EFFECT and not off:
             raise ValueError(f"{path}: {field} = {value!r} is a PEFT feature lora_min does not implement")
+    if config.get("target_modules") is None and config.get("target_parameters"):
+        config["target_modules"] = []  # PEFT's own file for Parameters only
     for field in _PEFT_REQUIRED:
         if config.get(field) is None:
             raise ValueError(f"{path}: the field {field!r} is missing")
