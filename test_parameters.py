@@ -7,12 +7,13 @@ and weighted token by token (`experts_by_hand`); transformers' own experts forwa
 ParamWrapper given the same A and B; gradcheck / gradgradcheck in float64.
 Sections: MoE models of seven transformers families; transformers' experts implementations; one experts module
 (plain math, gradients, dropout); a bare Parameter; nn.MultiheadAttention (alone, in torchvision's ViT, in
-nn.TransformerEncoderLayer); refusals; the bugs this file found, each a test;
-torch.compile (slow).
+nn.TransformerEncoderLayer); refusals; the bugs this file found, each a test; the bugs an adversarial review
+found (PEFT files of Parameters, hooks, modules_to_save inside a wrapper, ...), each a test; torch.compile (slow).
 """
 
 import copy
 import functools
+import json
 import math
 import re
 import warnings
@@ -27,11 +28,15 @@ import lora_min as L
 from conftest import EXACT, assert_unchanged, lora_names, randomize, snapshot, tokens
 
 transformers = pytest.importorskip("transformers")
-moe_integration = pytest.importorskip("transformers.integrations.moe")
 
 GRADS = dict(rtol=1e-9, atol=1e-9)  # float64 gradients: longer sums than the outputs'
 TOL32 = dict(rtol=1e-5, atol=1e-5)
 SETTINGS = dict(r=3, alpha=5.0)  # scale 5/3: a dropped or doubled scale shows
+
+
+def needs_experts():
+    """transformers' experts interface, or a skip: transformers 4 (the oldest tested) has none (nn.Linear experts)."""
+    return pytest.importorskip("transformers.integrations.moe")
 
 
 def scale_of(settings):
@@ -94,6 +99,7 @@ FAMILIES = {  # name: (config class, model class, the family's own fields)
 
 @functools.lru_cache(maxsize=None)
 def _moe_base(family):
+    needs_experts()
     config_class, model_class, fields = FAMILIES[family]
     torch.manual_seed(0)
     with warnings.catch_warnings():
@@ -324,6 +330,7 @@ def test_moe_equals_peft_target_parameters(family):
 @pytest.mark.parametrize("implementation", ["eager", "batched_mm", "grouped_mm"])
 @pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "nemotron_h", "deepseek_v3"])
 def test_each_experts_implementation_gives_the_factored_outputs_and_gradients(family, implementation, monkeypatch):
+    moe_integration = needs_experts()
     dtype = torch.float32 if implementation == "grouped_mm" else torch.float64  # grouped_mm on CPU: no float64
     base, model, settings = lora_moe(family)
     model.to(dtype)
@@ -386,6 +393,7 @@ class Holder(nn.Module):
 def lora_experts(kind, seed=0, **settings):
     """(the plain experts module, random in float64; a Holder of a copy with LoRA on both projections, random
     A and B, in eval mode; the settings)."""
+    needs_experts()
     torch.manual_seed(seed)
     plain = EXPERT_KINDS[kind]().to(torch.float64)
     with torch.no_grad():
@@ -861,6 +869,42 @@ def adapted_projection():
     return L.add_lora(nn.Sequential(Projection()), r=2, target_modules=[], target_parameters=["w"])
 
 
+def gpt_oss_experts():
+    """A Holder of one gpt-oss experts module, random (transformers starts it as torch.empty)."""
+    needs_experts()
+    torch.manual_seed(0)
+    experts = EXPERT_KINDS["transposed, biased, interleaved gate (gpt-oss)"]().to(torch.float64)
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.normal_(0, 0.5)
+    return Holder(experts)
+
+
+class Owner(nn.Module):
+    """A Parameter w that forward and a second method, project, both read: x w^T."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 4, dtype=torch.float64))
+
+    def forward(self, x):
+        return x @ self.w.T
+
+    def project(self, x):
+        return x @ self.w.T
+
+
+class CallsAMethod(nn.Module):
+    """Calls its child's project, never the child: a wrapper around the child would never run."""
+
+    def __init__(self):
+        super().__init__()
+        self.o = Owner()
+
+    def forward(self, x):
+        return self.o.project(x)
+
+
 REFUSALS = [  # (rule, () -> model, model -> the refused call, error, a regex of its message)
     ("a name that matches no Parameter is refused, listing those that LoRA can adapt",
      lambda: nn.Sequential(Projection()), lambda m: L.add_lora(m, target_modules=[], target_parameters=["u"]),
@@ -882,7 +926,7 @@ REFUSALS = [  # (rule, () -> model, model -> the refused call, error, a regex of
      r"^cannot add LoRA to '0\.table': .*needs a float16 / bfloat16 / float32 / float64 weight, got torch\.int64"),
     ("a Parameter that a LoRA layer from target_modules adapts is refused", block,
      lambda m: L.add_lora(m, target_modules=["0.0"], target_parameters=["0.0.weight"]), ValueError,
-     r"^cannot add LoRA to '0\.0\.weight': a LoRA layer adapts it already, as \['0\.0\.weight'\]$"),
+     r"^cannot add LoRA to '0\.0\.weight': a LoRA layer from target_modules holds it too, as \['0\.0\.weight'\]$"),
     ("a MultiheadAttention with kdim != embed_dim is refused",
      lambda: nn.Sequential(nn.MultiheadAttention(8, 2, kdim=4, vdim=4)),
      lambda m: L.add_lora(m, target_modules=["0"]), ValueError,
@@ -895,7 +939,7 @@ REFUSALS = [  # (rule, () -> model, model -> the refused call, error, a regex of
      r"^cannot add LoRA to '0\.w': r \(the LoRA rank\) must be a positive int, got 1\.5$"),
     ("dropout on a Parameter that runs as W + ΔW is refused by name", lambda: nn.Sequential(Projection()),
      lambda m: L.add_lora(m, dropout=0.1, target_modules=[], target_parameters=["w"]), ValueError,
-     r"^cannot add LoRA to '0\.w': .*dropout=0\.1: its module runs with W \+ ΔW \(only transformers' experts run"),
+     r"^cannot add LoRA to '0\.w': .*dropout=0\.1: its module runs with W \+ ΔW \(only transformers' experts' projections"),
     ("dropout on a MultiheadAttention is refused by name", lambda: nn.Sequential(nn.MultiheadAttention(8, 2)),
      lambda m: L.add_lora(m, dropout=0.1, target_modules=["0"]), ValueError,
      r"^cannot add LoRA to '0\.in_proj_weight': .*dropout=0\.1: its module runs with W \+ ΔW"),
@@ -914,6 +958,12 @@ REFUSALS = [  # (rule, () -> model, model -> the refused call, error, a regex of
     ("a model with LoRA gets no second adapter", adapted_projection,
      lambda m: L.add_lora(m, target_modules=[], target_parameters=["v"]), ValueError,
      r"^model already has LoRA layers; lora_min does not stack adapters"),
+    ("dropout on an experts Parameter that is no projection is refused by name (it runs as W + ΔW)", gpt_oss_experts,
+     lambda m: L.add_lora(m, dropout=0.1, target_modules=[], target_parameters=["gate_up_proj", "down_proj_bias"]),
+     ValueError, r"^cannot add LoRA to 'experts\.down_proj_bias': .*dropout=0\.1: its module runs with W \+ ΔW"),
+    ("a parent that calls a method of the module, never the module, is refused (its LoRA would never run)",
+     CallsAMethod, lambda m: L.add_lora(m, r=2, target_modules=[], target_parameters=["w"]), ValueError,
+     r"^cannot add LoRA to \['o\.w'\]: the module's parent 'CallsAMethod' reads them directly and never calls it$"),
 ]
 
 
@@ -1010,6 +1060,256 @@ def test_merged_state_dict_keeps_a_module_really_named_base_layer():
     model.base_layer, model.p = nn.Linear(3, 3), Projection(3, 4, 2)
     L.add_lora(model, r=2, target_modules=[], target_parameters=["p.w"])
     assert list(L.merged_state_dict(model)) == list(L.merge_and_unload(model).state_dict())
+
+
+# --- bugs an adversarial review found, fixed: each test failed before its fix --------------------------------
+
+
+class WithHead(nn.Module):
+    """A Parameter w and two children that forward calls: y = head(fc(x w^T))."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 4, dtype=torch.float64))
+        self.head, self.fc = nn.Linear(4, 3, dtype=torch.float64), nn.Linear(4, 4, dtype=torch.float64)
+
+    def forward(self, x):
+        return self.head(self.fc(x @ self.w.T))
+
+
+def test_a_module_trained_in_full_inside_a_wrapped_module_runs_exports_and_round_trips(tmp_path):
+    torch.manual_seed(0)
+    base = nn.Sequential(WithHead()).eval().requires_grad_(False)
+
+    def adapted():
+        return L.add_lora(copy.deepcopy(base), r=2, target_modules=["fc"], target_parameters=["0.w"],
+                          modules_to_save=["head"])
+
+    model = randomize(adapted(), 1)
+    saved = model[0].inner.head  # the module's own child: what its forward calls
+    assert isinstance(saved, L.TrainedCopy) and saved is model[0].base_layer.head
+    with torch.no_grad():
+        saved.trained.weight.add_(1.0)
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    layers = dict(L.lora_layers(model))
+    w, fc = base[0].w + delta_by_hand(layers["0"], dict(r=2)), base[0].fc
+    h = x @ w.T @ (fc.weight + delta_by_hand(layers["0.base_layer.fc"], dict(r=2))).T + fc.bias
+    y = model(x)
+    torch.testing.assert_close(y, saved.trained(h), **EXACT)  # the trained copy runs
+    assert not torch.allclose(y, base[0].head(h))
+    with L.lora_disabled(model):
+        assert torch.equal(model(x), base(x))
+    state, plain = L.merged_state_dict(model), L.merge_and_unload(model)
+    # the same keys, as sets: merged_state_dict puts a trained copy's keys last, merge_and_unload in module order
+    assert state.keys() == plain.state_dict().keys() == base.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in plain.state_dict().items())
+    assert torch.equal(state["0.head.weight"], saved.trained.weight)
+    torch.testing.assert_close(plain(x), y, **EXACT)
+    L.save_adapter(model, tmp_path / "adapter.pt")
+    fresh = L.load_adapter(adapted(), tmp_path / "adapter.pt")
+    assert torch.equal(fresh(x), y)
+    # PEFT refuses a ModulesToSaveWrapper inside a ParamWrapper: no file of its format says this model
+    (tmp_path / "peft").mkdir()
+    with pytest.raises(ValueError, match=r"^PEFT cannot train \['0\.base_layer\.head'\] in full inside a module "
+                                         r"whose Parameters have LoRA"):
+        L.save_peft_adapter(model, tmp_path / "peft")
+    assert not list((tmp_path / "peft").iterdir())
+
+
+@pytest.mark.parametrize("export", [L.merge_and_unload, L.unload], ids=["merge_and_unload", "unload"])
+def test_export_keeps_the_forward_hooks_of_every_wrapper_and_of_the_module(export):
+    torch.manual_seed(0)
+    model = randomize(L.add_lora(nn.Sequential(Projection()), r=2, target_modules=[], target_parameters=["w", "v"]), 1)
+    calls = []
+    for name, module in [("outer", model[0]), ("inner wrapper", model[0].base_layer), ("module", model[0].inner)]:
+        module.register_forward_hook(lambda m, args, out, name=name: calls.append(name))
+    x = torch.randn(2, 5, dtype=torch.float64)
+    y = model(x)
+    assert calls == ["module", "inner wrapper", "outer"]
+    calls.clear()
+    plain = export(model)
+    assert type(plain[0]) is Projection
+    out = plain(x)
+    assert calls == ["module", "inner wrapper", "outer"]  # each once, in the order they ran before
+    if export is L.merge_and_unload:
+        torch.testing.assert_close(out, y, **EXACT)
+
+
+class Gated(nn.Module):
+    """A Parameter p and a child fc that forward calls: y = fc(tanh(x p^T))."""
+
+    def __init__(self):
+        super().__init__()
+        self.p = nn.Parameter(torch.randn(4, 4, dtype=torch.float64))
+        self.fc = nn.Linear(4, 4, dtype=torch.float64)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(x @ self.p.T))
+
+
+def randomize_peft(peft_model, seed=3, scale=0.5):
+    """Random values for every LoRA tensor of a PEFT model (its init has B at zero)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
+    return peft_model
+
+
+def read_config(directory):
+    return json.loads((directory / "adapter_config.json").read_text())
+
+
+@pytest.mark.parametrize("target_modules", [["fc"], None], ids=["a target module inside the wrapped one",
+                                                                 "target_modules null"])
+def test_a_peft_adapter_on_a_parameter_loads_equal_to_peft_and_saves_back(target_modules, tmp_path):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = nn.Sequential(Gated()).eval().requires_grad_(False)
+    config = peft.LoraConfig(r=2, lora_alpha=3, target_modules=target_modules, target_parameters=["0.p"])
+    theirs = randomize_peft(peft.get_peft_model(copy.deepcopy(base), config)).eval()
+    theirs.save_pretrained(str(tmp_path / "theirs"))
+    if target_modules is None:
+        assert read_config(tmp_path / "theirs")["target_modules"] is None  # PEFT's file for Parameters only
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    y = theirs(x)
+    assert not torch.allclose(y, base(x))
+    ours = L.load_peft_adapter(copy.deepcopy(base), tmp_path / "theirs")
+    assert lora_names(ours) == ["0"] + (["0.base_layer.fc"] if target_modules else [])  # PEFT's nesting
+    torch.testing.assert_close(ours(x), y, **EXACT)
+    L.save_peft_adapter(ours, tmp_path / "ours")
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours")).eval()
+    torch.testing.assert_close(back(x), y, **EXACT)
+
+
+class Attending(nn.Module):
+    """y = fc(attn(q, k, v)) with one nn.MultiheadAttention(8, 2) (kdims: its kdim / vdim)."""
+
+    def __init__(self, **kdims):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True, dtype=torch.float64, **kdims)
+        self.fc = nn.Linear(8, 8, dtype=torch.float64)
+
+    def forward(self, q, k, v):
+        return self.fc(self.attn(q, k, v, need_weights=False)[0])
+
+
+@pytest.mark.parametrize("kdims, targets", [
+    ({}, ["attn.in_proj_weight"]),
+    (dict(kdim=4, vdim=6), ["q_proj_weight", "k_proj_weight", "v_proj_weight"]),
+], ids=["in_proj_weight alone", "q / k / v_proj_weight of an attention with kdim / vdim"])
+def test_an_attentions_input_projections_alone_save_as_target_parameters(kdims, targets, tmp_path):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = Attending(**kdims).eval().requires_grad_(False)
+    with torch.no_grad():
+        base.attn.in_proj_bias.normal_()  # torch starts it at 0
+    model = randomize(L.add_lora(copy.deepcopy(base), r=2, alpha=3.0, target_modules=[], target_parameters=targets),
+                      1, scale=0.5)
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, n, d, generator=g, dtype=torch.float64)
+               for n, d in [(5, 8), (3, kdims.get("kdim", 8)), (3, kdims.get("vdim", 8))])
+    y = model(q, k, v)
+    assert not torch.allclose(y, base(q, k, v))
+    L.save_peft_adapter(model, tmp_path)
+    config = read_config(tmp_path)
+    assert config["target_modules"] == [] and sorted(config["target_parameters"]) == sorted(
+        t.rsplit(".", 1)[-1] for t in targets)  # the Parameters, not the attention (which would add out_proj)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
+    torch.testing.assert_close(theirs(q, k, v), y, **EXACT)
+    torch.testing.assert_close(L.load_peft_adapter(copy.deepcopy(base), tmp_path)(q, k, v), y, **EXACT)
+
+
+def test_an_experts_module_under_two_names_round_trips_through_peft_files(tmp_path):
+    base = moe_base("mixtral")
+    base.model.layers[1].mlp.experts = base.model.layers[0].mlp.experts  # one module, two names
+    model = L.add_lora(copy.deepcopy(base), target_modules=[], target_parameters=projections(base), **SETTINGS)
+    randomize(model, 1, scale=0.3)
+    names = [n for n, _ in L.lora_layers(model, remove_duplicate=False)]
+    assert names == [f"model.layers.{i}.mlp.experts{end}" for i in (0, 1) for end in ("", ".base_layer")]
+    L.save_peft_adapter(model, tmp_path)
+    loaded = L.load_peft_adapter(copy.deepcopy(base), tmp_path)
+    assert [n for n, _ in L.lora_layers(loaded, remove_duplicate=False)] == names  # both names, as for an nn.Linear
+    assert loaded.model.layers[1].mlp.experts is loaded.model.layers[0].mlp.experts
+    y = logits(model)
+    assert not torch.allclose(y, logits(base))
+    torch.testing.assert_close(logits(loaded), y, **EXACT)
+
+
+@pytest.mark.parametrize("kind", EXPERT_KINDS)
+def test_adapted_experts_take_zero_tokens(kind):
+    plain, holder, _ = lora_experts(kind)
+    x, index, weights = routing(tokens=0)
+    expected = plain(x, index, weights)
+    assert expected.shape == (0, 6)
+    for factored in (True, False):
+        set_factored(holder, factored)
+        y = holder(x, index, weights)
+        assert y.shape == (0, 6) and y.dtype == expected.dtype and torch.equal(y, expected)
+
+
+class FlagBias(nn.Module):
+    """A weight w and a bias that is a flag, no tensor: y = x w^T (+ 1 if self.bias)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 4, dtype=torch.float64))
+        self.bias = True
+
+    def forward(self, x):
+        return x @ self.w.T + (1.0 if self.bias else 0.0)
+
+
+def test_a_module_whose_bias_is_no_tensor_keeps_it():
+    torch.manual_seed(0)
+    base = nn.Sequential(FlagBias())
+    model = randomize(L.add_lora(copy.deepcopy(base), r=2, target_modules=[], target_parameters=["w"]), 1)
+    assert model[0].inner.bias is True
+    x = torch.randn(5, 4, dtype=torch.float64)
+    torch.testing.assert_close(model(x), x @ (base[0].w + delta_by_hand(model[0], dict(r=2))).T + 1.0, **EXACT)
+    torch.testing.assert_close(L.merge_and_unload(model)(x), model(x), **EXACT)
+
+
+class CallsForward(nn.Module):
+    """Calls its child's forward by name: the wrapper's forward, so LoRA runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.o = Owner()
+
+    def forward(self, x):
+        return self.o.forward(x)
+
+
+def test_a_parent_calling_its_childs_forward_by_name_is_not_refused():
+    torch.manual_seed(0)
+    base = CallsForward()
+    model = randomize(L.add_lora(copy.deepcopy(base), r=2, target_modules=[], target_parameters=["w"]), 1)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    torch.testing.assert_close(model(x), x @ (base.o.w + delta_by_hand(model.o, dict(r=2))).T, **EXACT)
+
+
+def test_save_peft_adapter_warns_that_peft_doubles_a_multihead_attentions_out_proj_delta_w(tmp_path):
+    peft = pytest.importorskip("peft")
+    base, model, _ = lora_mha(batch_first=True)
+    q, k, v = qkv(True)
+
+    def peft_attention(folder):  # what PEFT loads from the folder save_peft_adapter writes, with the warning
+        with pytest.warns(UserWarning, match=r"PEFT 0\.21 adds the out_proj ΔW of \['0'\] twice \(its issue #3774\)"):
+            L.save_peft_adapter(model, folder)
+        return peft.PeftModel.from_pretrained(copy.deepcopy(base), str(folder)).eval().base_model.model[0]
+
+    theirs = peft_attention(tmp_path / "random")
+    doubled = copy.deepcopy(model)
+    with torch.no_grad():
+        dict(L.lora_layers(doubled))["0.base_layer.out_proj"].lora_B.mul_(2)
+    y = theirs(q, k, v)[0]
+    torch.testing.assert_close(y, doubled[0](q, k, v)[0], **EXACT)  # the warning is true: W_out + 2 ΔW_out
+    assert not torch.allclose(y, model[0](q, k, v)[0])
+    with torch.no_grad():
+        dict(L.lora_layers(model))["0.base_layer.out_proj"].lora_B.zero_()  # ΔW_out = 0: PEFT computes ours
+    torch.testing.assert_close(peft_attention(tmp_path / "zero")(q, k, v)[0], model[0](q, k, v)[0], **EXACT)
 
 
 # --- torch.compile -----------------------------------------------------------------------------------------------
