@@ -392,8 +392,6 @@ class LoRAConv(LoRALayer):
     """
 
     base_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-    _SETTINGS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
-                 "padding_mode", "_reversed_padding_repeated_twice")
 
     @classmethod
     def why_unsupported(cls, base: nn.Module, r: int, dropout: float) -> Optional[str]:
@@ -415,23 +413,21 @@ class LoRAConv(LoRALayer):
 
     def keep_base_settings(self, conv: nn.Module) -> None:
         self.conv_class = self.base_class(conv)
-        for name in self._SETTINGS:
+        for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+                     "padding_mode", "_reversed_padding_repeated_twice"):
             setattr(self, name, getattr(conv, name))
 
     def as_weight(self, delta: torch.Tensor) -> torch.Tensor:
         return delta.view(self.weight.shape)
 
-    def _conv(self, x, weight, bias):
-        return self.conv_class._conv_forward(self, x, weight, bias)
-
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv(x, self.weight, self.bias)
+        return self.conv_class._conv_forward(self, x, self.weight, self.bias)
 
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         y, x_lora = self.base_forward(x), self.lora_dropout(x).to(self.lora_A.dtype)
         conv = (F.conv1d, F.conv2d, F.conv3d)[len(self.kernel_size) - 1]
         if self.groups == 1:
-            h = self._conv(x_lora, self.lora_A, None)  # (N, r, *spatial)
+            h = self.conv_class._conv_forward(self, x_lora, self.lora_A, None)  # (N, r, *spatial)
         else:  # A is dense: all input channels, the base's stride and padding (PEFT's rule)
             h = conv(x_lora, self.lora_A, None, self.stride, self.padding)
         B = self.lora_B.view(*self.lora_B.shape, *[1] * len(self.kernel_size))  # B per pixel: a 1x1 convolution
@@ -491,12 +487,9 @@ def _owner(module):
     return _owner(module.base_layer) if isinstance(module, LoRAParameter) else module
 
 
-_PROJECTIONS = ("gate_up_proj", "up_proj", "down_proj")  # what experts_forward computes factored
-
-
-def _is_experts(module):
-    """Whether module follows transformers' experts interface (@use_experts_implementation)."""
-    return hasattr(type(module).forward, "__wrapped__") and all(
+def _factored(module, name):
+    """Whether experts_forward computes module.<name>: a projection of transformers' @use_experts_implementation."""
+    return name in ("gate_up_proj", "up_proj", "down_proj") and hasattr(type(module).forward, "__wrapped__") and all(
         hasattr(module, a) for a in ("num_experts", "has_gate", "has_bias", "is_transposed", "down_proj"))
 
 
@@ -532,7 +525,7 @@ class LoRAParameter(_PassThrough, LoRALayer):
     def why_unsupported(cls, base: ModuleParameter, r: int, dropout: float) -> Optional[str]:
         if base.weight.dim() not in (2, 3):
             return f"its shape {tuple(base.weight.shape)} is no weight (out, in) nor stack (E, out, in)"
-        if dropout and not (_is_experts(_owner(base.base_layer)) and base.name in _PROJECTIONS):
+        if dropout and not _factored(_owner(base.base_layer), base.name):
             return f"dropout={dropout}: its module runs with W + ΔW (only transformers' experts' projections factor)"
         return None
 
@@ -548,8 +541,10 @@ class LoRAParameter(_PassThrough, LoRALayer):
 
     def keep_base_settings(self, base: ModuleParameter) -> None:
         self.transposed = self.weight.dim() == 3 and getattr(self.inner, "is_transposed", False)
-        self.factored = _is_experts(self.inner) and self.parameter_name in _PROJECTIONS
+        self.factored = _factored(self.inner, self.parameter_name)
         self.reads = ()
+        below = self.base_layer  # `inside`: the LoRAParameters inside this one (a module's others), outermost first
+        self.inside = (below, *below.inside) if isinstance(below, LoRAParameter) else ()
 
     @property
     def inner(self) -> nn.Module:  # the module that holds the Parameter
@@ -578,27 +573,23 @@ class LoRAParameter(_PassThrough, LoRALayer):
     def forward(self, *args, **kwargs):  # LoRALayer.forward's one input is here the call: (args, kwargs)
         return super().forward((args, kwargs))
 
-    def chain(self) -> list:
-        """This wrapper and the LoRAParameters inside it, outermost first."""
-        return [self] + (self.base_layer.chain() if isinstance(self.base_layer, LoRAParameter) else [])
-
     def base_forward(self, call: tuple) -> torch.Tensor:
         return self._run_with(call, None)
 
     def adapted_forward(self, call: tuple) -> torch.Tensor:
-        chain = self.chain()
+        chain = (self, *self.inside)
         if all(layer.factored for layer in chain) and not getattr(self.inner, "_is_expert_parallel", False):
             loras = {layer.parameter_name: layer for layer in chain if layer.enabled and not layer.merged}
             return experts_forward(self.inner, *call[0], **call[1], loras=loras)
         if self.dropout and self.training:
             raise RuntimeError(f"dropout={self.dropout} on {self.parameter_name}, which runs as W + ΔW here: "
-                               "use factored=True (transformers' experts) or dropout=0")
+                               "set layer.factored = True (transformers' experts) or use dropout=0")
         return self._run_with(call, self._weight_plus(+1, check_finite=False))
 
     def _run_with(self, call, weight):
         """base_layer(*args, **kwargs) with `weight` (if not None) in W's place and W + ΔW of each
         enabled, unmerged child in `reads` in its weight's place."""
-        depth = "base_layer." * (len(self.chain()) - 1)
+        depth = "base_layer." * len(self.inside)
         children = {f"{depth}{n}.weight": self.inner.get_submodule(n) for n in self.reads}
         new = {k: c._weight_plus(+1, check_finite=False) for k, c in children.items() if c.enabled and not c.merged}
         if weight is not None:
@@ -657,20 +648,17 @@ def lora_class_for(module: nn.Module) -> Optional[type]:
 
 def _inner(model):
     """The model inside torch.compile's, DDP's or DataParallel's wrapper: every helper uses its names."""
-    while True:
-        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        else:
-            return model
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        return _inner(model.module)
+    if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        return _inner(model._orig_mod)
+    return model
 
 
 def lora_layers(model: nn.Module, remove_duplicate: bool = True) -> Iterator[tuple[str, LoRALayer]]:
     """(name, layer) for every LoRA layer; a layer under several names once, or under each."""
-    for name, module in _inner(model).named_modules(remove_duplicate=remove_duplicate):
-        if isinstance(module, LoRALayer):
-            yield name, module
+    modules = _inner(model).named_modules(remove_duplicate=remove_duplicate)
+    yield from ((name, module) for name, module in modules if isinstance(module, LoRALayer))
 
 
 class TrainedCopy(_PassThrough, nn.Module):
@@ -692,14 +680,12 @@ class TrainedCopy(_PassThrough, nn.Module):
     inner = running
 
 
-
 def _trained_copies(model):
     return [(name, m) for name, m in _inner(model).named_modules() if isinstance(m, TrainedCopy)]
 
 
 def _matches(name, targets):
-    """A target matches a module by its full name or by its last dotted components
-    ("q_proj" matches "layers.0.attn.q_proj", never "layers.0.attn.qq_proj")."""
+    """A target matches a module by its full name or its dotted end ("q_proj": "a.q_proj", never "a.qq_proj")."""
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
@@ -749,8 +735,7 @@ def add_lora(model: nn.Module, r: int = 8, alpha: Optional[float] = None, dropou
     names = [n for n in _target_names(modules, target_modules)
              if not (target_modules is None and any(_matches(n, [s]) or n.startswith(s + ".") for s in to_save))]
     params = [(f"{n}.{p}".lstrip("."), w) for n, m in modules for p, w in m.named_parameters(recurse=False)]
-    names += _target_names(params, target_parameters, "target_parameters", lambda p: p.dim() > 1) \
-        if target_parameters else []
+    names += _target_names(params, target_parameters or (), "target_parameters", lambda p: p.dim() > 1)
     _attach_lora(model, modules, {name: settings for name in names}, target_modules is None, to_save)
     return given
 
@@ -772,10 +757,10 @@ def _attach_lora(model, modules, settings, skip_unused=False, to_save=()):
             saved[id(by_name[n])] = TrainedCopy(by_name[n])
         except Exception as e:
             raise ValueError(f"modules_to_save {n!r} cannot be copied to train it ({type(e).__name__}: {e})") from None
-    owners, layers, targets_by_id = _owners(modules), {}, {id(m): m for m in targets.values()}
+    owners, layers = _owners(modules), {}
     for name, module in targets.items():
-        if id(module) not in layers:
-            layers[id(module)] = layer = lora_class_for(module)(module, **settings[name])
+        if id(module) not in layers:  # with the module's forward hooks (a LoRAParameter runs its module's own)
+            layers[id(module)] = layer = _carry_hooks(module, lora_class_for(module)(module, **settings[name]))
             params = [p for p in (module.weight, getattr(module, "bias", None)) if p is not None]
             layer.shared_with = tuple(n for p in params for m, n in owners[_memory(p)] if m is not module)
     for owner, names, covered in wrapped.values():  # nested in the module's own order, as PEFT nests them
@@ -784,8 +769,7 @@ def _attach_lora(model, modules, settings, skip_unused=False, to_save=()):
             layer = LoRAParameter(ModuleParameter(layer, p, weight, owner.training), **settings[names[p]])
             layer.shared_with = tuple(n for m, n in owners[_memory(weight)] if m is not owner)
         layer.reads, layers[id(owner)] = tuple(covered), layer
-    _replace_modules(model, modules, saved | {i: layer if isinstance(layer, LoRAParameter) else  # (it runs inside)
-                                              _carry_hooks(targets_by_id[i], layer) for i, layer in layers.items()})
+    _replace_modules(model, modules, saved | layers)
     for reader, paths in reads.items():
         _BypassCheck(reader, sorted(paths))
     for encoder in [m for m in model.modules() if isinstance(m, nn.TransformerEncoder)]:
@@ -796,16 +780,14 @@ def _attach_lora(model, modules, settings, skip_unused=False, to_save=()):
 
 def _replace_modules(model, modules, new):
     """Put new[id(module)] in place of each such module, under every name it has (inner ones first)."""
-    for name, module in reversed(modules):
-        if id(module) in new:
-            parent_name, _, child_name = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child_name, new[id(module)])
+    for name, module in [(n, m) for n, m in reversed(modules) if id(m) in new]:
+        parent_name, _, child_name = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child_name, new[id(module)])
 
 
 def mark_only_lora_as_trainable(model: nn.Module) -> nn.Module:
     """requires_grad = True for lora_A / lora_B (and TrainedCopy's trained), False for every other parameter."""
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model.requires_grad_(False)
     for _, layer in lora_layers(model):
         layer.lora_A.requires_grad_(True)
         layer.lora_B.requires_grad_(True)
@@ -903,17 +885,15 @@ def _to_base_layers(model, inplace, weights, what, keep):
     """model (a copy unless inplace), each LoRA layer replaced by its base layer holding weights(name,
     layer) = (weight, bias) and the layer's forward hooks, each TrainedCopy by its `keep` module."""
     model = _inner(model)
-    for name, layer in lora_layers(model):
-        if _hooks(layer):
-            raise ValueError(f"{what}: {name or type(layer).__name__!r} has hooks that replacing it with a plain "
-                             f"layer would drop: {', '.join(_hooks(layer))}; remove them first")
+    for name, layer in [(name, layer) for name, layer in lora_layers(model) if _hooks(layer)]:
+        raise ValueError(f"{what}: {name or type(layer).__name__!r} has hooks that replacing it with a plain "
+                         f"layer would drop: {', '.join(_hooks(layer))}; remove them first")
     model = model if inplace else copy.deepcopy(model)
     layers = list(lora_layers(model))
     new = {id(layer): weights(name, layer) for name, layer in layers}  # all computed (and checked) first
     _BypassCheck.remove_all(model)
-    plain = {}  # one plain layer per LoRA layer, also where it is registered under several names
-    for name, layer in reversed(layers):  # nested LoRAParameters: the outer one's hooks last
-        plain[id(layer)] = _carry_hooks(layer, layer.base_module(*new[id(layer)]).train(layer.training))
+    plain = {id(layer): _carry_hooks(layer, layer.base_module(*new[id(layer)]).train(layer.training))
+             for _, layer in reversed(layers)}  # one per LoRA layer (nested LoRAParameters: the outer's hooks last)
     plain.update({id(saved): getattr(saved, keep) for _, saved in _trained_copies(model)})
     if isinstance(model, LoRALayer):
         return plain[id(model)]
@@ -937,8 +917,8 @@ def merged_state_dict(model: nn.Module) -> dict:
             with torch.no_grad():
                 exported[id(layer)] = _exported_weight(name, layer)
         wrapper = isinstance(layer, LoRAParameter)
-        state[prefix + ("base_layer." * len(layer.chain()) + layer.parameter_name if wrapper else "weight")] = \
-            exported[id(layer)]
+        weight_key = "base_layer." * (len(layer.inside) + 1) + layer.parameter_name if wrapper else "weight"
+        state[prefix + weight_key] = exported[id(layer)]
     for name, saved in _trained_copies(model):
         running = f"{name}.trained." if saved.enabled else f"{name}.original."
         for key in [k for k in state if k.startswith(f"{name}.original.") or k.startswith(f"{name}.trained.")]:
@@ -992,9 +972,8 @@ def _load_adapter_tensors(model, state, strict, source):
     if merged:
         raise RuntimeError(f"cannot load an adapter into merged layers {merged}; call unmerge_lora(model) first")
     with torch.no_grad():
-        for k, param in own.items():
-            if k in state:
-                param.copy_(_shard_like(param, state[k].to(device=param.device, dtype=param.dtype)))
+        for k, param in [(k, p) for k, p in own.items() if k in state]:
+            param.copy_(_shard_like(param, state[k].to(device=param.device, dtype=param.dtype)))
     return model
 
 
@@ -1036,28 +1015,23 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
     return _load_adapter_tensors(model, saved["state_dict"], True, str(path))
 
 
-# --- PEFT's adapter format (adapter_config.json + adapter_model.safetensors), read
-# and written by Hugging Face PEFT, vLLM, TGI, ...: tensors are keyed
-# "base_model.model.<module name>.lora_A.weight" (embeddings: ".lora_embedding_A");
-# the config says which modules (target_modules) with which r and lora_alpha
-# (rank_pattern / alpha_pattern for the modules that differ).
+# --- PEFT's adapter format (adapter_config.json + adapter_model.safetensors), read and written by
+# Hugging Face PEFT, vLLM, TGI, ...: tensors are keyed "base_model.model.<module name>.lora_A.weight"
+# (embeddings: ".lora_embedding_A"); the config says which modules (target_modules) with which r and
+# lora_alpha (rank_pattern / alpha_pattern for the modules that differ).
 
 _PEFT_PREFIX = "base_model.model."
 
 
 def _peft_pattern_value(patterns, name, default):
     """PEFT's rank_pattern / alpha_pattern rule: the first key that matches the end of name."""
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
+    return next((value for key, value in (patterns or {}).items() if re.match(rf"(.*\.)?({key})$", name)), default)
 
 
 def _peft_targets(config, name):
     """PEFT's rule: a list matches a full name or its dotted end, a string is a regex of the full name."""
     def matches(spec):
         return bool(re.fullmatch(spec, name)) if isinstance(spec, str) else _matches(name, spec)
-
     excluded = config.get("exclude_modules")
     return matches(config["target_modules"]) and not (excluded and matches(excluded))
 
@@ -1068,7 +1042,7 @@ def _peft_layout(name, cls, module, r):
     a_shape, b_shape = cls.lora_shapes(module, r)
     if cls is LoRAConv:
         b_shape = (*b_shape, *[1] * len(module.kernel_size))
-    if len(b_shape) == 3:  # an expert stack: A (r*E, in) expert-major, B (out, r*E) rank-major (see _from_peft)
+    elif len(b_shape) == 3:  # an expert stack: A (r*E, in) expert-major, B (out, r*E) rank-major (see _from_peft)
         (E, r, in_), (_, out, _) = a_shape, b_shape
         a_shape, b_shape = (E * r, in_), (out, r * E)
     key = f"{_PEFT_PREFIX}{name}." + ("lora_embedding_{}" if cls is LoRAEmbedding else "lora_{}.weight")
@@ -1135,18 +1109,16 @@ def _peft_config(model, layers, base_model_name_or_path):
             raise ValueError(f"PEFT has one {setting} for all layers; these layers differ: {values}")
     r = collections.Counter(layer.r for layer in layers.values()).most_common(1)[0][0]
     alpha = collections.Counter(layer.alpha for layer in layers.values()).most_common(1)[0][0]
-    config = {
-        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path,
-        "r": r, "lora_alpha": int(alpha) if alpha == int(alpha) else alpha,
-        "target_modules": _exact_peft_targets(model, modules) if modules else [],
-        "rank_pattern": {n: layer.r for n, layer in (modules | params).items() if layer.r != r},
-        "alpha_pattern": {n: layer.alpha for n, layer in (modules | params).items() if layer.alpha != alpha},
-        "lora_dropout": next(iter(with_dropout.values())).dropout if with_dropout else 0.0,
-        "use_rslora": next(iter(layers.values())).use_rslora,
-        "bias": "none", "fan_in_fan_out": any(isinstance(layer, LoRAConv1D) for layer in layers.values()),
-        "use_dora": False, "modules_to_save": _peft_modules_to_save(model),
-        "layers_to_transform": None, "layers_pattern": None, "init_lora_weights": True, "inference_mode": True,
-    }
+    config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path,
+              "r": r, "lora_alpha": int(alpha) if alpha == int(alpha) else alpha,
+              "target_modules": _exact_peft_targets(model, modules) if modules else [],
+              "rank_pattern": {n: layer.r for n, layer in (modules | params).items() if layer.r != r},
+              "alpha_pattern": {n: layer.alpha for n, layer in (modules | params).items() if layer.alpha != alpha},
+              "lora_dropout": next(iter(with_dropout.values())).dropout if with_dropout else 0.0,
+              "use_rslora": next(iter(layers.values())).use_rslora,
+              "bias": "none", "fan_in_fan_out": any(isinstance(layer, LoRAConv1D) for layer in layers.values()),
+              "use_dora": False, "modules_to_save": _peft_modules_to_save(model),
+              "layers_to_transform": None, "layers_pattern": None, "init_lora_weights": True, "inference_mode": True}
     if params:
         config["target_parameters"] = short if exact else sorted(params)
     for n, layer in (modules | params).items():  # PEFT's pattern rule must give every layer back its own r, alpha
@@ -1227,8 +1199,7 @@ def load_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike]) -> n
     settings, expected, keys = {}, {}, {}
     for n, layer_name, base in entries:
         cls = LoRAParameter if isinstance(base, ModuleParameter) else lora_class_for(base)
-        reason = None if cls is LoRAParameter else _why_not_replaceable(base)
-        if reason:
+        if cls is not LoRAParameter and (reason := _why_not_replaceable(base)):
             raise ValueError(f"{directory} targets {n!r}, which lora_min cannot adapt: it {reason}")
         if base.weight.is_meta:
             raise ValueError(f"{n!r} is on the meta device, with no memory to load into: materialise the model "
@@ -1239,8 +1210,7 @@ def load_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike]) -> n
         half = base.weight.dtype in (torch.float16, torch.bfloat16)  # float32 adapters there, as PEFT's
         for ab, (key, shape) in _peft_layout(layer_name, cls, base, settings[n]["r"]).items():
             expected[key], keys[key] = (shape, torch.float32 if half else base.weight.dtype), f"{layer_name}.{ab}"
-    # modules_to_save: PEFT's rule (a name's end, no dot needed); a name matching nothing is fine, as in
-    # PEFT (its SEQ_CLS adapters list both "classifier" and "score")
+    # PEFT's modules_to_save rule (a name's end, no dot); one matching nothing is fine (SEQ_CLS lists classifier, score)
     to_save = [n for n, _ in modules if n and any(n.endswith(t) for t in config.get("modules_to_save") or [])]
     for n in to_save:
         for k, v in model.get_submodule(n).state_dict().items():
@@ -1256,9 +1226,8 @@ def load_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike]) -> n
 
 def _adapted(name, depth):
     """A module's name once each module in depth ({name: k}) is inside k LoRAParameters (base_layer. each)."""
-    parts = name.split(".")
-    return ".".join(p + ".base_layer" * depth.get(".".join(parts[:i + 1]), 0) for i, p in enumerate(parts[:-1])) \
-        + ("." if len(parts) > 1 else "") + parts[-1]
+    *outer, last = name.split(".")
+    return ".".join([p + ".base_layer" * depth.get(".".join(outer[:i + 1]), 0) for i, p in enumerate(outer)] + [last])
 
 
 def _read_peft_weights(directory):
@@ -1282,9 +1251,8 @@ def _read_peft_weights(directory):
     return path, state
 
 
-# --- The guards: misuse raises, naming what is wrong, and a refused call changes
-# nothing. In the order of the README's "Limits": settings (LoRALayer.check),
-# modules no layer computes exactly, LoRA the model would never run, tied
+# --- The guards: misuse raises, naming what is wrong, and a refused call changes nothing. In the order of the README's
+# "Limits": settings (LoRALayer.check), modules no layer computes exactly, LoRA the model would never run, tied
 # weights, check-then-change, files. check_* raises; why_* returns a reason or None.
 
 # --- modules no LoRA layer computes exactly ---------------------------------------
@@ -1297,14 +1265,12 @@ _DROPPED_HOOKS = ("_backward_pre_hooks", "_backward_hooks", "_state_dict_pre_hoo
                   "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
 
 
-def _hooks(module):
-    """Every hook on the module that a replacement would drop, e.g. "backward pre hook fn"."""
+def _hooks(module, every=False):
+    """Each hook on the module a replacement would drop ("backward pre hook fn"); every: each kind it has."""
+    if every:
+        return [kind for kind in _CARRIED_HOOKS + _DROPPED_HOOKS if getattr(module, kind, None)]
     return [f"{kind.strip('_').replace('_hooks', ' hook')} {getattr(h, '__qualname__', repr(h))}"
             for kind in _DROPPED_HOOKS for h in getattr(module, kind, {}).values()]
-
-
-def _all_hooks(module):
-    return [kind for kind in _CARRIED_HOOKS + _DROPPED_HOOKS if getattr(module, kind, None)]
 
 
 def _carry_hooks(old, new):
@@ -1326,9 +1292,8 @@ def _why_not_replaceable(module):
         return f"is a {kind}, not an nn.Linear, nn.Embedding, nn.Conv1d/2d/3d or transformers' Conv1D"
     if parametrize.is_parametrized(module):
         return "is parametrized (torch.nn.utils.parametrize, e.g. weight_norm): its weight is computed, not stored"
-    base = cls.base_class(module)
     for method in ("forward", "_conv_forward"):  # quantized layers, custom forwards, weight-standardised convs
-        if getattr(type(module), method, None) is not getattr(base, method, None):
+        if getattr(type(module), method, None) is not getattr(cls.base_class(module), method, None):
             return f"is a {kind}, a subclass with its own {method}(), which {cls.__name__} would not compute"
     if not isinstance(module.weight, nn.Parameter):
         return "has a weight that is not an nn.Parameter (old-style weight_norm?)"
@@ -1338,13 +1303,12 @@ def _why_not_replaceable(module):
 
 
 # --- LoRA the model would never run -------------------------------------------------
-# A parent whose code reads a child's weight itself, F.linear(x, self.out_proj.weight),
-# instead of calling self.out_proj(x), would skip a LoRA layer put there: no error, no
-# gradient. We read the source of each module's forward and of what it calls on self
-# (self.helper(...), super().forward(...), self.altup.correct(...)). A child that is
-# read and never called is refused; one also called (on other code paths) is adapted,
-# and _BypassCheck raises when a forward skips it. Not seen: reads through local
-# aliases or a module passed as an argument, and code without Python source.
+# A parent whose code reads a child's weight itself, F.linear(x, self.out_proj.weight), instead of
+# calling self.out_proj(x), would skip a LoRA layer put there: no error, no gradient. We read the
+# source of each module's forward and of what it calls on self (self.helper(...), super().forward(...),
+# self.altup.correct(...)). A child that is read and never called is refused; one also called (on other
+# code paths) is adapted, and _BypassCheck raises when a forward skips it. Not seen: reads through
+# local aliases or a module passed as an argument, and code without Python source.
 
 _METADATA = {"dtype", "device", "shape", "ndim", "requires_grad", "is_cuda", "is_meta", "size", "dim", "numel"}
 
@@ -1369,9 +1333,8 @@ def _self_path(node):
 def _is_tensor_use(node, parent_of):
     """Whether self.<path>.weight is used as a tensor: not .dtype, not isinstance, not compared (is None)."""
     parent = parent_of.get(node)
-    if isinstance(parent, ast.Attribute) and parent.attr in _METADATA:
-        return False
-    if isinstance(parent, ast.Call) and getattr(parent.func, "id", None) in ("isinstance", "hasattr"):
+    if (isinstance(parent, ast.Attribute) and parent.attr in _METADATA
+            or isinstance(parent, ast.Call) and getattr(parent.func, "id", None) in ("isinstance", "hasattr")):
         return False
     while isinstance(parent_of.get(node), (ast.Subscript, ast.Attribute, ast.BinOp, ast.UnaryOp, ast.Compare)):
         node = parent_of[node]
@@ -1424,21 +1387,20 @@ def _direct_reads(modules, targets, attrs=("weight",)):
     """[(reader name, reader, child path, child, whether any forward calls it)] where a reader's
     forward (or a method it reaches) reads the weight (or attrs) of a target (targets: {id: module})."""
     called, found, seen = set(), set(), set()
-    jobs = [(name, module, (), module, "forward", None) for name, module in modules]
+    jobs = [(name, module, module, "forward", None) for name, module in modules]
     while jobs:
-        job = jobs.pop()
-        name, reader, prefix, module, method, after = job
+        name, reader, module, method, after = jobs.pop()
         if (id(reader), id(module), method, after) in seen:
             continue
         seen.add((id(reader), id(module), method, after))
         read, calls, supers = _uses(type(module), method, after, attrs)
-        jobs += [(name, reader, prefix, module, m, klass) for m, klass in supers]
+        jobs += [(name, reader, module, m, klass) for m, klass in supers]
         for path in calls:
             callee, owner = _submodule(module, path), _submodule(module, path[:-1])
             if callee is not None or path[-1] == "forward" and owner is not None:  # self.fc(x), self.fc.forward(x)
                 called.add(id(callee if callee is not None else owner))
             elif owner is not None:  # a method: self.helper(...), self.altup.correct(...)
-                jobs.append((name, reader, prefix + path[:-1], owner, path[-1], None))
+                jobs.append((name, reader, owner, path[-1], None))
         for path in read:
             child = _submodule(module, path)
             if child is not None and child is not reader and id(child) in targets:  # by its name: "layers.1"
@@ -1476,10 +1438,9 @@ class _BypassCheck:
         children = {p: reader.get_submodule(p) for p in self.paths}
         skipped = [p for p, c in children.items() if c.enabled and not c.merged and id(self.runners[p]) not in self.ran]
         if skipped and output is not None:  # None: the forward raised (this hook is always called)
-            raise RuntimeError(
-                f"LoRA on {skipped} did not run: this {type(reader).__name__}'s forward read their weight directly "
-                "instead of calling them, so it computed the model without LoRA. For inference, merge_lora(model) "
-                "first (the merged weight is what it reads).")
+            raise RuntimeError(f"LoRA on {skipped} did not run: this {type(reader).__name__}'s forward read their "
+                               "weight directly instead of calling them, so it computed the model without LoRA. For "
+                               "inference, merge_lora(model) first (the merged weight is what it reads).")
 
     @staticmethod
     def remove_all(model):
@@ -1543,7 +1504,7 @@ def _check_targets(modules, settings, skip_unused, to_save=()):
             raise ValueError(f"modules_to_save {name!r} is also a LoRA target or holds one, or is inside another: "
                              f"{[name] if name in settings else inside}; a module is trained either way, not both")
         module = by_name[name]
-        others, hooks = [n for n, m in modules if m is module and n != name], _all_hooks(module)
+        others, hooks = [n for n, m in modules if m is module and n != name], _hooks(module, every=True)
         if others or hooks:
             problem = f"is also registered as {others}" if others else f"has hooks ({', '.join(hooks)})"
             raise ValueError(f"modules_to_save {name!r} {problem}, which its trained copy would not share")
@@ -1565,7 +1526,7 @@ def _check_targets(modules, settings, skip_unused, to_save=()):
     for name in [n for n in settings if n not in by_name]:
         owner_name, _, p = name.rpartition(".")
         owner, weight = by_name[owner_name], getattr(by_name[owner_name], p)
-        owned, hooks = [n for m, n in owners[_memory(weight)] if m in targets.values()], _all_hooks(owner)
+        owned, hooks = [n for m, n in owners[_memory(weight)] if m in targets.values()], _hooks(owner, every=True)
         try:
             if not owner_name or owned or hooks:  # (the wrapper's factored path would skip the module's hooks)
                 raise ValueError("it is the model's own, and add_lora wraps submodules" if not owner_name else
@@ -1583,10 +1544,9 @@ def _check_targets(modules, settings, skip_unused, to_save=()):
     reads = [(n, r, p, c, called or id(c) in covered) for n, r, p, c, called in reads if id(r) not in params
              or id(c) in params]
     never_called = {id(c): (n, r) for n, r, _, c, called in reads if not called}
-    for owner, names, _ in [params[i] for i in never_called if i in params]:
+    for (rname, reader), (_, names, _) in [(never_called[i], params[i]) for i in never_called if i in params]:
         raise ValueError(f"cannot add LoRA to {sorted(names.values())}: the module's parent "
-                         f"{never_called[id(owner)][0] or type(never_called[id(owner)][1]).__name__!r} "
-                         "reads them directly and never calls it")
+                         f"{rname or type(reader).__name__!r} reads them directly and never calls it")
     for name in [n for n, m in targets.items() if id(m) in never_called]:
         rname, reader = never_called[id(targets.pop(name))]
         if not skip_unused:
@@ -1692,13 +1652,9 @@ def _is_regex(v, rule="{}"):
         return False
 
 
-def _is_list_of_names(v):
-    return isinstance(v, list) and all(isinstance(t, str) for t in v)
-
-
-def _is_names(v):
-    """A list of module names, or one regex string (PEFT's two forms of target_modules)."""
-    return _is_regex(v) or _is_list_of_names(v)
+def _is_names(v, regex=False):
+    """A list of names, or (regex=True) also one regex string: PEFT's two forms of target_modules."""
+    return isinstance(v, list) and all(isinstance(t, str) for t in v) or regex and _is_regex(v)
 
 
 def _is_pattern_dict(check):
@@ -1714,8 +1670,8 @@ _PEFT_FIELDS = {
     "r": ("a positive int", lambda v: _is_int(v) and v > 0),
     "lora_alpha": ("a positive number", lambda v: _is_number(v) and v > 0),
     "target_modules": ("a list of module names or a regex string ('all-linear' is not supported: list the names)",
-                       lambda v: _is_names(v) and v != "all-linear"),
-    "exclude_modules": ("a list of module names or a regex string", _is_names),
+                       lambda v: _is_names(v, regex=True) and v != "all-linear"),
+    "exclude_modules": ("a list of module names or a regex string", lambda v: _is_names(v, regex=True)),
     "lora_dropout": ("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1),
     "use_rslora": ("true or false", lambda v: isinstance(v, bool)),
     "rank_pattern": ("an object {name regex: positive int}", _is_pattern_dict(lambda x: _is_int(x) and x > 0)),
@@ -1723,14 +1679,13 @@ _PEFT_FIELDS = {
     "bias": ("'none' (lora_min trains no biases)", lambda v: v == "none"),
     # Initialisations that differ only in the starting A and B, which the file replaces:
     "init_lora_weights": ("true, false or 'gaussian'", lambda v: v is True or v is False or v == "gaussian"),
-    "modules_to_save": ("a list of module names", _is_list_of_names),
-    "target_parameters": ("a list of Parameter names", _is_list_of_names),
+    "modules_to_save": ("a list of module names", _is_names),
+    "target_parameters": ("a list of Parameter names", _is_names),
 }
 _PEFT_REQUIRED = ("peft_type", "r", "lora_alpha", "target_modules")
-# Fields that do not change what the adapted model computes.
+# Fields that do not change what the adapted model computes (fan_in_fan_out: PEFT sets it per layer, True for Conv1D).
 _PEFT_NO_EFFECT = {"task_type", "base_model_name_or_path", "revision", "inference_mode", "peft_version",
-                   "auto_mapping", "megatron_core", "qalora_group_size",
-                   "fan_in_fan_out"}  # PEFT itself sets it per layer: True for Conv1D, False for the rest
+                   "auto_mapping", "megatron_core", "qalora_group_size", "fan_in_fan_out"}
 
 
 def _read_peft_config(directory):
@@ -1755,9 +1710,8 @@ def _read_peft_config(directory):
             raise ValueError(f"{path}: {field} = {value!r} is a PEFT feature lora_min does not implement")
     if config.get("target_modules") is None and config.get("target_parameters"):
         config["target_modules"] = []  # PEFT's own file for Parameters only
-    for field in _PEFT_REQUIRED:
-        if config.get(field) is None:
-            raise ValueError(f"{path}: the field {field!r} is missing")
+    for field in [field for field in _PEFT_REQUIRED if config.get(field) is None]:
+        raise ValueError(f"{path}: the field {field!r} is missing")
     return config
 
 
@@ -1765,11 +1719,9 @@ def _check_peft_base_weights(model, state, path):
     """state without the base weights PEFT may store (save_embedding_layers: "<name>.base_layer.weight",
     or "<name>.weight"), each of which must equal the model's own: lora_min never overwrites them."""
     params = dict(model.named_parameters(remove_duplicate=False))
-    base_keys = {}
-    for key in state:
-        name = key[len(_PEFT_PREFIX):] if key.startswith(_PEFT_PREFIX) else None
-        if name is not None and name.rsplit(".", 1)[-1] in ("weight", "bias") and ".lora_" not in name:
-            base_keys[key] = name.replace(".base_layer.", ".")
+    names = {key: key[len(_PEFT_PREFIX):] for key in state if key.startswith(_PEFT_PREFIX)}
+    base_keys = {key: name.replace(".base_layer.", ".") for key, name in names.items()
+                 if name.rsplit(".", 1)[-1] in ("weight", "bias") and ".lora_" not in name}
     for key, name in base_keys.items():
         own = params.get(name)
         if own is None:

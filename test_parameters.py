@@ -576,7 +576,7 @@ def test_the_general_path_with_dropout_raises_in_training_and_runs_in_eval(kind)
     plain, holder, settings = lora_experts(kind, dropout=0.5)
     set_factored(holder, False)
     x, index, weights = routing()
-    with pytest.raises(RuntimeError, match=r"^dropout=0\.5 on down_proj, which runs as W \+ ΔW here: use factored=True"):
+    with pytest.raises(RuntimeError, match=r"^dropout=0\.5 on down_proj, which runs as W \+ ΔW here: set layer\.factored = True"):
         holder.train()(x, index, weights)
     expected = experts_by_hand(plain, x, index, weights, deltas_by_hand(holder, settings))
     torch.testing.assert_close(holder.eval()(x, index, weights), expected, **EXACT)

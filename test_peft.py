@@ -720,3 +720,18 @@ def test_a_peft_sequence_classification_adapter_loads_and_equals_peft(tmp_path):
     torch.testing.assert_close(ours(ids).logits, theirs.eval()(ids).logits, **EXACT)
     with L.lora_disabled(ours):
         assert torch.equal(ours(ids).logits, base(ids).logits)
+
+
+@pytest.mark.parametrize("conv", [nn.Conv1d, nn.Conv3d])
+def test_conv1d_and_conv3d_adapters_in_peft_format_both_ways(conv, tmp_path):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = nn.Sequential(conv(3, 4, 3, padding=1), nn.ReLU(), conv(4, 2, 3, stride=2)).double().eval()
+    dims = {nn.Conv1d: 1, nn.Conv3d: 3}[conv]
+    x = torch.randn(2, 3, *[6] * dims, dtype=torch.float64)
+    model = randomize(L.add_lora(copy.deepcopy(base), r=2, alpha=4, target_modules=["0", "2"]), scale=0.3).eval()
+    L.save_peft_adapter(model, tmp_path / "ours")  # a Conv1d's B (out, r, 1) is no expert stack
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours")).eval()
+    torch.testing.assert_close(theirs(x), model(x), **EXACT)
+    theirs.save_pretrained(str(tmp_path / "theirs"))
+    torch.testing.assert_close(L.load_peft_adapter(copy.deepcopy(base), tmp_path / "theirs")(x), model(x), **EXACT)
