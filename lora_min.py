@@ -512,11 +512,10 @@ class LoRAParameter(_PassThrough, LoRALayer):
 
         lora_A (E, r, in), lora_B (E, out, r):   ΔW_e = (B_e @ A_e) * scale     (a weight: (r, in), (out, r))
 
-    A stack stored transposed, (E, in, out) (the module's is_transposed: gpt-oss), holds ΔW_e^T. The
-    module becomes `base_layer`, Parameters untouched; a module's several Parameters nest, as in PEFT.
-    Two forwards, one result: transformers' experts run factored while `factored` (experts_forward, ΔW
-    never formed); other modules run with W + ΔW in W's place (at least float32, rounded once, as
-    merge()), so no dropout there. A child the module reads (`reads`: MHA's out_proj) goes in as W + ΔW.
+    A stack stored transposed, (E, in, out) (is_transposed: gpt-oss), holds ΔW_e^T. The module becomes
+    `base_layer`, untouched; a module's Parameters nest, as in PEFT. Two forwards, one result: transformers'
+    experts run factored while `factored` (experts_forward: no ΔW); other modules run with W + ΔW in W's place
+    (at least float32, rounded once, as merge()): no dropout. Children it reads (`reads`) get W + ΔW too.
     """
 
     base_types = (ModuleParameter,)
@@ -573,9 +572,6 @@ class LoRAParameter(_PassThrough, LoRALayer):
     def forward(self, *args, **kwargs):  # LoRALayer.forward's one input is here the call: (args, kwargs)
         return super().forward((args, kwargs))
 
-    def base_forward(self, call: tuple) -> torch.Tensor:
-        return self._run_with(call, None)
-
     def adapted_forward(self, call: tuple) -> torch.Tensor:
         chain = (self, *self.inside)
         if all(layer.factored for layer in chain) and not getattr(self.inner, "_is_expert_parallel", False):
@@ -584,11 +580,10 @@ class LoRAParameter(_PassThrough, LoRALayer):
         if self.dropout and self.training:
             raise RuntimeError(f"dropout={self.dropout} on {self.parameter_name}, which runs as W + ΔW here: "
                                "set layer.factored = True (transformers' experts) or use dropout=0")
-        return self._run_with(call, self._weight_plus(+1, check_finite=False))
+        return self.base_forward(call, self._weight_plus(+1, check_finite=False))
 
-    def _run_with(self, call, weight):
-        """base_layer(*args, **kwargs) with `weight` (if not None) in W's place and W + ΔW of each
-        enabled, unmerged child in `reads` in its weight's place."""
+    def base_forward(self, call: tuple, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """base_layer(*args, **kwargs), `weight` (if given) in W's place, W + ΔW for each child in `reads`."""
         depth = "base_layer." * len(self.inside)
         children = {f"{depth}{n}.weight": self.inner.get_submodule(n) for n in self.reads}
         new = {k: c._weight_plus(+1, check_finite=False) for k, c in children.items() if c.enabled and not c.merged}
@@ -1061,10 +1056,12 @@ def _peft_name(name):
     return re.sub(r"(^|\.)base_layer(?=\.|$)", "", name).lstrip(".")
 
 
-def _exact_peft_targets(model, names):
-    """target_modules that select exactly `names` under PEFT's rule: short names where they
-    do, else full names, else a regex (a list entry matches dotted ends: ["0"] selects "1.0")."""
-    every = [_peft_name(n) for n, _ in model.named_modules(remove_duplicate=False) if n]
+def _exact_peft_targets(model, names, parameters=False):
+    """target_modules (or target_parameters) that select exactly `names` under PEFT's rule: short names
+    where they do, else full names, else a regex (a list entry matches dotted ends: ["0"] selects "1.0")."""
+    every = [f"{_peft_name(n)}.{p}".lstrip(".") for n, m in model.named_modules(remove_duplicate=False) for p, _ in
+             m.named_parameters(recurse=False) if p not in ("lora_A", "lora_B")] if parameters else \
+        [_peft_name(n) for n, _ in model.named_modules(remove_duplicate=False) if n]
     for targets in (sorted({n.rsplit(".", 1)[-1] for n in names}), sorted(names)):
         if {n for n in every if _matches(n, targets)} == set(names):
             return targets
@@ -1098,10 +1095,6 @@ def _peft_config(model, layers, base_model_name_or_path):
     inside = {f"{m}.base_layer.out_proj" for m in mha}  # comes with its attention
     modules = {_peft_name(n): layer for n, layer in layers.items()
                if (n in mha or not isinstance(layer, LoRAParameter)) and n not in inside}
-    every_param = [f"{_peft_name(n)}.{p}".lstrip(".") for n, m in model.named_modules()
-                   for p, _ in m.named_parameters(recurse=False) if p not in ("lora_A", "lora_B")]
-    short = sorted({p.rsplit(".", 1)[-1] for p in params})  # as target_modules: short names where they select exactly
-    exact = {p for p in every_param if _matches(p, short)} == set(params)
     with_dropout = {n: layer for n, layer in layers.items() if not isinstance(layer, LoRAEmbedding)}  # (none there)
     for setting, group in (("use_rslora", layers), ("dropout", with_dropout)):
         values = {n: getattr(layer, setting) for n, layer in group.items()}
@@ -1120,7 +1113,7 @@ def _peft_config(model, layers, base_model_name_or_path):
               "use_dora": False, "modules_to_save": _peft_modules_to_save(model),
               "layers_to_transform": None, "layers_pattern": None, "init_lora_weights": True, "inference_mode": True}
     if params:
-        config["target_parameters"] = short if exact else sorted(params)
+        config["target_parameters"] = _exact_peft_targets(model, params, parameters=True)
     for n, layer in (modules | params).items():  # PEFT's pattern rule must give every layer back its own r, alpha
         r_n, alpha_n = (_peft_pattern_value(config[key], n, default) for key, default in
                         (("rank_pattern", r), ("alpha_pattern", alpha)))
