@@ -478,13 +478,8 @@ class LoRAConv1D(LoRALayer):
 # --- LoRA on a Parameter no nn.Linear holds: transformers 5's MoE experts (stacks (E, out, in)),
 # nn.MultiheadAttention's in_proj_weight. add_lora's target_parameters names them.
 
-# A Parameter as LoRAParameter's base: module.<name> (module may be another LoRAParameter).
-ModuleParameter = collections.namedtuple("ModuleParameter", "base_layer name weight training")
-
-
-def _owner(module):
-    """The module below any LoRAParameter wrappers: the one that holds the Parameters."""
-    return _owner(module.base_layer) if isinstance(module, LoRAParameter) else module
+# LoRAParameter's base: inner.<name>, inner wrapped in base_layer (itself, or LoRAParameters around it).
+ModuleParameter = collections.namedtuple("ModuleParameter", "base_layer name weight training inner")
 
 
 def _factored(module, name):
@@ -524,14 +519,14 @@ class LoRAParameter(_PassThrough, LoRALayer):
     def why_unsupported(cls, base: ModuleParameter, r: int, dropout: float) -> Optional[str]:
         if base.weight.dim() not in (2, 3):
             return f"its shape {tuple(base.weight.shape)} is no weight (out, in) nor stack (E, out, in)"
-        if dropout and not _factored(_owner(base.base_layer), base.name):
+        if dropout and not _factored(base.inner, base.name):
             return f"dropout={dropout}: its module runs with W + ΔW (only transformers' experts' projections factor)"
         return None
 
     @staticmethod
     def lora_shapes(base: ModuleParameter, r: int) -> tuple:
         *stack, out, in_ = base.weight.shape
-        if stack and getattr(_owner(base.base_layer), "is_transposed", False):
+        if stack and getattr(base.inner, "is_transposed", False):
             out, in_ = in_, out
         return (*stack, r, in_), (*stack, out, r)
 
@@ -547,7 +542,7 @@ class LoRAParameter(_PassThrough, LoRALayer):
 
     @property
     def inner(self) -> nn.Module:  # the module that holds the Parameter
-        return _owner(self.base_layer)
+        return self.base_layer.inner if isinstance(self.base_layer, LoRAParameter) else self.base_layer
 
     @property
     def weight(self) -> nn.Parameter:
@@ -761,7 +756,7 @@ def _attach_lora(model, modules, settings, skip_unused=False, to_save=()):
     for owner, names, covered in wrapped.values():  # nested in the module's own order, as PEFT nests them
         layer = owner
         for p, weight in [(p, w) for p, w in owner.named_parameters(recurse=False) if p in names]:
-            layer = LoRAParameter(ModuleParameter(layer, p, weight, owner.training), **settings[names[p]])
+            layer = LoRAParameter(ModuleParameter(layer, p, weight, owner.training, owner), **settings[names[p]])
             layer.shared_with = tuple(n for m, n in owners[_memory(weight)] if m is not owner)
         layer.reads, layers[id(owner)] = tuple(covered), layer
     _replace_modules(model, modules, saved | layers)
@@ -1125,8 +1120,8 @@ def _peft_config(model, layers, base_model_name_or_path):
 def save_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike],
                       base_model_name_or_path: Optional[str] = None) -> None:
     """Write the adapter as PEFT does (adapter_config.json, adapter_model.safetensors, or .bin
-    without safetensors): peft.PeftModel.from_pretrained(base, directory) then computes what
-    this model computes with every LoRA layer enabled and unmerged."""
+    without safetensors): peft.PeftModel.from_pretrained(base, directory) then computes what this
+    model computes, all LoRA enabled (but for PEFT 0.21's double MultiheadAttention out_proj ΔW: a warning)."""
     model = _inner(model)
     layers = dict(lora_layers(model, remove_duplicate=False))
     if not layers or "" in layers:
@@ -1181,11 +1176,11 @@ def load_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike]) -> n
     entries = []  # (name in settings, our layer's name, its base: a module or a ModuleParameter)
     for n in names:
         m = model.get_submodule(n)
-        entries += [(n, _adapted(n, depth), ModuleParameter(m, "in_proj_weight", m.in_proj_weight, m.training)),
+        entries += [(n, _adapted(n, depth), ModuleParameter(m, "in_proj_weight", m.in_proj_weight, m.training, m)),
                     (n, _adapted(f"{n}.out_proj", depth), m.out_proj)] if n in mha else [(n, _adapted(n, depth), m)]
     for o, m in [(o, m) for o, m in modules if found[o]]:  # the last Parameter outermost
         entries += [(f"{o}.{p}".lstrip("."), _adapted(o, depth) + ".base_layer" * (len(found[o]) - 1 - i),
-                     ModuleParameter(m, p, w, m.training)) for i, (p, w) in enumerate(found[o])]
+                     ModuleParameter(m, p, w, m.training, m)) for i, (p, w) in enumerate(found[o])]
     if not entries:
         raise ValueError(f"target_modules {config['target_modules']!r} and target_parameters "
                          f"{config.get('target_parameters')!r} of {directory} match nothing in the model")
@@ -1525,7 +1520,7 @@ def _check_targets(modules, settings, skip_unused, to_save=()):
                 raise ValueError("it is the model's own, and add_lora wraps submodules" if not owner_name else
                                  f"a LoRA layer from target_modules holds it too, as {owned}" if owned else
                                  f"its module has hooks ({', '.join(hooks)})")
-            LoRAParameter.check(ModuleParameter(owner, p, weight, owner.training), **settings[name])
+            LoRAParameter.check(ModuleParameter(owner, p, weight, owner.training, owner), **settings[name])
         except ValueError as e:
             raise ValueError(f"cannot add LoRA to {name!r}: {e}") from None
         params.setdefault(id(owner), (owner, {}, []))[1][p] = name
