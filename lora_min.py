@@ -483,8 +483,10 @@ ModuleParameter = collections.namedtuple("ModuleParameter", "base_layer name wei
 
 
 def _factored(module, name):
-    """Whether experts_forward computes module.<name>: a projection of transformers' @use_experts_implementation."""
-    return name in ("gate_up_proj", "up_proj", "down_proj") and hasattr(type(module).forward, "__wrapped__") and all(
+    """Whether experts_forward computes module.<name>: a projection of transformers' @use_experts_implementation,
+    with no forward of the module's own (accelerate's hooks install one: the factored path would skip it)."""
+    experts = hasattr(type(module).forward, "__wrapped__") and "forward" not in vars(module)
+    return experts and name in ("gate_up_proj", "up_proj", "down_proj") and all(
         hasattr(module, a) for a in ("num_experts", "has_gate", "has_bias", "is_transposed", "down_proj"))
 
 

@@ -1330,3 +1330,19 @@ def test_torch_compile_of_the_factored_experts_equals_eager():
                                **EXACT)
     for a, b in zip(torch.autograd.grad(y_compiled.square().sum(), wrt), torch.autograd.grad(y_eager.square().sum(), wrt)):
         torch.testing.assert_close(a, b, **close)
+
+
+def test_experts_whose_forward_is_patched_on_the_instance_run_the_general_path():
+    # accelerate's hooks (device_map) replace module.forward on the instance: the factored path would skip them
+    needs_experts()
+    plain = EXPERT_KINDS["gated (Mixtral)"]().to(torch.float64)
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.normal_(0, 0.5)
+    calls, original = [], plain.forward
+    plain.forward = lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs)
+    holder = L.add_lora(Holder(plain), target_modules=[], target_parameters=["gate_up_proj", "down_proj"], r=2)
+    assert [layer.factored for _, layer in L.lora_layers(holder)] == [False, False]
+    x, index, weights = routing()
+    holder(x, index, weights)
+    assert calls == [1]
