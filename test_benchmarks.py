@@ -107,7 +107,7 @@ def test_experts_contenders_do_the_same_work(implementation):
     """lora_min (factored and W + ΔW) and PEFT hold the same A and B (PEFT's (r E, in) and (out, r E) as views
     in lora_min's layout), so all compute the same output and the same gradients; only the factored one
     keeps no (E, out, in) tensor for backward. float32: CPU grouped_mm has no float64 kernel."""
-    pytest.importorskip("transformers")
+    pytest.importorskip("transformers.integrations.moe")  # transformers 5's experts (4 has nn.Linear experts)
     pytest.importorskip("peft")
     spec = bench_lora.ExpertsSpec(32, 16, 4, 2, implementation)
     layers = bench_lora.build(bench_lora.EXPERTS_IMPLEMENTATIONS, spec, 2, "cpu", torch.float32)
@@ -129,7 +129,7 @@ def test_experts_contenders_do_the_same_work(implementation):
 
 
 def test_bench_experts_runs_on_tiny_sizes(capsys):
-    pytest.importorskip("transformers")
+    pytest.importorskip("transformers.integrations.moe")
     pytest.importorskip("peft")
     bench_lora.main(["--layers", "experts", "--reps", "2", "--warmup", "1", "--profile", *TINY_EXPERTS])
     out = capsys.readouterr().out
