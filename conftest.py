@@ -291,6 +291,16 @@ def adapted(kind, device=None):
 # --- the refusal oracle: a snapshot of everything a call could change ---------------------------------
 
 
+def randomize_peft(peft_model, seed=3, scale=0.1):
+    """Random values for every LoRA tensor of a PEFT model (its init has A or B at zero)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
+    return peft_model
+
+
 def snapshot(model):
     """Everything about a model that a refused call must leave as it was: each module (identity,
     type, mode, hooks, and a LoRA layer's enabled / merged state) and each parameter (identity,

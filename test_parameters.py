@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings as hypothesis_settings, strategies as st
 
 import lora_min as L
-from conftest import EXACT, assert_unchanged, lora_names, randomize, snapshot, tokens
+from conftest import EXACT, assert_unchanged, lora_names, randomize, randomize_peft, snapshot, tokens
 
 transformers = pytest.importorskip("transformers")
 
@@ -1147,16 +1147,6 @@ class Gated(nn.Module):
         return self.fc(torch.tanh(x @ self.p.T))
 
 
-def randomize_peft(peft_model, seed=3, scale=0.5):
-    """Random values for every LoRA tensor of a PEFT model (its init has B at zero)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
-    return peft_model
-
-
 def read_config(directory):
     return json.loads((directory / "adapter_config.json").read_text())
 
@@ -1168,7 +1158,7 @@ def test_a_peft_adapter_on_a_parameter_loads_equal_to_peft_and_saves_back(target
     torch.manual_seed(0)
     base = nn.Sequential(Gated()).eval().requires_grad_(False)
     config = peft.LoraConfig(r=2, lora_alpha=3, target_modules=target_modules, target_parameters=["0.p"])
-    theirs = randomize_peft(peft.get_peft_model(copy.deepcopy(base), config)).eval()
+    theirs = randomize_peft(peft.get_peft_model(copy.deepcopy(base), config), scale=0.5).eval()
     theirs.save_pretrained(str(tmp_path / "theirs"))
     if target_modules is None:
         assert read_config(tmp_path / "theirs")["target_modules"] is None  # PEFT's file for Parameters only

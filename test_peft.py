@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 import lora_min as L
-from conftest import (EXACT, trained_with_saved_modules, Payload, assert_unchanged, cnn, images, lora_llama, lora_names, lora_two_blocks, mlp,
+from conftest import (EXACT, randomize_peft, trained_with_saved_modules, Payload, assert_unchanged, cnn, images, lora_llama, lora_names, lora_two_blocks, mlp,
                       randomize, randomize_adapter, randomize_B, snapshot, tiny_llama, tokens, train_language_model,
                       two_blocks, write_peft, write_peft_config)
 
@@ -48,16 +48,6 @@ def output(model, x):
     """The logits of a language model, the output of any other."""
     y = model(x)
     return getattr(y, "logits", y)
-
-
-def randomize_peft(peft_model, seed=3, scale=0.1):
-    """Random values for every LoRA tensor of a PEFT model (its init has A or B at zero)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
-    return peft_model
 
 
 KINDS = ["linear", "embedding", "conv"]
