@@ -743,6 +743,7 @@ def _attach_lora(model, modules, settings, skip_unused=False, to_save=()):
     settings = {n: dict(kwargs, dropout=0.0) if isinstance(by_name.get(n), nn.Embedding) else dict(kwargs)
                 for n, kwargs in settings.items()}  # an embedding's input is indices: no dropout (as PEFT)
     targets, reads, wrapped = _check_targets(modules, settings, skip_unused, to_save)
+    base = {id(b): b.detach().to("cpu", copy=True) for b in _persistent_buffers(model).values() if not b.is_meta}
     saved = {}
     for n in to_save:  # deep copies, made before any change
         try:
@@ -762,6 +763,7 @@ def _attach_lora(model, modules, settings, skip_unused=False, to_save=()):
             layer.shared_with = tuple(n for m, n in owners[_memory(weight)] if m is not owner)
         layer.reads, layers[id(owner)] = tuple(covered), layer
     _replace_modules(model, modules, saved | layers)
+    model._lora_base_buffers = {n: base[id(b)] for n, b in _persistent_buffers(model).items() if id(b) in base}
     for reader, paths in reads.items():
         _BypassCheck(reader, sorted(paths))
     for encoder in [m for m in model.modules() if isinstance(m, nn.TransformerEncoder)]:
@@ -975,10 +977,37 @@ def _lora_config(model):
         {"parameter": m.parameter_name} if isinstance(m, LoRAParameter) else {}) for name, m in lora_layers(model)}
 
 
+def _persistent_buffers(model):
+    """{name: buffer}: the floating-point buffers a state_dict holds (BatchNorm's statistics), modules_to_save's not."""
+    copies = tuple(f"{n}." for n, _ in _trained_copies(model))
+    return {f"{m}.{b}".lstrip("."): t for m, module in _inner(model).named_modules() if not f"{m}.".startswith(copies)
+            for b, t in module._buffers.items() if t is not None and t.is_floating_point()
+            and b not in module._non_persistent_buffers_set}
+
+
+def _warn_unsaved(model, what):
+    """Warn of what trained and the file leaves out: parameters that require grad, buffers changed since add_lora
+    (its copy, _lora_base_buffers, compared by value: .to(), load_state_dict and DDP rewrite buffers unchanged)."""
+    kept = {id(p) for p in _adapter_tensors(model, keep_vars=True).values()}
+    left = [n for n, p in _inner(model).named_parameters() if p.requires_grad and id(p) not in kept]
+    if left:
+        warnings.warn(f"{what}: the trainable parameters {left} are not in the adapter, so loading it will not restore "
+                      f"them: add_lora(..., modules_to_save={sorted({n.rpartition('.')[0] for n in left} - {''})}) "
+                      "trains and saves their modules; or requires_grad_(False) if not meant to train", stacklevel=3)
+    base = getattr(_inner(model), "_lora_base_buffers", {})
+    moved = sorted({n.rpartition(".")[0] for n, b in _persistent_buffers(model).items()
+                    if n in base and not b.is_meta and not torch.equal(base[n].to(b.device, b.dtype), b)})
+    if moved:
+        warnings.warn(f"{what}: the buffers of {moved} changed since add_lora (train mode updates BatchNorm's running "
+                      f"statistics), and the adapter does not hold them: add_lora(..., modules_to_save={moved}) trains "
+                      "and saves them; or run those layers in eval mode only", stacklevel=3)
+
+
 def save_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> None:
-    """Save only the adapter: its tensors, each layer's r, alpha and scaling rule, modules_to_save."""
+    """Save only the adapter: its tensors, each layer's r, alpha and scaling rule, modules_to_save; warn of the rest."""
     if not _lora_config(model):
         raise ValueError("save_adapter: the model has no LoRA layers, so there is no adapter to save (see add_lora)")
+    _warn_unsaved(model, "save_adapter")
     state = {k: v.detach().cpu() for k, v in lora_state_dict(model).items()}
     torch.save({"format": "lora_min.adapter", "version": 1, "config": _lora_config(model), "state_dict": state,
                 "modules_to_save": [n for n, _ in _trained_copies(model)]}, path)
@@ -1136,6 +1165,7 @@ def save_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike],
                              f"something else for this conv (padding_mode={layer.padding_mode!r}, dilation="
                              f"{layer.dilation}); save_adapter keeps it exactly")
     config = json.dumps(_peft_config(model, layers, base_model_name_or_path), indent=2)  # checked before any write
+    _warn_unsaved(model, "save_peft_adapter")
     tensors = {}
     copies = {f"{n}.trained.": n for n, _ in _trained_copies(model)}
     for key, value in lora_state_dict(model).items():

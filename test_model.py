@@ -7,13 +7,15 @@ Sections: which modules add_lora adapts (targets) and what it never changes; wha
 takes from the module it replaces; trainable parameters and training; the state_dict and
 checkpoints; enable / disable of a whole model; merge_lora / unmerge_lora; merge_and_unload;
 merged_state_dict; the meta device; modules registered twice and tied weights; adapter files
-(lora_state_dict, save_adapter / load_adapter).
+(lora_state_dict, save_adapter / load_adapter); modules_to_save; what trained and an adapter file leaves
+out (parameters unfrozen by hand, buffers train mode changed): said when saving.
 One layer at a time: test_layers.py; refusals of all of these: test_misuse.py; PEFT's file
 format: test_peft.py.
 """
 
 import copy
 import re
+import warnings
 
 import pytest
 import torch
@@ -814,3 +816,169 @@ def test_a_trained_copy_of_a_module_whose_parent_reads_its_weight_gives_the_runn
     torch.testing.assert_close(model(x), expected(x))
     with L.lora_disabled(model):
         torch.testing.assert_close(model(x), base(x))
+
+
+# --- what trained and an adapter file leaves out is said when saving ----------------------------------------
+
+
+SAVES = ["save_adapter", "save_peft_adapter"]
+
+
+def save_in(save, model, folder):
+    """save(model) into folder (made here): save_adapter's file a.pt, save_peft_adapter's folder peft."""
+    folder.mkdir(exist_ok=True)
+    if save == "save_adapter":
+        return L.save_adapter(model, folder / "a.pt")
+    return L.save_peft_adapter(model, folder / "peft")
+
+
+def load_from(save, base, folder, **settings):
+    """base with the adapter save_in wrote into folder (settings: add_lora's, for save_adapter's file)."""
+    if save == "save_adapter":
+        return L.load_adapter(L.add_lora(base, r=2, **settings), folder / "a.pt")
+    return L.load_peft_adapter(base, folder / "peft")
+
+
+def saved_quietly(save, model, folder):
+    """save_in(save, model, folder) with every warning an error: nothing is left out, nothing is said."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        save_in(save, model, folder)
+
+
+def leaves_out(save, what):
+    """The warning `save` gives when the file leaves out `what` (regex)."""
+    return pytest.warns(UserWarning, match=rf"^{save}: {what}")
+
+
+def trained(model, steps=3):
+    """model after a few AdamW steps on what requires grad, in its current mode (train: BatchNorm's statistics move)."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    g, dtype = torch.Generator().manual_seed(0), next(model.parameters()).dtype
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(torch.randn(16, 6, generator=g, dtype=dtype)).pow(2).mean().backward()
+        optimizer.step()
+    return model
+
+
+def with_norm():
+    """WithNorm in float64, frozen, in eval mode, its BatchNorm holding statistics of its own (as a pretrained one)."""
+    torch.manual_seed(0)
+    base = WithNorm().double()
+    with torch.no_grad():
+        base(torch.randn(32, 6, dtype=torch.float64) * 3 + 1)  # train mode: the statistics leave 0 and 1
+    return base.eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize("save", SAVES)
+def test_a_head_unfrozen_by_hand_is_named_with_how_to_keep_it(save, tmp_path):
+    base = with_norm()
+    model = L.add_lora(copy.deepcopy(base), r=2, target_modules=["body"])
+    model.head.weight.requires_grad_(True)  # the usual way to train a new classifier head
+    trained(model.eval())  # (eval mode: BatchNorm's statistics stay; only the head is left out)
+    with leaves_out(save, r"the trainable parameters \['head\.weight'\] are not in the adapter, so loading it will not "
+                          r"restore them: add_lora\(\.\.\., modules_to_save=\['head'\]\) .* requires_grad_\(False\)"):
+        save_in(save, model, tmp_path)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    loaded = load_from(save, copy.deepcopy(base), tmp_path, target_modules=["body"])
+    assert not torch.allclose(loaded(x), model(x))  # the warning is true: the file gives back another model
+    model.head.weight.requires_grad_(False)  # not meant to train: nothing left out
+    saved_quietly(save, model, (tmp_path / "frozen"))
+
+
+@pytest.mark.parametrize("save", SAVES)
+def test_batchnorm_statistics_moved_in_train_mode_are_named_with_modules_to_save(save, tmp_path):
+    base = with_norm()
+    model = trained(L.add_lora(copy.deepcopy(base), r=2, target_modules=["body"]).train()).eval()
+    with leaves_out(save, r"the buffers of \['norm'\] changed since add_lora \(train mode updates BatchNorm's "
+                          r"running statistics\), and the adapter does not hold them: "
+                          r"add_lora\(\.\.\., modules_to_save=\['norm'\]\)"):
+        save_in(save, model, tmp_path)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    loaded = load_from(save, copy.deepcopy(base), tmp_path, target_modules=["body"])
+    assert not torch.allclose(loaded(x), model(x))  # the warning is true: the file gives back another model
+    kept = trained(L.add_lora(copy.deepcopy(base), r=2, target_modules=["body"], modules_to_save=["norm"]).train())
+    saved_quietly(save, kept.eval(), tmp_path / "kept")
+    loaded = load_from(save, copy.deepcopy(base), tmp_path / "kept", target_modules=["body"], modules_to_save=["norm"])
+    assert torch.equal(loaded.eval()(x), kept(x))
+
+
+def test_a_model_run_in_train_mode_only_inside_lora_disabled_is_warned_about_too(tmp_path):
+    model = L.add_lora(with_norm(), r=2, target_modules=["body"]).train()
+    with L.lora_disabled(model), torch.no_grad():
+        model(torch.randn(16, 6, dtype=torch.float64))  # the base's own statistics move: it is no longer the base
+    with leaves_out("save_adapter", r"the buffers of \['norm'\] changed since add_lora"):
+        L.save_adapter(nn.DataParallel(model), tmp_path / "a.pt")  # (a wrapper: the model inside it is checked)
+
+
+@pytest.mark.parametrize("save", SAVES)
+def test_what_rewrites_buffers_without_training_them_is_no_alarm(save, tmp_path):
+    """Eval mode, .to() a dtype (new tensors, rounded: add_lora's copy is compared rounded alike), load_state_dict
+    of the same values (DDP's broadcasts too write in place), deepcopy: the statistics are the base's, nothing is
+    said. A train-mode step after all that still is."""
+    model = L.add_lora(with_norm(), r=2, target_modules=["body"])
+    trained(model.eval())
+    model.float().load_state_dict(copy.deepcopy(model.state_dict()))
+    model = copy.deepcopy(model)
+    saved_quietly(save, model, tmp_path)
+    with leaves_out(save, r"the buffers of \['norm'\] changed"):
+        save_in(save, trained(model.train(), steps=1), tmp_path / "trained")
+
+
+class Tracked(nn.Module):
+    """fc, whose output's mean train mode tracks in a persistent buffer (as BatchNorm does), and a non-persistent
+    cache every forward rewrites (as a rotary embedding's): the first is state a checkpoint holds, the second not."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 3, dtype=torch.float64)
+        self.register_buffer("mean", torch.zeros(3, dtype=torch.float64))
+        self.register_buffer("cache", torch.zeros(3, dtype=torch.float64), persistent=False)
+
+    def forward(self, x):
+        y = self.fc(x)
+        self.cache = y.detach()[0]  # any mode
+        if self.training:
+            self.mean.lerp_(y.detach().mean(0), 0.1)
+        return y
+
+
+@pytest.mark.parametrize("save", SAVES)
+def test_any_buffer_that_train_mode_updates_is_named_and_a_non_persistent_one_never(save, tmp_path):
+    torch.manual_seed(0)
+    model = L.add_lora(nn.Sequential(Tracked()), r=2)
+    saved_quietly(save, trained(model.eval()), tmp_path / "eval")
+    with leaves_out(save, r"the buffers of \['0'\] changed since add_lora"):
+        save_in(save, trained(model.train()), tmp_path)
+
+
+@pytest.mark.parametrize("kind, save", [(kind, save) for kind in KINDS for save in SAVES  # (PEFT refuses a reflect conv)
+                                        if not (kind == "all three" and save == "save_peft_adapter")])
+def test_a_complete_adapter_saves_quietly_after_training_in_train_mode(kind, save, tmp_path):
+    small = adapted(kind)
+    model = small.model.train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(small.x).pow(2).mean().backward()
+    optimizer.step()
+    saved_quietly(save, model, tmp_path)
+
+
+@pytest.mark.parametrize("save", SAVES)
+def test_modules_trained_in_full_batchnorm_too_save_quietly(save, tmp_path):
+    _, model = trained_with_saved_modules()  # norm and head in modules_to_save, trained in train mode
+    with L.lora_disabled(model.train()), torch.no_grad():
+        model(torch.randn(16, 6, dtype=torch.float64))  # the original norm moves: it is in modules_to_save
+    saved_quietly(save, model, tmp_path)
+
+
+@pytest.mark.parametrize("save", SAVES)
+def test_with_warnings_as_errors_saving_warns_before_it_writes_anything(save, tmp_path):
+    model = trained(L.add_lora(with_norm(), r=2, target_modules=["body"]).train())
+    model.head.bias.requires_grad_(True)
+    before = snapshot(model)
+    with warnings.catch_warnings(), pytest.raises(UserWarning, match=r"\['head\.bias'\]"):
+        warnings.simplefilter("error")
+        save_in(save, model, tmp_path)
+    assert not list(tmp_path.iterdir())
+    assert_unchanged(model, before)

@@ -200,7 +200,7 @@ def aliased_leaf():
 ])
 def test_save_peft_adapter_targets_select_exactly_the_saved_layers_under_peft(make, targets, tmp_path):
     torch.manual_seed(0)
-    base = make()
+    base = make().requires_grad_(False)  # frozen as add_lora leaves it (else saving warns of the trainable rest)
     model, layers = copy.deepcopy(base), {}
     for name in targets:  # exactly these layers (add_lora's suffix rule would take "1.0" for "0")
         linear = model.get_submodule(name)
