@@ -267,6 +267,9 @@ REFUSALS = [
             one(lambda: nn.Conv2d(4, 4, 3, groups=4)), new_layer(L.LoRAConv, r=2), ValueError,
             r"^LoRAConv cannot adapt this Conv2d: groups=4: a grouped convolution's r must be a multiple of groups "
             r"\(PEFT's rule\), r=2$"),
+    Refusal("LoRAConv refuses a grouped conv with dilation (its dense A, PEFT's, runs with stride and padding only)",
+            one(lambda: nn.Conv2d(4, 4, 3, groups=2, dilation=2)), new_layer(L.LoRAConv, r=2), ValueError,
+            r"^LoRAConv cannot adapt this Conv2d: groups=2 with padding_mode='zeros', dilation=\(2, 2\)$"),
     # --- a layer's states ---
     Refusal("unmerge() needs a merged layer", lora_layer, lambda m, tmp: m.unmerge(), RuntimeError,
             r"^unmerge\(\) on a LoRA layer that is not merged$"),
@@ -319,6 +322,11 @@ REFUSALS = [
     Refusal("add_lora refuses a grouped Conv1d whose rank is no multiple of its groups",
             one(lambda: nn.Conv1d(4, 6, 3, groups=2)), lambda m, tmp: L.add_lora(m, r=3, target_modules=["0"]), ValueError,
             r"^cannot add LoRA to '0': LoRAConv cannot adapt this Conv1d: groups=2: .*, r=3$"),
+    Refusal("add_lora refuses a grouped conv whose padding_mode is not zeros (its dense A would pad with zeros)",
+            one(lambda: nn.Conv1d(4, 4, 3, padding=1, groups=2, padding_mode="reflect")),
+            lambda m, tmp: L.add_lora(m, r=2, target_modules=["0"]), ValueError,
+            r"^cannot add LoRA to '0': LoRAConv cannot adapt this Conv1d: groups=2 with padding_mode='reflect', "
+            r"dilation=\(1,\)$"),
     Refusal("add_lora refuses an embedding with max_norm", one(lambda: nn.Embedding(10, 4, max_norm=1.0)),
             lambda m, tmp: L.add_lora(m, r=2, target_modules=["0"]), ValueError,
             r"^cannot add LoRA to '0': LoRAEmbedding cannot adapt this Embedding: max_norm=1\.0"),
@@ -896,12 +904,14 @@ def test_the_merged_flag_survives_torch_save(tmp_path):
 
 
 class ReadsTheLastLayer(nn.Module):
+    """Three layers, so self.layers[-1] ("layers.2") and self.layers[1] (called) are different ones."""
+
     def __init__(self):
         super().__init__()
-        self.layers = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])
+        self.layers = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)])
 
     def forward(self, x):
-        return F.linear(self.layers[0](x), self.layers[-1].weight)
+        return F.linear(self.layers[1](self.layers[0](x)), self.layers[-1].weight)
 
 
 class ReadsADictEntry(nn.Module):
@@ -937,7 +947,7 @@ class ReadsInACheckpointedMethod(nn.Module):
 
 
 @pytest.mark.parametrize("make, child", [
-    (ReadsTheLastLayer, "layers.1"), (ReadsADictEntry, "heads.q"), (ReadsANumberedDictEntry, "heads.0"),
+    (ReadsTheLastLayer, "layers.2"), (ReadsADictEntry, "heads.q"), (ReadsANumberedDictEntry, "heads.0"),
     (ReadsInACheckpointedMethod, "fc")], ids=["self.layers[-1]", 'self.heads["q"]', 'self.heads["0"]',
                                               "checkpoint(self._read, x)"])
 def test_a_read_through_a_negative_index_a_dict_key_or_a_callback_is_found(make, child):
