@@ -680,6 +680,21 @@ def test_only_the_adapter_of_a_bare_weight_trains():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_parameters(model))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_general_path_on_a_half_precision_parameter_forms_w_plus_delta_w_in_float32_and_rounds_once(dtype):
+    """As merge() does: W + ΔW in float32, then W's dtype, bit for bit. ΔW rounded first would round twice."""
+    torch.manual_seed(0)
+    base = nn.Sequential(Projection(in_f=16, hidden=16, out_f=3, dtype=dtype)).eval().requires_grad_(False)
+    model = randomize(L.add_lora(copy.deepcopy(base), r=4, alpha=3.0, target_modules=[], target_parameters=["w"]), 1)
+    layer = model[0]
+    assert layer.lora_A.dtype == layer.lora_B.dtype == torch.float32  # the adapter of a half-precision base
+    delta = layer.lora_B.detach() @ layer.lora_A.detach() * 0.75
+    w = (base[0].w.float() + delta).to(dtype)
+    assert not torch.equal(w, base[0].w + delta.to(dtype))  # rounding twice differs here: the test can fail
+    x = torch.randn(5, 16, dtype=dtype)
+    assert torch.equal(model(x), torch.tanh(x @ w.T + base[0].b) @ base[0].v.T)
+
+
 # --- nn.MultiheadAttention named in target_modules: in_proj_weight and out_proj ------------------------------
 
 
@@ -985,6 +1000,22 @@ def test_each_refusal_pattern_matches_only_its_own_message():
         messages[rule] = str(raised.value)
     for rule, _, _, _, match in REFUSALS:
         assert [r for r, message in messages.items() if re.search(match, message)] == [rule]
+
+
+def test_an_adapter_file_for_another_parameter_of_the_same_shape_is_refused(tmp_path):
+    """The file records which Parameter each LoRAParameter adapts: keys and shapes alone would load w's into v."""
+    torch.manual_seed(0)
+    base = nn.Sequential(Projection(in_f=4, hidden=4, out_f=4)).requires_grad_(False)  # w and v: both (4, 4)
+    source = randomize(L.add_lora(copy.deepcopy(base), r=2, target_modules=[], target_parameters=["w"]), 1)
+    L.save_adapter(source, tmp_path / "w.pt")
+    model = L.add_lora(copy.deepcopy(base), r=2, target_modules=[], target_parameters=["v"])
+    assert {k: v.shape for k, v in L.lora_state_dict(model).items()} == {
+        k: v.shape for k, v in L.lora_state_dict(source).items()}
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"w\.pt do not match the model's LoRA layers: "
+                                         r"'0': file \{.*'parameter': 'w'\} vs model \{.*'parameter': 'v'\}$"):
+        L.load_adapter(model, tmp_path / "w.pt")
+    assert_unchanged(model, before)
 
 
 # --- bugs found by this file, fixed: each test failed before its fix ---------------------------------------
