@@ -1004,7 +1004,7 @@ def _warn_unsaved(model, what):
 
 
 def save_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> None:
-    """Save only the adapter: its tensors, each layer's r, alpha and scaling rule, modules_to_save; warn of the rest."""
+    """Save only the adapter: its tensors, each layer's r, alpha and scaling rule, modules_to_save."""
     if not _lora_config(model):
         raise ValueError("save_adapter: the model has no LoRA layers, so there is no adapter to save (see add_lora)")
     _warn_unsaved(model, "save_adapter")
