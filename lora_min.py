@@ -269,11 +269,12 @@ class LoRALayer(nn.Module):
 class LoRALinear(LoRALayer):
     """A frozen nn.Linear plus a trainable low-rank update: y = x W^T + b + ((dropout(x) A^T) B^T) * scale.
 
-    Shapes: weight (out, in), bias (out,), lora_A (r, in), lora_B (out, r);
-    input (..., in) -> output (..., out). Args: see LoRALayer.
+    Shapes: weight (out, in), bias (out,), lora_A (r, in), lora_B (out, r); input (..., in) -> output (..., out).
+    Args: see LoRALayer. use_fast_path (True after the lesson): the same math, its backward written out, faster.
     """
 
     base_types = (nn.Linear,)
+    use_fast_path = False
 
     @staticmethod
     def lora_shapes(linear: nn.Linear, r: int) -> tuple:
@@ -289,6 +290,8 @@ class LoRALinear(LoRALayer):
         return F.linear(x, self.weight, self.bias)
 
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_fast_path and _fast_path_applies(self, x):
+            return _fast_lora_linear(self, x)
         y = F.linear(x, self.weight, self.bias)  # x W^T + b: (..., out)
         x_lora = self.lora_dropout(x).to(self.lora_A.dtype)  # the branch runs in the adapter's dtype
         h = F.linear(x_lora, self.lora_A) * self.scale  # dropout(x) A^T * scale: (..., r)
@@ -1751,3 +1754,77 @@ def _check_peft_base_weights(model, state, path):
                              f"{name!r} (a resized vocabulary or other fine-tuned base weights?); lora_min loads "
                              "adapters only and never overwrites base weights: load those weights into the model first")
     return {k: v for k, v in state.items() if k not in base_keys}
+
+
+# --- The fast path: LoRALinear's training step, its backward written out: the lesson's math (the tests hold it to
+# autograd of it), a few % of a layer's step faster (benchmarks/README.md, "The linear layer's backward").
+
+
+class _LoRALinearFunction(torch.autograd.Function):
+    """y = x W^T + b + h B^T, h = (x_l A^T) s; x, x_l (dropout(x), None: x itself): (N, in), g = dL/dy: (N, out).
+
+        dL/dB = g^T h,  dL/dA = s (g B)^T x_l,  dL/dx_l = s (g B) A,  dL/dx = g W (+ dL/dx_l if x_l is x)
+
+    Autograd would form each full-size sum as a tensor of its own and take g^T h and g B in the layouts BLAS
+    is slowest at: here each sum is inside a matmul (addmm), each thin product in the fast layout. Backward
+    is differentiable ops (double backward; torch.func: generate_vmap_rule), jvp is forward mode.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, x_lora, W, b, A, B, scale):
+        h = ((x if x_lora is None else x_lora) @ A.T) * scale  # (N, r)
+        return torch.addmm(F.linear(x, W, b), h, B.T), h  # h: saved for backward
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, x_lora, W, b, A, B, ctx.scale = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(x, x_lora, W, A, B, output[1])
+        ctx.save_for_forward(x, x_lora, W, A, B)
+
+    @staticmethod
+    def backward(ctx, g, _):
+        x, x_lora, W, A, B, h = ctx.saved_tensors
+        need_x, need_xl, need_W, need_b, need_A, need_B, _ = ctx.needs_input_grad
+        xl = x if x_lora is None else x_lora
+        if torch.is_grad_enabled():  # create_graph: a second derivative needs h's graph, not the saved constant
+            h = (xl @ A.T) * ctx.scale
+        gB = (B.T @ g.T).T * ctx.scale  # (N, r)
+        dx = (g @ W if x_lora is not None else torch.addmm(g @ W, gB, A)) if need_x else None
+        return (dx, gB @ A if need_xl else None, g.T @ x if need_W else None, g.sum(0) if need_b else None,
+                gB.T @ xl if need_A else None, (h.T @ g).T.contiguous() if need_B else None, None)
+
+    @staticmethod
+    def jvp(ctx, dx, dxl, dW, db, dA, dB, _):  # dy = dx W^T + x dW^T + db + s ((dx_l A^T + x_l dA^T) B^T + h dB^T)
+        x, x_lora, W, A, B = ctx.saved_tensors
+        xl, dxl = (x, dx) if x_lora is None else (x_lora, dxl)
+        dx, dxl, dW, dA, dB = (torch.zeros_like(t) if d is None else d
+                               for t, d in ((x, dx), (xl, dxl), (W, dW), (A, dA), (B, dB)))
+        dy = dx @ W.T + x @ dW.T + ((dxl @ A.T + xl @ dA.T) @ B.T + (xl @ A.T) @ dB.T) * ctx.scale
+        return (dy if db is None else dy + db), None
+
+
+def _fast_path_applies(layer, x):
+    """Plain tensors of one dtype, eager, outside autocast (it cannot reach inside a Function). Anything else runs
+    the lesson: torch.compile fuses it itself; quantized or sharded weights, nested inputs, mixed dtypes."""
+    tensors = [t for t in (layer.weight, layer.bias, layer.lora_A, layer.lora_B, x) if t is not None]
+    if torch.compiler.is_compiling() or x.is_nested or len({t.dtype for t in tensors}) > 1 or not all(
+            type(t) in (torch.Tensor, nn.Parameter) for t in tensors):
+        return False
+    try:
+        return not torch.is_autocast_enabled(x.device.type)
+    except RuntimeError:  # a device type autocast does not know, such as "meta"
+        return False
+
+
+def _fast_lora_linear(layer, x):
+    """LoRALinear's adapted forward through _LoRALinearFunction, leading dimensions flattened."""
+    x_lora = layer.lora_dropout(x)
+    x2, xl2 = x.reshape(-1, x.shape[-1]), None if x_lora is x else x_lora.reshape(-1, x.shape[-1])
+    y, _ = _LoRALinearFunction.apply(x2, xl2, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scale)
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+LoRALinear.use_fast_path = True  # the switch (see LoRALinear): False runs the lesson's forward alone

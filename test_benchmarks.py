@@ -149,7 +149,8 @@ def test_bench_lora_runs_on_tiny_sizes(capsys):
     bench_lora.main(["--dim", "64", "--tokens", "16", "--ranks", "2", "--reps", "2", "--warmup", "1", "--compile",
                      *TINY_EMBEDDING_CONV])
     out = capsys.readouterr().out
-    for row in ("frozen nn.Linear (floor)", "lora_min.LoRALinear", "parametrize LoRA", "full fine-tuning"):
+    for row in ("frozen nn.Linear (floor)", "lora_min.LoRALinear", "lora_min, the lesson's autograd",
+                "parametrize LoRA", "full fine-tuning"):
         assert f"| {row} |" in out
     assert "inference (eval forward" in out and "torch.compile(fullgraph=True)" in out
     for row in EMBEDDING_ROWS + CONV_ROWS:  # the default --layers: linear, then embedding and conv

@@ -185,6 +185,32 @@ def test_all_five_gradients_equal_autograd_of_the_core_math(case, transposed_inp
         torch.testing.assert_close(a, b, **TOL[case.dtype])
 
 
+def graph_names(y):
+    """The names of the autograd nodes behind y."""
+    names, nodes = set(), [y.grad_fn]
+    while nodes:
+        node = nodes.pop()
+        if node is not None and type(node).__name__ not in names:
+            names.add(type(node).__name__)
+            nodes += [next_node for next_node, _ in node.next_functions]
+    return names
+
+
+def test_the_fast_path_runs_on_plain_tensors_and_the_lessons_forward_elsewhere():
+    """use_fast_path: a layer of one dtype trains through _LoRALinearFunction (so the equalities in this file
+    test its hand-written backward); float32 adapters on a bfloat16 base, autocast and use_fast_path = False
+    run the lesson's forward (autograd of F.linear)."""
+    torch.manual_seed(0)
+    layer, x = L.LoRALinear(nn.Linear(6, 4), r=2), torch.randn(3, 6, requires_grad=True)
+    assert "_LoRALinearFunctionBackward" in graph_names(layer(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert "_LoRALinearFunctionBackward" not in graph_names(layer(x))
+    layer.use_fast_path = False
+    assert "_LoRALinearFunctionBackward" not in graph_names(layer(x))
+    half = L.LoRALinear(nn.Linear(6, 4, dtype=torch.bfloat16), r=2)  # float32 adapter
+    assert "_LoRALinearFunctionBackward" not in graph_names(half(x.to(torch.bfloat16)))
+
+
 def test_dropout_gradients_equal_autograd_with_the_same_mask():
     """Dropout reaches only the LoRA branch: with W and b unfrozen, dW = g^T x uses x itself."""
     torch.manual_seed(0)
@@ -211,7 +237,7 @@ def test_dropout_gradients_equal_autograd_with_the_same_mask():
 def lora_fn(x, x_lora, W, b, A, B, scale):
     """LoRALinear's own adapted forward, run on these tensors (x_lora: the LoRA branch's input,
     what dropout(x) gave, or None for x itself)."""
-    state = types.SimpleNamespace(weight=W, bias=b, lora_A=A, lora_B=B, scale=scale,
+    state = types.SimpleNamespace(weight=W, bias=b, lora_A=A, lora_B=B, scale=scale, use_fast_path=True,
                                   lora_dropout=lambda x: x if x_lora is None else x_lora)
     return L.LoRALinear.adapted_forward(state, x)
 

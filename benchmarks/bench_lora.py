@@ -11,7 +11,8 @@ round), so a noisy machine slows all of them alike: compare the ratios, not the
 milliseconds. Ratios are to a frozen nn.Linear: forward plus backward to the input,
 which any adapter in a deep network must pay anyway (the floor).
 
-Implementations: lora_min.LoRALinear; the classic parametrize LoRA (W + (B @ A) *
+Implementations: lora_min.LoRALinear (its backward written out by hand) and the lesson's
+forward alone under autograd (use_fast_path = False); the classic parametrize LoRA (W + (B @ A) *
 scale registered on `weight`); PEFT's and loralib's LoRA Linear when installed
 (pip install -r benchmarks/requirements.txt); full fine-tuning of nn.Linear.
 
@@ -103,6 +104,13 @@ def make_lora_min(d, r, device, dtype):
     return layer, [layer.lora_A, layer.lora_B]
 
 
+def make_lora_min_lesson(d, r, device, dtype):
+    """The lesson's forward alone under autograd: what the hand-written backward is measured against."""
+    layer, params = make_lora_min(d, r, device, dtype)
+    layer.use_fast_path = False
+    return layer, params
+
+
 def make_parametrize(d, r, device, dtype):
     layer = base_linear(d, device, dtype).requires_grad_(False)
     lora = ParametrizeLoRA(d, d, r, 2 * r, device, dtype)
@@ -130,6 +138,7 @@ def make_loralib(d, r, device, dtype):
 IMPLEMENTATIONS = {
     "frozen nn.Linear (floor)": make_frozen,
     "lora_min.LoRALinear": make_lora_min,
+    "lora_min, the lesson's autograd": make_lora_min_lesson,
     "parametrize LoRA": make_parametrize,
     "PEFT lora.Linear": make_peft,
     "loralib.Linear": make_loralib,
