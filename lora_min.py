@@ -1761,57 +1761,48 @@ def _check_peft_base_weights(model, state, path):
 
 
 class _LoRALinearFunction(torch.autograd.Function):
-    """y = x W^T + b + h B^T, h = (x_l A^T) s; x, x_l (dropout(x), None: x itself): (N, in), g = dL/dy: (N, out).
+    """y = x W^T + b + h B^T, h = dropout(x) A^T * scale (autograd's); x: (N, in), h: (N, r), g = dL/dy: (N, out):
 
-        dL/dB = g^T h,  dL/dA = s (g B)^T x_l,  dL/dx_l = s (g B) A,  dL/dx = g W (+ dL/dx_l if x_l is x)
+        dL/dh = g B  (N, r),    dL/dB = g^T h  (out, r),    dL/dx = g W  (N, in)    [dL/dW = g^T x, dL/db = sum_N g]
 
-    Autograd would form each full-size sum as a tensor of its own and take g^T h and g B in the layouts BLAS
-    is slowest at: here each sum is inside a matmul (addmm), each thin product in the fast layout. Backward
-    is differentiable ops (double backward; torch.func: generate_vmap_rule), jvp is forward mode.
+    Autograd would form x W^T + b and h B^T as two (N, out) tensors and add them, and take g B and g^T h in the
+    layouts BLAS is slowest at; here h B^T is added inside the matmul (addmm) and both are taken transposed.
+    Backward is differentiable ops (double backward; torch.func: generate_vmap_rule), jvp is forward mode.
     """
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x, x_lora, W, b, A, B, scale):
-        h = ((x if x_lora is None else x_lora) @ A.T) * scale  # (N, r)
-        return torch.addmm(F.linear(x, W, b), h, B.T), h  # h: saved for backward
+    def forward(x, W, b, h, B):
+        return torch.addmm(F.linear(x, W, b), h, B.T)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, x_lora, W, b, A, B, ctx.scale = inputs
-        ctx.mark_non_differentiable(output[1])
-        ctx.save_for_backward(x, x_lora, W, A, B, output[1])
-        ctx.save_for_forward(x, x_lora, W, A, B)
+        x, W, b, h, B = inputs
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, W, h, B)  # x: for dL/dW alone
+        ctx.save_for_forward(x, W, h, B)
 
     @staticmethod
-    def backward(ctx, g, _):
-        x, x_lora, W, A, B, h = ctx.saved_tensors
-        need_x, need_xl, need_W, need_b, need_A, need_B, _ = ctx.needs_input_grad
-        xl = x if x_lora is None else x_lora
-        if torch.is_grad_enabled():  # create_graph: a second derivative needs h's graph, not the saved constant
-            h = (xl @ A.T) * ctx.scale
-        gB = (B.T @ g.T).T * ctx.scale  # (N, r)
-        dx = (g @ W if x_lora is not None else torch.addmm(g @ W, gB, A)) if need_x else None
-        return (dx, gB @ A if need_xl else None, g.T @ x if need_W else None, g.sum(0) if need_b else None,
-                gB.T @ xl if need_A else None, (h.T @ g).T.contiguous() if need_B else None, None)
+    def backward(ctx, g):
+        x, W, h, B = ctx.saved_tensors
+        need_x, need_W, need_b, need_h, need_B = ctx.needs_input_grad
+        return (g @ W if need_x else None, g.T @ x if need_W else None, g.sum(0) if need_b else None,
+                (B.T @ g.T).T if need_h else None, (h.T @ g).T.contiguous() if need_B else None)  # (as lora_B)
 
     @staticmethod
-    def jvp(ctx, dx, dxl, dW, db, dA, dB, _):  # dy = dx W^T + x dW^T + db + s ((dx_l A^T + x_l dA^T) B^T + h dB^T)
-        x, x_lora, W, A, B = ctx.saved_tensors
-        xl, dxl = (x, dx) if x_lora is None else (x_lora, dxl)
-        dx, dxl, dW, dA, dB = (torch.zeros_like(t) if d is None else d
-                               for t, d in ((x, dx), (xl, dxl), (W, dW), (A, dA), (B, dB)))
-        dy = dx @ W.T + x @ dW.T + ((dxl @ A.T + xl @ dA.T) @ B.T + (xl @ A.T) @ dB.T) * ctx.scale
-        return (dy if db is None else dy + db), None
+    def jvp(ctx, dx, dW, db, dh, dB):  # dy = dx W^T + x dW^T + db + dh B^T + h dB^T (no tangent: zero)
+        x, W, h, B = ctx.saved_tensors
+        dx, dW, dh, dB = (torch.zeros_like(t) if d is None else d for t, d in ((x, dx), (W, dW), (h, dh), (B, dB)))
+        dy = dx @ W.T + x @ dW.T + dh @ B.T + h @ dB.T
+        return dy if db is None else dy + db
 
 
 def _fast_path_applies(layer, x):
-    """Plain tensors of one dtype, eager, outside autocast (it cannot reach inside a Function). Anything else runs
-    the lesson: torch.compile fuses it itself; quantized or sharded weights, nested inputs, mixed dtypes."""
+    """Plain dense tensors of one dtype, eager, outside autocast (it cannot reach inside a Function). Anything
+    else runs the lesson: torch.compile fuses it itself, and torch.jit.trace cannot save a Function."""
     tensors = [t for t in (layer.weight, layer.bias, layer.lora_A, layer.lora_B, x) if t is not None]
-    if torch.compiler.is_compiling() or x.is_nested or len({t.dtype for t in tensors}) > 1 or not all(
-            type(t) in (torch.Tensor, nn.Parameter) for t in tensors):
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or x.layout != torch.strided or x.is_nested or len(
+            {t.dtype for t in tensors}) > 1 or not all(type(t) in (torch.Tensor, nn.Parameter) for t in tensors):
         return False
     try:
         return not torch.is_autocast_enabled(x.device.type)
@@ -1820,10 +1811,10 @@ def _fast_path_applies(layer, x):
 
 
 def _fast_lora_linear(layer, x):
-    """LoRALinear's adapted forward through _LoRALinearFunction, leading dimensions flattened."""
-    x_lora = layer.lora_dropout(x)
-    x2, xl2 = x.reshape(-1, x.shape[-1]), None if x_lora is x else x_lora.reshape(-1, x.shape[-1])
-    y, _ = _LoRALinearFunction.apply(x2, xl2, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scale)
+    """LoRALinear's adapted forward: h by autograd, the rest through _LoRALinearFunction (N = x's leading dims)."""
+    h = F.linear(layer.lora_dropout(x), layer.lora_A) * layer.scale  # (..., r)
+    n = math.prod(x.shape[:-1])
+    y = _LoRALinearFunction.apply(x.reshape(n, x.shape[-1]), layer.weight, layer.bias, h.reshape(n, -1), layer.lora_B)
     return y.view(*x.shape[:-1], y.shape[-1])
 
 

@@ -211,6 +211,67 @@ def test_the_fast_path_runs_on_plain_tensors_and_the_lessons_forward_elsewhere()
     assert "_LoRALinearFunctionBackward" not in graph_names(half(x.to(torch.bfloat16)))
 
 
+def fast_and_lesson(layer):
+    """The layer, and a copy of it that runs the lesson's forward alone (use_fast_path = False)."""
+    lesson = copy.deepcopy(layer)
+    lesson.use_fast_path = False
+    return layer, lesson
+
+
+def test_the_fast_path_equals_the_lesson_under_forward_over_reverse_and_saves_no_more():
+    """Forward mode over a plain backward (a Hessian-vector product), with dropout (the same mask); and what
+    backward keeps: with dropout and W frozen, not x itself (only the dropped-out input, as the lesson)."""
+    torch.manual_seed(0)
+    fast, lesson = fast_and_lesson(randomize_B(L.LoRALinear(nn.Linear(5, 4, dtype=torch.float64), r=2, dropout=0.3)))
+    x, vA, vB = (torch.randn(*shape, dtype=torch.float64) for shape in ((3, 5), (2, 5), (4, 2)))
+    results = []
+    for layer in (fast, lesson):
+        with torch.autograd.forward_ad.dual_level():
+            A = torch.autograd.forward_ad.make_dual(layer.lora_A.detach().requires_grad_(), vA)
+            B = torch.autograd.forward_ad.make_dual(layer.lora_B.detach().requires_grad_(), vB)
+            torch.manual_seed(1)
+            y = functional_call(layer, {"lora_A": A, "lora_B": B}, (x,))
+            grads = torch.autograd.grad((y ** 2).sum(), (A, B))
+            results.append([t for g in grads for t in torch.autograd.forward_ad.unpack_dual(g)])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, **TOL[torch.float64])
+    saved = []
+    for layer in (fast, lesson):
+        ptrs = set()
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: ptrs.add(t.untyped_storage().data_ptr()) or t,
+                                                      lambda t: t):
+            layer(x)
+        saved.append(ptrs - {p.untyped_storage().data_ptr() for p in layer.parameters()})
+    assert x.untyped_storage().data_ptr() not in saved[0] and len(saved[0]) <= len(saved[1])
+
+
+@pytest.mark.parametrize("kind", ["x changed in place", "tensor scale", "sparse input", "in_features=0", "jit.trace"])
+def test_the_fast_path_runs_what_the_lesson_runs(kind, tmp_path):
+    """Cases an adversarial review found raising or losing a gradient on the fast path alone."""
+    torch.manual_seed(0)
+    fast, lesson = fast_and_lesson(randomize_B(L.LoRALinear(nn.Linear(0 if kind == "in_features=0" else 5, 4), r=2,
+                                                            dropout=0.1 if kind == "x changed in place" else 0.0)))
+    x = torch.randn(3, fast.in_features)
+    outputs = []
+    for layer in (fast, lesson):
+        if kind == "tensor scale":
+            layer.scale = nn.Parameter(torch.tensor(2.0))
+        if kind == "jit.trace":
+            path = tmp_path / "traced.pt"
+            torch.jit.save(torch.jit.trace(layer.eval(), x), path)
+            outputs.append(torch.jit.load(path)(x))
+            continue
+        torch.manual_seed(1)
+        xi = x.to_sparse() if kind == "sparse input" else x.clone()
+        y = layer(xi)
+        if kind == "x changed in place":
+            xi.add_(1.0)
+        params = [p for p in layer.parameters() if p.requires_grad]
+        outputs += [y, *torch.autograd.grad((y ** 2).sum(), params)]
+    for a, b in zip(outputs[:len(outputs) // 2], outputs[len(outputs) // 2:]):
+        torch.testing.assert_close(a, b)
+
+
 def test_dropout_gradients_equal_autograd_with_the_same_mask():
     """Dropout reaches only the LoRA branch: with W and b unfrozen, dW = g^T x uses x itself."""
     torch.manual_seed(0)
