@@ -746,7 +746,6 @@ def _attach_lora(model, modules, settings, skip_unused=False, to_save=()):
     settings = {n: dict(kwargs, dropout=0.0) if isinstance(by_name.get(n), nn.Embedding) else dict(kwargs)
                 for n, kwargs in settings.items()}  # an embedding's input is indices: no dropout (as PEFT)
     targets, reads, wrapped = _check_targets(modules, settings, skip_unused, to_save)
-    base = {id(b): b.detach().to("cpu", copy=True) for b in _persistent_buffers(model).values() if not b.is_meta}
     saved = {}
     for n in to_save:  # deep copies, made before any change
         try:
@@ -766,7 +765,8 @@ def _attach_lora(model, modules, settings, skip_unused=False, to_save=()):
             layer.shared_with = tuple(n for m, n in owners[_memory(weight)] if m is not owner)
         layer.reads, layers[id(owner)] = tuple(covered), layer
     _replace_modules(model, modules, saved | layers)
-    model._lora_base_buffers = {n: base[id(b)] for n, b in _persistent_buffers(model).items() if id(b) in base}
+    _note_base_buffers(model)
+    model.register_load_state_dict_post_hook(_note_base_buffers)  # a base loaded after add_lora is the base
     for reader, paths in reads.items():
         _BypassCheck(reader, sorted(paths))
     for encoder in [m for m in model.modules() if isinstance(m, nn.TransformerEncoder)]:
@@ -889,6 +889,9 @@ def _to_base_layers(model, inplace, weights, what, keep):
     layers = list(lora_layers(model))
     new = {id(layer): weights(name, layer) for name, layer in layers}  # all computed (and checked) first
     _BypassCheck.remove_all(model)
+    model.__dict__.pop("_lora_base_buffers", None)  # the plain model's saves check nothing
+    for key in [k for k, hook in model._load_state_dict_post_hooks.items() if hook is _note_base_buffers]:
+        del model._load_state_dict_post_hooks[key]
     plain = {id(layer): _carry_hooks(layer, layer.base_module(*new[id(layer)]).train(layer.training))
              for _, layer in reversed(layers)}  # one per LoRA layer (nested LoRAParameters: the outer's hooks last)
     plain.update({id(saved): getattr(saved, keep) for _, saved in _trained_copies(model)})
@@ -988,6 +991,12 @@ def _persistent_buffers(model):
             and b not in module._non_persistent_buffers_set}
 
 
+def _note_base_buffers(model, incompatible_keys=None):
+    """A copy of the buffers that saving checks for training (_lora_base_buffers): at add_lora, at each load."""
+    model._lora_base_buffers = {n: b.detach().to("cpu", copy=True) for n, b in _persistent_buffers(model).items()
+                                if not b.is_meta}
+
+
 def _warn_unsaved(model, what):
     """Warn of what trained and the file leaves out: parameters that require grad, buffers changed since add_lora
     (its copy, _lora_base_buffers, compared by value: .to(), load_state_dict and DDP rewrite buffers unchanged)."""
@@ -999,7 +1008,7 @@ def _warn_unsaved(model, what):
                       "trains and saves their modules; or requires_grad_(False) if not meant to train", stacklevel=3)
     base = getattr(_inner(model), "_lora_base_buffers", {})
     moved = sorted({n.rpartition(".")[0] for n, b in _persistent_buffers(model).items()
-                    if n in base and not b.is_meta and not torch.equal(base[n].to(b.device, b.dtype), b)})
+                    if n in base and not b.is_meta and not torch.allclose(base[n].to(b), b, 0, 0, equal_nan=True)})
     if moved:
         warnings.warn(f"{what}: the buffers of {moved} changed since add_lora (train mode updates BatchNorm's running "
                       f"statistics), and the adapter does not hold them: add_lora(..., modules_to_save={moved}) trains "

@@ -926,6 +926,21 @@ def test_what_rewrites_buffers_without_training_them_is_no_alarm(save, tmp_path)
         save_in(save, trained(model.train(), steps=1), tmp_path / "trained")
 
 
+@pytest.mark.parametrize("save", SAVES)
+def test_a_base_loaded_after_add_lora_and_a_nan_buffer_are_no_alarm(save, tmp_path):
+    """Build, add_lora, then load the base weights (the keys are the base's): the loaded statistics are the base's.
+    A buffer holding NaN that nothing touched is unchanged. unload leaves neither the copy nor its load hook."""
+    model = L.add_lora(WithNorm().double().eval(), r=2, target_modules=["body"])
+    model.load_state_dict(with_norm().state_dict(), strict=False)
+    model.norm.register_buffer("calibration", torch.full((2,), float("nan"), dtype=torch.float64))
+    model.load_state_dict(model.state_dict())  # (a load takes the buffers as the base's: the NaN one too)
+    saved_quietly(save, trained(model), tmp_path)
+    with leaves_out(save, r"the buffers of \['norm'\] changed"):
+        save_in(save, trained(model.train(), steps=1), tmp_path / "trained")
+    plain = L.unload(model)
+    assert not hasattr(plain, "_lora_base_buffers") and not plain._load_state_dict_post_hooks
+
+
 class Tracked(nn.Module):
     """fc, whose output's mean train mode tracks in a persistent buffer (as BatchNorm does), and a non-persistent
     cache every forward rewrites (as a rotary embedding's): the first is state a checkpoint holds, the second not."""
