@@ -598,27 +598,44 @@ class LoRAParameter(_PassThrough, LoRALayer):
 
 def experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                     top_k_weights: torch.Tensor, loras: dict) -> torch.Tensor:
-    """transformers' experts computation (as its grouped form computes it), every projection factored:
+    """transformers' experts computation, every projection factored:
     y_e = x_e W_e^T + b_e + ((dropout(x_e) A_e^T) B_e^T) * scale for the rows x_e routed to expert e.
 
     hidden_states (T, H), top_k_index / top_k_weights (T, k) -> (T, H); loras: {Parameter name: LoRAParameter}.
-    Backward keeps the routed inputs and the (rows, r) products, never an (E, out, in) tensor.
+    Each product x_e M_e for all experts at once, as the model's experts implementation runs it (transformers'
+    kernels): batched_mm gathers each row's matrix (one bmm); eager loops over the experts hit; any other (grouped_mm)
+    runs one grouped matmul on the rows sorted by expert, or transformers' compile-safe loop where that kernel cannot
+    take the dtype (float64) or the strides (rows of 16 bytes). No host sync but eager's. The LoRA products run in
+    W's dtype (a bfloat16 base: bfloat16 copies of the float32 A and B, as autocast makes), so they stay on the
+    grouped kernel. Backward keeps the routed inputs and the (rows, r) products, never an (E, out, in) tensor.
     """
-    expert_ids = top_k_index.flatten()
-    order = expert_ids.argsort(stable=True)  # the T * k routed rows, grouped by expert
-    counts = torch.bincount(expert_ids, minlength=experts.num_experts).tolist()
+    from transformers.integrations import moe  # the model's own kernels (only transformers' experts come here)
+    how, k = experts.config._experts_implementation, top_k_index.shape[-1]
+    ids, order = top_k_index.flatten().sort(stable=True)  # the T * k routed rows, grouped by expert
+    ends = torch.searchsorted(ids, torch.arange(experts.num_experts, device=ids.device), right=True).int()
+    bounds = [0, *ends.tolist()] if how == "eager" else None  # each expert's rows: bounds[e]:bounds[e + 1]
 
-    def project(name, x):  # (rows, in) -> (rows, out), expert by expert
-        W, bias, lora = getattr(experts, name), getattr(experts, name + "_bias", None), loras.get(name)
-        ys = [F.linear(x_e, W[e].T if experts.is_transposed else W[e], bias[e] if experts.has_bias else None)
-              for e, x_e in enumerate(x.split(counts))]
-        if lora:  # A and B unbound once: indexing them per expert would add E full-size zero gradients each
-            x_lora = lora.lora_dropout(x).to(lora.lora_A.dtype).split(counts)
-            h = [F.linear(x_e, A_e) * lora.scale for x_e, A_e in zip(x_lora, lora.lora_A.unbind())]  # (rows, r)
-            ys = [(y + F.linear(h_e, B_e)).to(y.dtype) for y, h_e, B_e in zip(ys, h, lora.lora_B.unbind())]
-        return torch.cat(ys)
+    def mm(x, M):  # rows x (S, in) grouped by expert, M (E, in, out) -> (S, out): x_e M_e for every expert e
+        x = x.to(M.dtype)
+        if how == "batched_mm":
+            return torch.bmm(x.unsqueeze(1), M[ids]).squeeze(1)
+        if how == "eager":  # the experts that have rows, one by one
+            return torch.cat([x[i:j] @ M_e for i, j, M_e in zip(bounds, bounds[1:], M.unbind()) if j > i]
+                             or [x[:0] @ M[0]])
+        fits = M.dtype != torch.float64 and all(n * M.element_size() % 16 == 0 for n in M.shape[1:])
+        return (moe._grouped_mm if fits else torch.ops.transformers.grouped_mm_fallback)(x, M, offs=ends)
 
-    h = project("gate_up_proj" if experts.has_gate else "up_proj", hidden_states[order // top_k_index.shape[-1]])
+    def project(name, x):  # (rows, in) -> (rows, out)
+        W, lora = getattr(experts, name), loras.get(name)
+        y = mm(x, W if experts.is_transposed else W.mT)
+        if experts.has_bias:
+            y = y + getattr(experts, name + "_bias")[ids]
+        if lora:
+            A, B = lora.lora_A.to(W.dtype).mT, lora.lora_B.to(W.dtype).mT  # (E, in, r), (E, r, out)
+            y = y + mm(mm(lora.lora_dropout(x), A) * lora.scale, B)
+        return y
+
+    h = project("gate_up_proj" if experts.has_gate else "up_proj", hidden_states[order // k])
     h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
     y = project("down_proj", h)
     if getattr(experts, "has_post_expert_norm", False):
