@@ -205,12 +205,14 @@ class LoRALayer(nn.Module):
         return self._weight_plus(+1)
 
     def _weight_plus(self, sign, check_finite=True):
-        dtype = torch.promote_types(self.weight.dtype, torch.float32)
-        result = (self.weight.to(dtype) + sign * self.delta_weight(dtype)).to(self.weight.dtype)
+        result = self._plus(sign, torch.promote_types(self.weight.dtype, torch.float32))
         if check_finite and result.device.type != "meta" and not torch.isfinite(result).all():
             raise RuntimeError(f"W {'+' if sign > 0 else '-'} ΔW has inf or NaN entries in {self.weight.dtype} "
                                "(overflow?); the weight was left unchanged")
         return result
+
+    def _plus(self, sign, dtype):  # W + sign * ΔW computed in dtype, rounded once to W's
+        return (self.weight.to(dtype) + sign * self.delta_weight(dtype)).to(self.weight.dtype)
 
     def check_writable(self, what: str) -> None:
         """Raise where writing into `weight` would change more than this layer."""
@@ -305,7 +307,7 @@ class LoRALinear(LoRALayer):
 # ===========================================================================
 
 import ast, collections, contextlib, copy, difflib, functools, inspect, json, os, re, textwrap, warnings  # noqa
-from typing import Iterator, Sequence, Union  # noqa: E402  (the lesson above needs only torch)
+from typing import Any, Iterator, Sequence, Union  # noqa: E402  (the lesson above needs only torch)
 
 from torch.nn.utils import parametrize  # noqa: E402
 
@@ -566,10 +568,16 @@ class LoRAParameter(_PassThrough, LoRALayer):
                            self.scale)  # batched over experts: (E, out, in)
         return delta.transpose(-2, -1) if self.transposed else delta
 
-    def forward(self, *args, **kwargs):  # LoRALayer.forward's one input is here the call: (args, kwargs)
+    def _plus(self, sign: int, dtype: torch.dtype) -> torch.Tensor:  # W + sign * B @ A * scale in one baddbmm
+        A, B = self.lora_A.to(dtype), self.lora_B.to(dtype)
+        left, right = (A.mT, B.mT) if self.transposed else (B, A)  # a stack stored (E, in, out): + A^T B^T * scale
+        plus = torch.baddbmm if self.weight.dim() == 3 else torch.addmm
+        return plus(self.weight.to(dtype), left, right, alpha=sign * self.scale).to(self.weight.dtype)
+
+    def forward(self, *args, **kwargs) -> Any:  # LoRALayer.forward's one input is here the call: (args, kwargs)
         return super().forward((args, kwargs))
 
-    def adapted_forward(self, call: tuple) -> torch.Tensor:
+    def adapted_forward(self, call: tuple) -> Any:
         chain = (self, *self.inside)
         if all(layer.factored for layer in chain) and not getattr(self.inner, "_is_expert_parallel", False):
             loras = {layer.parameter_name: layer for layer in chain if layer.enabled and not layer.merged}
@@ -579,7 +587,7 @@ class LoRAParameter(_PassThrough, LoRALayer):
                                "set layer.factored = True (transformers' experts) or use dropout=0")
         return self.base_forward(call, self._weight_plus(+1, check_finite=False))
 
-    def base_forward(self, call: tuple, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def base_forward(self, call: tuple, weight: Optional[torch.Tensor] = None) -> Any:
         """base_layer(*args, **kwargs), `weight` (if given) in W's place, W + ΔW for each child in `reads`."""
         depth = "base_layer." * len(self.inside)
         children = {f"{depth}{n}.weight": self.inner.get_submodule(n) for n in self.reads}
@@ -679,7 +687,7 @@ class TrainedCopy(_PassThrough, nn.Module):
         self.original, self.trained = module, copy.deepcopy(module)
         self.enabled, self.merged = True, False
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args, **kwargs) -> Any:
         return self.running(*args, **kwargs)
 
     @property
