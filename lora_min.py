@@ -307,7 +307,7 @@ class LoRALinear(LoRALayer):
 # ===========================================================================
 
 import ast, collections, contextlib, copy, difflib, functools, inspect, json, os, re, textwrap, warnings  # noqa
-from typing import Any, Iterator, Sequence, Union  # noqa: E402  (the lesson above needs only torch)
+from typing import Any, Iterable, Iterator, Sequence, Union  # noqa: E402  (the lesson above needs only torch)
 
 from torch.nn.utils import parametrize  # noqa: E402
 
@@ -599,6 +599,30 @@ class LoRAParameter(_PassThrough, LoRALayer):
     def base_module(self, weight: nn.Parameter, bias: None) -> nn.Module:
         setattr(self.inner, self.parameter_name, weight)
         return self.inner
+
+    # --- the state_dict keys of the module as it was (experts.gate_up_proj, not experts.base_layer.base_layer.
+    # gate_up_proj), so a base checkpoint loads; LoRA's own keys (lora_A, lora_B, ...) nest as the modules do.
+
+    def _base_keys(self, prefix: str, keys: Iterable[str]) -> dict:
+        """{nested key: the module's own key} for the keys under base_layer. that are the module's, not LoRA's."""
+        inner = prefix + "base_layer."
+        copies = tuple(f"{inner}{n}." for n, m in self.base_layer.named_modules() if isinstance(m, TrainedCopy))
+        return {k: prefix + k[len(inner):] for k in keys if k.startswith(inner) and not k.startswith(copies)
+                and k.rsplit(".", 1)[-1] not in ("lora_A", "lora_B", MERGED_KEY)}
+
+    def state_dict(self, *args, **kwargs) -> dict:
+        state = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
+        for nested, key in self._base_keys(prefix, list(state)).items():
+            state[key] = state.pop(nested)
+        return state
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):  # the keys state_dict() gives back in base_layer
+        expected = self.base_layer.state_dict(prefix=prefix + "base_layer.", keep_vars=True)
+        for nested, key in self._base_keys(prefix, expected).items():
+            if key in state_dict:
+                state_dict[nested] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def extra_repr(self) -> str:
         return f"{self.parameter_name}={tuple(self.weight.shape)}, " + super().extra_repr()
@@ -933,19 +957,22 @@ def merged_state_dict(model: nn.Module) -> dict:
         if id(layer) not in exported:
             with torch.no_grad():
                 exported[id(layer)] = _exported_weight(name, layer)
-        wrapper = isinstance(layer, LoRAParameter)
-        weight_key = "base_layer." * (len(layer.inside) + 1) + layer.parameter_name if wrapper else "weight"
-        state[prefix + weight_key] = exported[id(layer)]
+        key = layer.parameter_name if isinstance(layer, LoRAParameter) else "weight"
+        state[_base_name(model, f"{name}.{key}".lstrip("."))] = exported[id(layer)]
     for name, saved in _trained_copies(model):
         running = f"{name}.trained." if saved.enabled else f"{name}.original."
         for key in [k for k in state if k.startswith(f"{name}.original.") or k.startswith(f"{name}.trained.")]:
             value = state.pop(key)
             if key.startswith(running):
-                state[f"{name}.{key[len(running):]}"] = value
-    for n in sorted((n for n, layer in layers.items() if isinstance(layer, LoRAParameter)), key=len, reverse=True):
-        inner = f"{n}.base_layer."  # inner wrappers first: their keys lose base_layer.
-        state = {k.replace(inner, f"{n}.", 1) if k.startswith(inner) else k: v for k, v in state.items()}
+                state[_base_name(model, name) + "." + key[len(running):]] = value
     return state
+
+
+def _base_name(model, name):
+    """A name in the model as it was: without the base_layer. each LoRAParameter adds (as its state_dict keys)."""
+    parts = name.split(".")
+    return ".".join(p for i, p in enumerate(parts) if p != "base_layer" or i == len(parts) - 1
+                    or not isinstance(model.get_submodule(".".join(parts[:i])), LoRAParameter))
 
 
 ParameterCount = collections.namedtuple("ParameterCount", ["trainable", "total"])
