@@ -26,7 +26,7 @@ W + ΔW formed on every call). All adapters start from the same nonzero A and B
 (PEFT's own init has A = 0 for embeddings), so all do the same work.
 
 `--layers experts` (opt in: it needs transformers 5, and takes a few minutes on 2 CPU
-cores) measures one MoE experts layer: transformers' MixtralExperts (64 experts,
+cores) measures one MoE experts layer: transformers' MixtralExperts (64 and 128 experts,
 gate_up_proj (E, 2I, H), down_proj (E, H, I), H = 512, I = 256) on 1024 tokens routed
 top-4 (random router logits, softmax, top-k, renormalised; fixed seed), r = 8, with LoRA
 on both stacked Parameters (target_parameters). Contenders: the frozen layer (the floor),
@@ -35,7 +35,10 @@ lora_min's LoRAParameter factored (experts_forward: ΔW never formed) and genera
 under transformers' default experts implementation here (grouped_mm) and under eager,
 each implementation in its own interleaved table against its own frozen layer. Before
 timing, the adapters' outputs are checked to agree (PEFT's A and B are the same values,
-in its (r E, in) and (out, r E) layout). CPU grouped_mm has no float64 kernel.
+in its (r E, in) and (out, r E) layout). CPU grouped_mm has no float64 kernel. Each table also
+counts the aten ops of one step (a TorchDispatchMode; on CUDA also the kernels, by torch.profiler):
+what a GPU launches. `--summary` ends any run with every row in one table; benchmarks/gpu.sh is
+the GPU run.
 """
 
 import argparse
