@@ -86,9 +86,9 @@ def test_bench_embedding_and_conv_run_on_tiny_sizes(capsys):
     assert out.count("profile of one training step") == 2
 
 
-# An experts layer that runs in milliseconds (the default is 64 experts, 512 -> 2x256 -> 512, 1024 tokens).
-EXPERTS_SIZES = ["--experts-hidden", "16", "--experts-intermediate", "8", "--experts-top-k", "2", "--experts-tokens", "12",
-                 "--experts-ranks", "2"]
+# An experts layer that runs in milliseconds (the default is 64 and 128 experts, 512 -> 2x256 -> 512, 1024 tokens).
+EXPERTS_SIZES = ["--experts-hidden", "16", "--experts-intermediate", "8", "--experts-top-k", "2",
+                 "--experts-tokens", "12", "--experts-ranks", "2"]
 TINY_EXPERTS = ["--num-experts", "4", *EXPERTS_SIZES]
 EXPERTS_ROWS = ("frozen MixtralExperts (floor)", "lora_min factored", "lora_min general (W + ΔW)",
                 "PEFT target_parameters")
