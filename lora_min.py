@@ -205,12 +205,14 @@ class LoRALayer(nn.Module):
         return self._weight_plus(+1)
 
     def _weight_plus(self, sign, check_finite=True):
-        dtype = torch.promote_types(self.weight.dtype, torch.float32)
-        result = (self.weight.to(dtype) + sign * self.delta_weight(dtype)).to(self.weight.dtype)
+        result = self._plus(sign, torch.promote_types(self.weight.dtype, torch.float32))
         if check_finite and result.device.type != "meta" and not torch.isfinite(result).all():
             raise RuntimeError(f"W {'+' if sign > 0 else '-'} ΔW has inf or NaN entries in {self.weight.dtype} "
                                "(overflow?); the weight was left unchanged")
         return result
+
+    def _plus(self, sign, dtype):  # W + sign * ΔW computed in dtype, rounded once to W's
+        return (self.weight.to(dtype) + sign * self.delta_weight(dtype)).to(self.weight.dtype)
 
     def check_writable(self, what: str) -> None:
         """Raise where writing into `weight` would change more than this layer."""
@@ -308,7 +310,7 @@ class LoRALinear(LoRALayer):
 # ===========================================================================
 
 import ast, collections, contextlib, copy, difflib, functools, inspect, json, os, re, textwrap, warnings  # noqa
-from typing import Iterator, Sequence, Union  # noqa: E402  (the lesson above needs only torch)
+from typing import Any, Iterable, Iterator, Sequence, Union  # noqa: E402  (the lesson above needs only torch)
 
 from torch.nn.utils import parametrize  # noqa: E402
 
@@ -569,10 +571,16 @@ class LoRAParameter(_PassThrough, LoRALayer):
                            self.scale)  # batched over experts: (E, out, in)
         return delta.transpose(-2, -1) if self.transposed else delta
 
-    def forward(self, *args, **kwargs):  # LoRALayer.forward's one input is here the call: (args, kwargs)
+    def _plus(self, sign: int, dtype: torch.dtype) -> torch.Tensor:  # W + sign * B @ A * scale in one baddbmm
+        A, B = self.lora_A.to(dtype), self.lora_B.to(dtype)
+        left, right = (A.mT, B.mT) if self.transposed else (B, A)  # a stack stored (E, in, out): + A^T B^T * scale
+        plus = torch.baddbmm if self.weight.dim() == 3 else torch.addmm
+        return plus(self.weight.to(dtype), left, right, alpha=sign * self.scale).to(self.weight.dtype)
+
+    def forward(self, *args, **kwargs) -> Any:  # LoRALayer.forward's one input is here the call: (args, kwargs)
         return super().forward((args, kwargs))
 
-    def adapted_forward(self, call: tuple) -> torch.Tensor:
+    def adapted_forward(self, call: tuple) -> Any:
         chain = (self, *self.inside)
         if all(layer.factored for layer in chain) and not getattr(self.inner, "_is_expert_parallel", False):
             loras = {layer.parameter_name: layer for layer in chain if layer.enabled and not layer.merged}
@@ -582,7 +590,7 @@ class LoRAParameter(_PassThrough, LoRALayer):
                                "set layer.factored = True (transformers' experts) or use dropout=0")
         return self.base_forward(call, self._weight_plus(+1, check_finite=False))
 
-    def base_forward(self, call: tuple, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def base_forward(self, call: tuple, weight: Optional[torch.Tensor] = None) -> Any:
         """base_layer(*args, **kwargs), `weight` (if given) in W's place, W + ΔW for each child in `reads`."""
         depth = "base_layer." * len(self.inside)
         children = {f"{depth}{n}.weight": self.inner.get_submodule(n) for n in self.reads}
@@ -595,33 +603,74 @@ class LoRAParameter(_PassThrough, LoRALayer):
         setattr(self.inner, self.parameter_name, weight)
         return self.inner
 
+    # --- the state_dict keys of the module as it was (experts.gate_up_proj, not experts.base_layer.base_layer.
+    # gate_up_proj), so a base checkpoint loads; LoRA's own keys (lora_A, lora_B, ...) nest as the modules do.
+
+    def _base_keys(self, prefix: str, keys: Iterable[str]) -> dict:
+        """{nested key: the module's own key} for the keys under base_layer. that are the module's, not LoRA's."""
+        inner = prefix + "base_layer."
+        copies = tuple(f"{inner}{n}." for n, m in self.base_layer.named_modules() if isinstance(m, TrainedCopy))
+        return {k: prefix + k[len(inner):] for k in keys if k.startswith(inner) and not k.startswith(copies)
+                and k.rsplit(".", 1)[-1] not in ("lora_A", "lora_B", MERGED_KEY)}
+
+    def state_dict(self, *args, **kwargs) -> dict:
+        state = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
+        for nested, key in self._base_keys(prefix, list(state)).items():
+            state[key] = state.pop(nested)
+        return state
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):  # the keys state_dict() gives back in base_layer
+        expected = self.base_layer.state_dict(prefix=prefix + "base_layer.", keep_vars=True)
+        for nested, key in self._base_keys(prefix, expected).items():
+            if key in state_dict:
+                state_dict[nested] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     def extra_repr(self) -> str:
         return f"{self.parameter_name}={tuple(self.weight.shape)}, " + super().extra_repr()
 
 
 def experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                     top_k_weights: torch.Tensor, loras: dict) -> torch.Tensor:
-    """transformers' experts computation (as its grouped form computes it), every projection factored:
+    """transformers' experts computation, every projection factored:
     y_e = x_e W_e^T + b_e + ((dropout(x_e) A_e^T) B_e^T) * scale for the rows x_e routed to expert e.
 
     hidden_states (T, H), top_k_index / top_k_weights (T, k) -> (T, H); loras: {Parameter name: LoRAParameter}.
-    Backward keeps the routed inputs and the (rows, r) products, never an (E, out, in) tensor.
+    Each product x_e M_e for all experts at once, as the model's experts implementation runs it (transformers'
+    kernels): batched_mm gathers each row's matrix (one bmm); eager loops over the experts hit; any other (grouped_mm)
+    runs one grouped matmul on the rows sorted by expert, or transformers' compile-safe loop where that kernel cannot
+    take the dtype (float64) or the strides (rows of 16 bytes). No host sync but eager's. The LoRA products run in
+    W's dtype (a bfloat16 base: bfloat16 copies of the float32 A and B, as autocast makes), so they stay on the
+    grouped kernel. Backward keeps the routed inputs and the (rows, r) products, never an (E, out, in) tensor.
     """
-    expert_ids = top_k_index.flatten()
-    order = expert_ids.argsort(stable=True)  # the T * k routed rows, grouped by expert
-    counts = torch.bincount(expert_ids, minlength=experts.num_experts).tolist()
+    from transformers.integrations import moe  # the model's own kernels (only transformers' experts come here)
+    how, k = experts.config._experts_implementation, top_k_index.shape[-1]
+    ids, order = top_k_index.flatten().sort(stable=True)  # the T * k routed rows, grouped by expert
+    ends = torch.searchsorted(ids, torch.arange(experts.num_experts, device=ids.device), right=True).int()
+    bounds = [0, *ends.tolist()] if how == "eager" else None  # each expert's rows: bounds[e]:bounds[e + 1]
 
-    def project(name, x):  # (rows, in) -> (rows, out), expert by expert
-        W, bias, lora = getattr(experts, name), getattr(experts, name + "_bias", None), loras.get(name)
-        ys = [F.linear(x_e, W[e].T if experts.is_transposed else W[e], bias[e] if experts.has_bias else None)
-              for e, x_e in enumerate(x.split(counts))]
-        if lora:  # A and B unbound once: indexing them per expert would add E full-size zero gradients each
-            x_lora = lora.lora_dropout(x).to(lora.lora_A.dtype).split(counts)
-            h = [F.linear(x_e, A_e) * lora.scale for x_e, A_e in zip(x_lora, lora.lora_A.unbind())]  # (rows, r)
-            ys = [(y + F.linear(h_e, B_e)).to(y.dtype) for y, h_e, B_e in zip(ys, h, lora.lora_B.unbind())]
-        return torch.cat(ys)
+    def mm(x, M):  # rows x (S, in) grouped by expert, M (E, in, out) -> (S, out): x_e M_e for every expert e
+        x = x.to(M.dtype)
+        if how == "batched_mm":
+            return torch.bmm(x.unsqueeze(1), M[ids]).squeeze(1)
+        if how == "eager":  # the experts that have rows, one by one
+            return torch.cat([x[i:j] @ M_e for i, j, M_e in zip(bounds, bounds[1:], M.unbind()) if j > i]
+                             or [x[:0] @ M[0]])
+        fits = M.dtype != torch.float64 and all(n * M.element_size() % 16 == 0 for n in M.shape[1:])
+        return (moe._grouped_mm if fits else torch.ops.transformers.grouped_mm_fallback)(x, M, offs=ends)
 
-    h = project("gate_up_proj" if experts.has_gate else "up_proj", hidden_states[order // top_k_index.shape[-1]])
+    def project(name, x):  # (rows, in) -> (rows, out)
+        W, lora = getattr(experts, name), loras.get(name)
+        y = mm(x, W if experts.is_transposed else W.mT)
+        if experts.has_bias:
+            y = y + getattr(experts, name + "_bias")[ids]
+        if lora:
+            A, B = lora.lora_A.to(W.dtype).mT, lora.lora_B.to(W.dtype).mT  # (E, in, r), (E, r, out)
+            y = y + mm(mm(lora.lora_dropout(x), A) * lora.scale, B)
+        return y
+
+    h = project("gate_up_proj" if experts.has_gate else "up_proj", hidden_states[order // k])
     h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
     y = project("down_proj", h)
     if getattr(experts, "has_post_expert_norm", False):
@@ -665,7 +714,7 @@ class TrainedCopy(_PassThrough, nn.Module):
         self.original, self.trained = module, copy.deepcopy(module)
         self.enabled, self.merged = True, False
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args, **kwargs) -> Any:
         return self.running(*args, **kwargs)
 
     @property
@@ -916,19 +965,22 @@ def merged_state_dict(model: nn.Module) -> dict:
         if id(layer) not in exported:
             with torch.no_grad():
                 exported[id(layer)] = _exported_weight(name, layer)
-        wrapper = isinstance(layer, LoRAParameter)
-        weight_key = "base_layer." * (len(layer.inside) + 1) + layer.parameter_name if wrapper else "weight"
-        state[prefix + weight_key] = exported[id(layer)]
+        key = layer.parameter_name if isinstance(layer, LoRAParameter) else "weight"
+        state[_base_name(model, f"{name}.{key}".lstrip("."))] = exported[id(layer)]
     for name, saved in _trained_copies(model):
         running = f"{name}.trained." if saved.enabled else f"{name}.original."
         for key in [k for k in state if k.startswith(f"{name}.original.") or k.startswith(f"{name}.trained.")]:
             value = state.pop(key)
             if key.startswith(running):
-                state[f"{name}.{key[len(running):]}"] = value
-    for n in sorted((n for n, layer in layers.items() if isinstance(layer, LoRAParameter)), key=len, reverse=True):
-        inner = f"{n}.base_layer."  # inner wrappers first: their keys lose base_layer.
-        state = {k.replace(inner, f"{n}.", 1) if k.startswith(inner) else k: v for k, v in state.items()}
+                state[_base_name(model, name) + "." + key[len(running):]] = value
     return state
+
+
+def _base_name(model, name):
+    """A name in the model as it was: without the base_layer. each LoRAParameter adds (as its state_dict keys)."""
+    parts = name.split(".")
+    return ".".join(p for i, p in enumerate(parts) if p != "base_layer" or i == len(parts) - 1
+                    or not isinstance(model.get_submodule(".".join(parts[:i])), LoRAParameter))
 
 
 ParameterCount = collections.namedtuple("ParameterCount", ["trainable", "total"])

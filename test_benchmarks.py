@@ -86,9 +86,10 @@ def test_bench_embedding_and_conv_run_on_tiny_sizes(capsys):
     assert out.count("profile of one training step") == 2
 
 
-# An experts layer that runs in milliseconds (the default is 64 experts, 512 -> 2x256 -> 512, 1024 tokens).
-TINY_EXPERTS = ["--experts-hidden", "16", "--experts-intermediate", "8", "--num-experts", "4", "--experts-top-k", "2",
-                "--experts-tokens", "12", "--experts-ranks", "2"]
+# An experts layer that runs in milliseconds (the default is 64 and 128 experts, 512 -> 2x256 -> 512, 1024 tokens).
+EXPERTS_SIZES = ["--experts-hidden", "16", "--experts-intermediate", "8", "--experts-top-k", "2",
+                 "--experts-tokens", "12", "--experts-ranks", "2"]
+TINY_EXPERTS = ["--num-experts", "4", *EXPERTS_SIZES]
 EXPERTS_ROWS = ("frozen MixtralExperts (floor)", "lora_min factored", "lora_min general (W + ΔW)",
                 "PEFT target_parameters")
 
@@ -138,10 +139,28 @@ def test_bench_experts_runs_on_tiny_sizes(capsys):
         assert f"16 -> 2x8 -> 16, 12 tokens, top-2, r = 2, float32, {implementation}" in out
     assert out.count("outputs agree: ") == len(implementations)
     for row in EXPERTS_ROWS:  # one table per implementation, then side by side (the profile's rows name ops)
-        assert len(re.findall(rf"^\| {re.escape(row)} \| [0-9.]+ \|", out, re.MULTILINE)) == len(implementations) + 1
-    assert "## experts side by side: r = 2" in out and "factored / PEFT: saved beyond floor " in out
+        assert len(re.findall(rf"^\| {re.escape(row)} \| [0-9.]+ \|", out, re.MULTILINE)) == len(implementations)
+        for implementation in implementations:
+            assert len(re.findall(rf"^\| 4 \| {implementation} \| {re.escape(row)} \| [0-9.]+ \| [0-9.]+ \| [0-9]+ \|$",
+                                  out, re.MULTILINE)) == 1
+    assert "## experts side by side: r = 2" in out and "4 experts, eager: factored " in out
     assert out.count("profile of one training step") == len(implementations)
     assert "frozen nn.Linear" not in out and "## embedding" not in out  # --layers left the others out
+
+
+def test_bench_summary_counts_ops_per_step_and_ends_with_one_table(capsys):
+    pytest.importorskip("transformers.integrations.moe")
+    pytest.importorskip("peft")
+    bench_lora.main(["--layers", "conv,experts", "--reps", "1", "--warmup", "0", "--summary", *TINY_EMBEDDING_CONV,
+                     "--experts-implementations", "grouped_mm", "--num-experts", "8", "32", *EXPERTS_SIZES])
+    out = capsys.readouterr().out
+    summary = out[out.index("## every row: "):]
+    rows = re.findall(r"^\| (.+?) \| (.+?) \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \| ([0-9]+) \| - \|$", summary,
+                      re.MULTILINE)
+    assert [name for _, name, _ in rows] == list(CONV_ROWS) + list(EXPERTS_ROWS) * 2  # every row, in one table
+    ops = {(re.match(r"MoE (\d+) experts", setting).group(1), name): int(n) for setting, name, n in rows[4:]}
+    for name in EXPERTS_ROWS:  # the benchmark's own count: the same at 32 experts as at 8
+        assert ops["8", name] == ops["32", name] > 0
 
 
 @pytest.mark.slow

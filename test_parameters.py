@@ -304,7 +304,9 @@ def test_moe_equals_peft_target_parameters(family):
     theirs = peft.get_peft_model(copy.deepcopy(base), config)
     prefix = "base_model.model."
     theirs_keys = {k[len(prefix):].replace(".default.weight", "") for k in theirs.state_dict()}
-    assert set(model.state_dict()) == theirs_keys  # the same nesting: outer wrapper = last Parameter
+    lora_keys = {k for k in theirs_keys if k.rsplit(".", 1)[-1] in ("lora_A", "lora_B")}
+    assert set(L.lora_state_dict(model)) == lora_keys  # the same nesting: outer wrapper = last Parameter
+    assert set(model.state_dict()) == lora_keys | set(base.state_dict())  # the base's keys where the base has them
     with torch.no_grad():
         for name, layer in L.lora_layers(model):
             peft_layer = theirs.base_model.model.get_submodule(name)
@@ -654,9 +656,9 @@ def test_parameters_of_one_module_nest_in_the_modules_own_order():
         assert outer.base_layer.base_layer is owner and outer.inner is owner
         assert outer.lora_A.shape == (2, 4) and outer.lora_B.shape == (3, 2)
         assert outer.base_layer.lora_A.shape == (2, 5) and outer.base_layer.lora_B.shape == (4, 2)
+        # LoRA's keys nest as the modules do (as PEFT's); the module's own keep their names, in its order
         assert list(model.state_dict()) == ["0.lora_A", "0.lora_B", "0.base_layer.lora_A", "0.base_layer.lora_B",
-                                            "0.base_layer.base_layer.w", "0.base_layer.base_layer.b",
-                                            "0.base_layer.base_layer.v"]
+                                            "0.w", "0.b", "0.v"]
 
 
 def test_a_target_parameter_name_is_a_full_name_or_its_dotted_end():
@@ -1367,3 +1369,60 @@ def test_experts_whose_forward_is_patched_on_the_instance_run_the_general_path()
     x, index, weights = routing()
     holder(x, index, weights)
     assert calls == [1]
+
+
+# --- base keys: an adapted model's state_dict holds the base's keys unchanged, plus LoRA's ----------------------
+
+
+def adapted_pair(case):
+    """(base, a copy adapted with random A and B, a call running both, the classes that must stay in the tree)."""
+    if case == "mha":
+        base, model, _ = lora_mha(batch_first=True)
+        q, k, v = qkv(True)
+        return base, model, lambda m: m[0](q, k, v)[0], (nn.MultiheadAttention,)
+    base = moe_base("mixtral")  # the experts' two stacks and the router's weight: three Parameters, two modules
+    model = randomize(L.add_lora(copy.deepcopy(base), r=2, target_modules=[],
+                                 target_parameters=["gate_up_proj", "down_proj", "gate.weight"]), 1, scale=0.3)
+    mlp = transformers.models.mixtral.modeling_mixtral
+    return base, model, logits, (mlp.MixtralExperts, mlp.MixtralTopKRouter)
+
+
+@pytest.mark.parametrize("case", ["moe: experts and router", "mha"])
+def test_an_adapted_models_state_dict_holds_the_bases_keys_unchanged_plus_loras(case):
+    base, model, run, classes = adapted_pair("mha" if case == "mha" else "moe")
+    state, adapter = model.state_dict(), L.lora_state_dict(model)
+    assert adapter and all(k.rsplit(".", 1)[-1] in ("lora_A", "lora_B") for k in adapter)
+    assert list(k for k in state if k not in adapter) == list(base.state_dict())  # the base's keys, in its order
+    assert all(torch.equal(state[k], v) for k, v in base.state_dict().items())
+    for cls in classes:  # each adapted module still in the tree, as its own class (transformers finds experts so)
+        assert sum(type(m) is cls for m in model.modules()) == sum(type(m) is cls for m in base.modules()) > 0
+    # a base checkpoint (other weights) loads with strict=False: no unexpected key, only LoRA's missing, all filled
+    other = copy.deepcopy(base)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    adapter_before = {k: v.clone() for k, v in adapter.items()}
+    result = model.load_state_dict(other.state_dict(), strict=False)
+    assert result.unexpected_keys == [] and set(result.missing_keys) == set(adapter)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in other.state_dict().items())
+    assert all(torch.equal(v, adapter_before[k]) for k, v in L.lora_state_dict(model).items())
+    with L.lora_disabled(model):
+        assert torch.equal(run(model), run(other))
+    # the whole state_dict round-trips strictly into a fresh adapted model, and LoRA's keys are what PEFT nests
+    fresh = adapted_pair("mha" if case == "mha" else "moe")[1]
+    fresh.load_state_dict(model.state_dict())
+    torch.testing.assert_close(run(fresh), run(model), **EXACT)
+    assert list(L.merged_state_dict(model)) == list(L.merge_and_unload(model).state_dict()) == list(base.state_dict())
+
+
+def test_a_checkpoint_with_the_nested_keys_of_lora_min_before_still_loads():
+    base, model, run, _ = adapted_pair("moe")
+    experts = "model.layers.0.mlp.experts."  # gate_up_proj inside down_proj's wrapper: base_layer. twice before
+    old = {k.replace(experts + "gate_up_proj", experts + "base_layer.base_layer.gate_up_proj")
+           .replace(experts + "down_proj", experts + "base_layer.base_layer.down_proj"): v.clone() * 2
+           for k, v in model.state_dict().items()}
+    assert experts + "base_layer.base_layer.gate_up_proj" in old
+    result = model.load_state_dict(old)
+    assert not result.missing_keys and not result.unexpected_keys
+    loaded = model.model.layers[0].mlp.experts.inner.gate_up_proj
+    assert torch.equal(loaded, old[experts + "base_layer.base_layer.gate_up_proj"])

@@ -27,7 +27,7 @@ W + ΔW formed on every call). All adapters start from the same nonzero A and B
 (PEFT's own init has A = 0 for embeddings), so all do the same work.
 
 `--layers experts` (opt in: it needs transformers 5, and takes a few minutes on 2 CPU
-cores) measures one MoE experts layer: transformers' MixtralExperts (64 experts,
+cores) measures one MoE experts layer: transformers' MixtralExperts (64 and 128 experts,
 gate_up_proj (E, 2I, H), down_proj (E, H, I), H = 512, I = 256) on 1024 tokens routed
 top-4 (random router logits, softmax, top-k, renormalised; fixed seed), r = 8, with LoRA
 on both stacked Parameters (target_parameters). Contenders: the frozen layer (the floor),
@@ -36,7 +36,10 @@ lora_min's LoRAParameter factored (experts_forward: ΔW never formed) and genera
 under transformers' default experts implementation here (grouped_mm) and under eager,
 each implementation in its own interleaved table against its own frozen layer. Before
 timing, the adapters' outputs are checked to agree (PEFT's A and B are the same values,
-in its (r E, in) and (out, r E) layout). CPU grouped_mm has no float64 kernel.
+in its (r E, in) and (out, r E) layout). CPU grouped_mm has no float64 kernel. Each table also
+counts the aten ops of one step (a TorchDispatchMode; on CUDA also the kernels, by torch.profiler):
+what a GPU launches. `--summary` ends any run with every row in one table; benchmarks/gpu.sh is
+the GPU run.
 """
 
 import argparse
@@ -452,7 +455,7 @@ def peak_memory(fn, device):
     return torch.cuda.max_memory_allocated() - base
 
 
-def bench_setting(impls, d, r, tokens, device, dtype, warmup, reps):
+def bench_setting(impls, d, r, tokens, device, dtype, warmup, reps, **options):
     layers = {}
     for name, make in impls.items():
         layer, params = make(d, r, device, dtype)
@@ -461,7 +464,7 @@ def bench_setting(impls, d, r, tokens, device, dtype, warmup, reps):
         layers[name] = layer
     x = torch.randn(tokens, d, device=device, dtype=dtype, requires_grad=True)
     grad_out = torch.randn(tokens, d, device=device, dtype=dtype)
-    return bench_layers(layers, "frozen nn.Linear (floor)", x, grad_out, device, warmup, reps)
+    return bench_layers(layers, "frozen nn.Linear (floor)", x, grad_out, device, warmup, reps, **options)
 
 
 def embedding_inputs(size, tokens, device, dtype):
@@ -492,13 +495,16 @@ def build(impls, size, r, device, dtype):
     return layers
 
 
-def bench_layers(layers, floor, x, grad_out, device, warmup, reps, beyond=False):
+def bench_layers(layers, floor, x, grad_out, device, warmup, reps, beyond=False, counts=False, title=""):
     """The training-step table for built layers that all take x: time, ratio to `floor`, saved bytes
-    (beyond=True: also the saved bytes minus the floor's)."""
-    step = interleaved({n: (lambda layer=layer: train_step(layer, x, grad_out)) for n, layer in layers.items()},
-                       device, warmup, reps, reference=floor)
+    (beyond=True: also the saved bytes minus the floor's; counts=True: aten ops per step, and CUDA kernels on CUDA).
+    Returns (table, {name: x floor}, {name: saved bytes}, {name: (ops, kernels)}); each row also goes to SUMMARY."""
+    steps = {n: (lambda layer=layer: train_step(layer, x, grad_out)) for n, layer in layers.items()}
+    step = interleaved(steps, device, warmup, reps, reference=floor)
     memory = {n: saved_bytes(layer, x) for n, layer in layers.items()}
     peaks = {n: peak_memory(lambda layer=layer: train_step(layer, x, grad_out), device) for n, layer in layers.items()}
+    ops = {n: (op_count(fn), cuda_kernels(fn, device)) if counts else (None, None) for n, fn in steps.items()}
+    ops_cuda = device.type == "cuda"
 
     fmt_mib = lambda b: f"{b / 2**20:.2f}"  # noqa: E731
     header = "| implementation | train step (ms) | x floor | saved for backward (MiB) | largest saved tensor |"
@@ -507,6 +513,8 @@ def bench_layers(layers, floor, x, grad_out, device, warmup, reps, beyond=False)
         header, align = header + " beyond floor (MiB) |", align + " ---: |"
     if device.type == "cuda":
         header, align = header + " peak memory (MiB) |", align + " ---: |"
+    for column in (["aten ops per step"] if counts else []) + (["CUDA kernels per step"] if counts and ops_cuda else []):
+        header, align = header + f" {column} |", align + " ---: |"
     lines = [header, align]
     for n in layers:
         nbytes, largest = memory[n]
@@ -515,8 +523,54 @@ def bench_layers(layers, floor, x, grad_out, device, warmup, reps, beyond=False)
             row += f" {fmt_mib(nbytes - memory[floor][0])} |"
         if device.type == "cuda":
             row += f" {fmt_mib(peaks[n])} |"
+        if counts:
+            row += "".join(f" {c} |" for c in ops[n] if c is not None)
         lines.append(row)
-    return "\n".join(lines), {n: step[n][1] for n in layers}, memory
+        SUMMARY.append((title, n, 1e3 * step[n][0], step[n][1], nbytes - memory[floor][0], *ops[n]))
+    return "\n".join(lines), {n: step[n][1] for n in layers}, memory, ops
+
+
+SUMMARY = []  # (setting, implementation, ms, x floor, saved beyond floor (bytes), aten ops, CUDA kernels): --summary
+
+
+def summary_table(rows):
+    """Every training-step row of this run in one table (--summary)."""
+    lines = ["| setting | implementation | train step (ms) | x floor | saved beyond floor (MiB) | aten ops per step "
+             "| CUDA kernels per step |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for title, n, ms, ratio, beyond, ops, kernels in rows:
+        lines.append(f"| {title} | {n} | {ms:.2f} | {ratio:.3f} | {beyond / 2**20:.2f} | "
+                     f"{'-' if ops is None else ops} | {'-' if kernels is None else kernels} |")
+    return "\n".join(lines)
+
+
+def op_count(fn):
+    """The aten ops one call of fn dispatches, counted by a TorchDispatchMode (on a GPU: about one kernel each)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count() as counter:
+        fn()
+    return counter.n
+
+
+def cuda_kernels(fn, device):
+    """The CUDA kernels (memcpy and memset included) one call of fn launches, by torch.profiler; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()  # warm: lazy initialisation and cuBLAS workspaces launch only once
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync(device)
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
 def bench_inference(d, r, tokens, device, dtype, warmup, reps):
@@ -593,6 +647,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--reps", type=int, default=9)
     p.add_argument("--compile", action="store_true", help="also time torch.compile(fullgraph=True) vs eager")
+    p.add_argument("--summary", action="store_true",
+                   help="count aten ops (and CUDA kernels) per step in every table, end with every row in one")
     p.add_argument("--profile", action="store_true",
                    help="also show where each lora_min layer's extra time goes (torch.profiler)")
     p.add_argument("--layers", type=layer_list, default=list(DEFAULT_LAYERS),
@@ -610,13 +666,14 @@ def main(argv=None):
     x = p.add_argument_group("experts (--layers ...experts...): transformers' MixtralExperts, top-k routed tokens")
     x.add_argument("--experts-hidden", type=int, default=512, help="hidden_size")
     x.add_argument("--experts-intermediate", type=int, default=256, help="intermediate_size")
-    x.add_argument("--num-experts", type=int, default=64, help="num_local_experts")
+    x.add_argument("--num-experts", type=int, nargs="+", default=[64, 128], help="num_local_experts (each a table)")
     x.add_argument("--experts-top-k", type=int, default=4, help="num_experts_per_tok")
     x.add_argument("--experts-tokens", type=int, default=1024)
     x.add_argument("--experts-ranks", type=int, nargs="+", default=[8])
     x.add_argument("--experts-implementations", nargs="+", default=None,
                    help="transformers experts implementations (default: transformers' default here, and eager)")
     args = p.parse_args(argv)
+    SUMMARY.clear()  # (main may run more than once in a process: the tests call it)
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
                           if args.device == "auto" else args.device)
@@ -642,7 +699,8 @@ def main(argv=None):
         dtype = getattr(torch, dtype_name)
         for r in args.ranks if "linear" in args.layers else ():
             print(f"\n## training step, r = {r}, {dtype_name}\n")
-            table, _, _ = bench_setting(impls, args.dim, r, tokens, device, dtype, args.warmup, args.reps)
+            table = bench_setting(impls, args.dim, r, tokens, device, dtype, args.warmup, args.reps,
+                                  counts=args.summary, title=f"linear {args.dim}, {tokens} tokens, r = {r}, {dtype_name}")[0]
             print(table)
             inf = bench_inference(args.dim, r, tokens, device, dtype, args.warmup, args.reps)
             print(f"\ninference (eval forward, x plain nn.Linear): unmerged {inf['unmerged']:.3f}, merged {inf['merged']:.3f}")
@@ -656,7 +714,8 @@ def main(argv=None):
                   f"r = {r}, {dtype_name}\n")
             layers = build(emb_impls, emb_size, r, device, dtype)
             idx, grad_out = embedding_inputs(emb_size, tokens, device, dtype)
-            print(bench_layers(layers, "frozen nn.Embedding (floor)", idx, grad_out, device, args.warmup, args.reps)[0])
+            print(bench_layers(layers, "frozen nn.Embedding (floor)", idx, grad_out, device, args.warmup, args.reps,
+                               counts=args.summary, title=f"embedding {emb_size}, r = {r}, {dtype_name}")[0])
             if args.profile:
                 print(f"\nprofile of one training step (ops over 0.1 ms):\n\n{profile_layers(unparametrized(layers), idx, grad_out, device)}")
             del layers
@@ -666,63 +725,81 @@ def main(argv=None):
                   f"batch {args.batch} x {args.image_size} x {args.image_size}, r = {r}, {dtype_name}\n")
             layers = build(conv_impls, conv_size, r, device, dtype)
             x, grad_out = conv_inputs(conv_size, args.batch, args.image_size, device, dtype)
-            print(bench_layers(layers, "frozen nn.Conv2d (floor)", x, grad_out, device, args.warmup, args.reps)[0])
+            print(bench_layers(layers, "frozen nn.Conv2d (floor)", x, grad_out, device, args.warmup, args.reps,
+                               counts=args.summary, title=f"conv {args.channels}, {k}x{k}, r = {r}, {dtype_name}")[0])
             if args.profile:
                 print(f"\nprofile of one training step (ops over 0.1 ms):\n\n{profile_layers(unparametrized(layers), x, grad_out, device)}")
             del layers
         for r in args.experts_ranks if EXPERTS_FLOOR in experts_impls else ():
             bench_experts(experts_impls, args, r, device, dtype, dtype_name)
+    if args.summary:
+        print(f"\n## every row: {hw}, torch {torch.__version__} (x floor: each table's frozen layer)\n")
+        print(summary_table(SUMMARY))
 
 
-def experts_spec(args, implementation):
-    return ExpertsSpec(args.experts_hidden, args.experts_intermediate, args.num_experts, args.experts_top_k,
-                       implementation)
+def experts_spec(args, implementation, num_experts):
+    return ExpertsSpec(args.experts_hidden, args.experts_intermediate, num_experts, args.experts_top_k, implementation)
 
 
 def bench_experts(impls, args, r, device, dtype, dtype_name):
-    """One table per experts implementation (the contenders interleaved against that implementation's
-    frozen layer), each after checking that all adapters compute the same output; then side by side."""
+    """One table per number of experts and experts implementation (the contenders interleaved against that
+    frozen layer, after checking that all adapters compute the same output), aten ops (and CUDA kernels) per
+    step counted; then all side by side."""
     default = default_experts_implementation()
     implementations = args.experts_implementations or list(dict.fromkeys([default, "eager"]))
     results = {}
-    for implementation in implementations:
-        spec = experts_spec(args, implementation)
-        note = " (transformers' default here)" if implementation == default else ""
-        print(f"\n## experts training step: MixtralExperts, {spec.num_experts} experts, {spec.hidden} -> "
-              f"2x{spec.intermediate} -> {spec.hidden}, {args.experts_tokens} tokens, top-{spec.top_k}, r = {r}, "
-              f"{dtype_name}, {implementation}{note}\n")
-        layers = build(impls, spec, r, device, dtype)
-        x, index, weights, grad_out = experts_inputs(spec, args.experts_tokens, device, dtype)
-        route(layers, index, weights)
-        print(check_same_output(layers, EXPERTS_FLOOR, x) + "\n")
-        table, ratios, memory = bench_layers(layers, EXPERTS_FLOOR, x, grad_out, device, args.warmup, args.reps,
-                                             beyond=True)
-        print(table)
-        if args.profile:
-            print(f"\nprofile of one training step (ops over 0.1 ms):\n\n"
-                  f"{profile_layers(layers, x, grad_out, device, steps=2, by_shape=False)}")
-        results[implementation] = ratios, {n: nbytes - memory[EXPERTS_FLOOR][0] for n, (nbytes, _) in memory.items()}
-        del layers
+    for num_experts in args.num_experts:
+        for implementation in implementations:
+            spec = experts_spec(args, implementation, num_experts)
+            note = " (transformers' default here)" if implementation == default else ""
+            title = f"{num_experts} experts, {implementation}{note}"
+            print(f"\n## experts training step: MixtralExperts, {num_experts} experts, {spec.hidden} -> "
+                  f"2x{spec.intermediate} -> {spec.hidden}, {args.experts_tokens} tokens, top-{spec.top_k}, r = {r}, "
+                  f"{dtype_name}, {implementation}{note}\n")
+            if dtype != torch.float32:  # the same values in float32: agreement to float32's tolerance, not bfloat16's
+                checked = build(impls, spec, r, device, torch.float32)
+                x, index, weights, _ = experts_inputs(spec, args.experts_tokens, device, torch.float32)
+                route(checked, index, weights)
+                print(check_same_output(checked, EXPERTS_FLOOR, x) + " (checked in float32)\n")
+                del checked
+            layers = build(impls, spec, r, device, dtype)
+            x, index, weights, grad_out = experts_inputs(spec, args.experts_tokens, device, dtype)
+            route(layers, index, weights)
+            if dtype == torch.float32:
+                print(check_same_output(layers, EXPERTS_FLOOR, x) + "\n")
+            table, ratios, memory, ops = bench_layers(layers, EXPERTS_FLOOR, x, grad_out, device, args.warmup,
+                                                      args.reps, beyond=True, counts=True, title=f"MoE {title}")
+            print(table)
+            if args.profile:
+                print(f"\nprofile of one training step (ops over 0.1 ms):\n\n"
+                      f"{profile_layers(layers, x, grad_out, device, steps=2, by_shape=False)}")
+            results[num_experts, implementation] = {
+                n: (ratios[n], nbytes - memory[EXPERTS_FLOOR][0], *ops[n]) for n, (nbytes, _) in memory.items()}
+            del layers
     print(experts_side_by_side(results, r, dtype_name))
 
 
 def experts_side_by_side(results, r, dtype_name):
-    """{implementation: (x floor, bytes beyond floor) per contender} -> one table, and the targets' ratios."""
-    names = list(next(iter(results.values()))[0])
-    lines = [f"\n## experts side by side: r = {r}, {dtype_name} (x floor: that implementation's frozen layer; "
-             "beyond: saved for backward minus the frozen layer's)\n",
-             "| implementation | " + " | ".join(f"{i} x floor | {i} beyond floor (MiB)" for i in results) + " |",
-             "| --- |" + " ---: | ---: |" * len(results)]
-    for n in names:
-        lines.append(f"| {n} | " + " | ".join(f"{ratios[n]:.3f} | {beyond[n] / 2**20:.2f}"
-                                             for ratios, beyond in results.values()) + " |")
-    factored, peft = "lora_min factored", "PEFT target_parameters"
-    if factored in names and peft in names:
-        lines.append("\nfactored / PEFT: saved beyond floor " +
-                     ", ".join(f"{i} {beyond[factored] / beyond[peft]:.3f}" for i, (_, beyond) in results.items()) +
-                     " (target <= 0.2); train step " +
-                     ", ".join(f"{i} {ratios[factored] / ratios[peft]:.3f}" for i, (ratios, _) in results.items()) +
-                     " (target <= 1)")
+    """{(experts, implementation): {contender: (x floor, bytes beyond floor, aten ops, CUDA kernels)}} -> one
+    table, and the targets: factored <= 1.3 x floor and faster than PEFT, general no slower than PEFT."""
+    cuda = any(row[3] is not None for rows in results.values() for row in rows.values())
+    lines = [f"\n## experts side by side: r = {r}, {dtype_name} (x floor: that setting's frozen layer; beyond: saved "
+             "for backward minus the frozen layer's; ops: aten ops per training step)\n",
+             "| experts | implementation | contender | x floor | beyond floor (MiB) | aten ops |" +
+             (" CUDA kernels |" if cuda else ""),
+             "| ---: | --- | --- | ---: | ---: | ---: |" + (" ---: |" if cuda else "")]
+    for (num_experts, implementation), rows in results.items():
+        for n, (ratio, beyond, ops, kernels) in rows.items():
+            lines.append(f"| {num_experts} | {implementation} | {n} | {ratio:.3f} | {beyond / 2**20:.2f} | {ops} |" +
+                         (f" {kernels} |" if cuda else ""))
+    factored, general, peft = "lora_min factored", "lora_min general (W + ΔW)", "PEFT target_parameters"
+    lines.append("")
+    for (num_experts, implementation), rows in results.items():
+        if {factored, general, peft} <= set(rows):
+            lines.append(f"{num_experts} experts, {implementation}: factored {rows[factored][0]:.3f} x floor "
+                         f"(target <= 1.3), factored / PEFT train step {rows[factored][0] / rows[peft][0]:.3f} "
+                         f"(target < 1), general / PEFT {rows[general][0] / rows[peft][0]:.3f} (target <= 1), "
+                         f"factored / PEFT saved beyond floor {rows[factored][1] / max(rows[peft][1], 1):.3f}")
     return "\n".join(lines)
 
 
