@@ -654,21 +654,35 @@ def experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index
         x = x.to(M.dtype)
         if how == "batched_mm":
             return torch.bmm(x.unsqueeze(1), M[ids]).squeeze(1)
-        if how == "eager":  # the experts that have rows, one by one
-            return torch.cat([x[i:j] @ M_e for i, j, M_e in zip(bounds, bounds[1:], M.unbind()) if j > i]
-                             or [x[:0] @ M[0]])
         fits = M.dtype != torch.float64 and all(n * M.element_size() % 16 == 0 for n in M.shape[1:])
         return (moe._grouped_mm if fits else torch.ops.transformers.grouped_mm_fallback)(x, M, offs=ends)
 
+    def factors(lora, dtype):  # A (E, in, r), B (E, r, out), in W's dtype
+        return lora.lora_A.to(dtype).mT, lora.lora_B.to(dtype).mT
+
+    def eager(x, W, lora, x_lora):  # the experts that have rows one by one, each's products together
+        # A and B unbound once: indexing them per expert would make autograd add E full-size zero gradients
+        A, B = [M.unbind() for M in factors(lora, W.dtype)] if lora else (None, None)
+        ys = []
+        for e, (i, j) in enumerate(zip(bounds, bounds[1:])):
+            if j > i:
+                y_e = x[i:j] @ W[e]
+                ys.append(y_e + (x_lora[i:j] @ A[e]) * lora.scale @ B[e] if lora else y_e)
+        return torch.cat(ys or [x[:0] @ W[0]])
+
     def project(name, x):  # (rows, in) -> (rows, out)
         W, lora = getattr(experts, name), loras.get(name)
-        y = mm(x, W if experts.is_transposed else W.mT)
-        if experts.has_bias:
-            y = y + getattr(experts, name + "_bias")[ids]
-        if lora:
-            A, B = lora.lora_A.to(W.dtype).mT, lora.lora_B.to(W.dtype).mT  # (E, in, r), (E, r, out)
-            y = y + mm(mm(lora.lora_dropout(x), A) * lora.scale, B)
-        return y
+        W = W if experts.is_transposed else W.mT  # (E, in, out)
+        x = x.to(W.dtype)
+        x_lora = lora.lora_dropout(x) if lora else None
+        if how == "eager":
+            y = eager(x, W, lora, x_lora)
+        else:
+            y = mm(x, W)
+            if lora:
+                A, B = factors(lora, W.dtype)
+                y = y + mm(mm(x_lora, A) * lora.scale, B)
+        return y + getattr(experts, name + "_bias")[ids] if experts.has_bias else y
 
     h = project("gate_up_proj" if experts.has_gate else "up_proj", hidden_states[order // k])
     h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
