@@ -507,7 +507,8 @@ class QLoRALinear(LoRALinear):
             return "has_fp16_weights=True: bitsandbytes trains that float16 weight itself; freeze it in 8 bits"
         if getattr(w, "bnb_quantized", True) is False or type(w).__name__ == "Int8Params" and w.dtype != torch.int8:
             return "its weight is not quantized yet (bitsandbytes quantizes on .to(device)): move the model first"
-        if any(getattr(w, a, None) is not None for a in ("act_quant_kwargs", "activation_quantization")):
+        if any(getattr(w, a, None) is not None for a in ("act_quant_kwargs", "activation_quantization",
+                                                          "input_quant_func")):
             return f"its torchao {type(w).__name__} quantizes the input too, which then gets no gradient"
         return None
 
@@ -524,7 +525,9 @@ class QLoRALinear(LoRALinear):
     def keep_base(self, base: nn.Module) -> None:
         super().keep_base(base)
         object.__setattr__(self, "quantized", base)  # unregistered: its Parameters are ours, so are its keys
-        self.quantization = f"{type(base).__name__} ({getattr(base.weight, 'quant_type', type(base.weight).__name__)})"
+        kind = type(base.weight).__name__
+        self.quantization = {"Params4bit": f"bitsandbytes 4-bit ({getattr(base.weight, 'quant_type', '')})",
+                             "Int8Params": "bitsandbytes 8-bit"}.get(kind, f"torchao {kind}")
         self.export_dtype = self.weight_dtype(base)
 
     def train(self, mode: bool = True) -> "QLoRALinear":
@@ -535,7 +538,7 @@ class QLoRALinear(LoRALinear):
         return self.quantized.forward(x)  # its forward, not its __call__: its hooks are ours now
 
     def check_writable(self, what: str) -> None:
-        raise RuntimeError(f"{what}() would write W + ΔW into a {self.quantization} quantized weight, which cannot "
+        raise RuntimeError(f"{what}() would write W + ΔW into a {self.quantization} weight, which cannot "
                            "hold it; export a float model with merge_and_unload(model) or merged_state_dict(model)")
 
     def dequantized_weight(self) -> torch.Tensor:
