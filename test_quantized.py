@@ -440,3 +440,34 @@ def test_qlora_on_a_4bit_llama_trains_with_checkpointing_and_peft_reads_its_adap
     theirs = peft.PeftModel.from_pretrained(load_4bit(llama_folder), str(tmp_path / "adapter")).eval()
     with torch.no_grad():
         torch.testing.assert_close(theirs(input_ids=ids).logits, model(input_ids=ids).logits, **TOL)
+
+
+# --- 7. the demo: python mnist_demo.py --quantize nf4 ----------------------------------------------------------
+
+
+def test_mnist_demo_quantize_nf4_trains_lora_on_the_4bit_base_with_its_proofs(tmp_path, capsys):
+    from test_mnist_demo import run_demo, synthetic_mnist
+    common = ["--data-dir", synthetic_mnist(tmp_path / "mnist"), "--cache-dir", tmp_path / "cache", "--quiet",
+              "--lora-steps", 10, "--device", "cpu", "--quantize", "nf4"]
+    status, report = run_demo(*common, "--json", tmp_path / "q.json", "--save-adapter", tmp_path / "a.pt")
+    out = capsys.readouterr().out
+    assert status == 0 and report["proofs"] == {
+        "4-bit base bit-for-bit unchanged": True,
+        "LoRA-disabled predictions identical to the 4-bit base": True,
+        "merged predictions match LoRA-enabled": True,
+        "merged model has no LoRA layers": True,
+    }
+    results = report["results"]
+    assert list(results) == ["before fine-tuning", "4-bit base (nf4)", "LoRA enabled", "LoRA disabled",
+                             "LoRA merged into W"]
+    size = report["model_bytes"]
+    assert results["LoRA disabled"] == results["4-bit base (nf4)"] != results["before fine-tuning"]
+    assert results["LoRA enabled"] == results["LoRA merged into W"] != results["LoRA disabled"]
+    float32 = size["before fine-tuning"]
+    assert float32 == 4 * 2_807_010 and size["LoRA merged into W"] == float32
+    assert size["4-bit base (nf4)"] < float32 / 7  # 4 bits and the block statistics (the biases stay float)
+    assert size["LoRA enabled"] == size["LoRA disabled"] == size["4-bit base (nf4)"] + 4 * 6_794
+    assert "| 4-bit base (nf4) |" in out and "MiB (1.00x)" in out and "[ok] 4-bit base bit-for-bit unchanged" in out
+    status, loaded = run_demo(*common, "--json", tmp_path / "l.json", "--load-adapter", tmp_path / "a.pt")
+    assert status == 0 and loaded["lora_steps_run"] == 0  # the adapter on a freshly quantized base: the same run
+    assert loaded["results"] == results and loaded["model_bytes"] == size
