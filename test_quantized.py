@@ -8,7 +8,10 @@ comparison runs both sides in the same mode."""
 
 import copy
 import json
+import re
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -471,3 +474,24 @@ def test_mnist_demo_quantize_nf4_trains_lora_on_the_4bit_base_with_its_proofs(tm
     status, loaded = run_demo(*common, "--json", tmp_path / "l.json", "--load-adapter", tmp_path / "a.pt")
     assert status == 0 and loaded["lora_steps_run"] == 0  # the adapter on a freshly quantized base: the same run
     assert loaded["results"] == results and loaded["model_bytes"] == size
+
+
+# --- 8. the benchmark's rows: python benchmarks/bench_lora.py --layers qlora -------------------------------------
+
+
+def test_bench_lora_qlora_rows_run_on_tiny_sizes(capsys):
+    pytest.importorskip("peft")
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "benchmarks"))
+    import bench_lora
+    bench_lora.main(["--layers", "qlora", "--dim", "64", "--tokens", "16", "--qlora-ranks", "2", "--reps", "2",
+                     "--warmup", "1"])
+    out = capsys.readouterr().out
+    assert "## QLoRA training step: 4-bit nf4 base (bitsandbytes, double quantization), in = out = 64, 16 tokens" in out
+    assert "outputs agree: PEFT bnb Linear4bit match lora_min.QLoRALinear" in out
+    for row in bench_lora.QLORA_IMPLEMENTATIONS:
+        assert f"| {row} |" in out
+    assert re.search(r"layer bytes: float32 0\.02 MiB, torch\.float32 0\.02 MiB; nf4 0\.00 MiB \(0\.\d+ x float32\)",
+                     out)
+    layer, params = bench_lora.make_qlora_min(64, 2, "cpu", torch.float32)
+    bench_lora.same_init(params)
+    assert bench_lora.saved_bytes(layer, torch.randn(16, 64, requires_grad=True))[1] == (16, 2)  # only the thin h
