@@ -206,6 +206,23 @@ def test_disabled_is_the_quantized_base_and_unload_gives_it_back(kind, mode):
     assert state(plain).keys() == state(base).keys()
 
 
+@pytest.mark.parametrize("kind", ["nf4-dq", "int8", "torchao-int8"])
+def test_load_state_dict_loads_the_base_as_it_loads_itself_and_the_adapter(kind):
+    """A full checkpoint: the quantized module loads its own keys (bitsandbytes' 4-bit layer copies the
+    packed weight and reports its statistics as unexpected, with or without LoRA), the layer A and B."""
+    other = randomize(L.add_lora(quantized_net(kind, seed=1), r=4), seed=7)
+    model, base = L.add_lora(quantized_net(kind), r=4), quantized_net(kind)
+    theirs = base.load_state_dict(quantized_net(kind, seed=1).state_dict(), strict=False)
+    ours = model.load_state_dict(other.state_dict(), strict=False)
+    assert ours.missing_keys == theirs.missing_keys == [] and ours.unexpected_keys == theirs.unexpected_keys
+    assert torch.equal(model[2].lora_A, other[2].lora_A) and torch.equal(model[0].lora_B, other[0].lora_B)
+    x = inputs()
+    with torch.no_grad(), L.lora_disabled(model):
+        assert torch.equal(model(x), base(x))
+    assert copy.deepcopy(model)[0].quantized.weight is not model[0].weight  # a copy holds its own, shared once:
+    assert all(m[0].quantized.weight is m[0].weight for m in (model, copy.deepcopy(model)))
+
+
 # --- 4. merging: refused in place, exported as a float model ----------------------------------------------
 
 
@@ -228,7 +245,8 @@ def test_merge_and_unload_and_merged_state_dict_export_dequantized_W_plus_delta(
     plain = L.merge_and_unload(model)
     assert all(type(m) in (nn.Linear, nn.Tanh, nn.Sequential) for m in plain.modules())
     assert all(type(p) is nn.Parameter for p in plain.parameters())
-    assert {plain[i].weight.dtype for i in (0, 2)} == {plain[0].bias.dtype} == {model[0].export_dtype}
+    expected_dtype = torch.bfloat16 if kind.endswith("bf16") else torch.float32  # the compute dtype
+    assert {plain[i].weight.dtype for i in (0, 2)} == {plain[0].bias.dtype} == {expected_dtype}
     for i in (0, 2):  # dequantized W + ΔW in float32, rounded once to the compute dtype
         layer = model[i]
         delta = (layer.lora_B.float() @ layer.lora_A.float()) * layer.scale
@@ -242,6 +260,19 @@ def test_merge_and_unload_and_merged_state_dict_export_dequantized_W_plus_delta(
         assert torch.equal(L.merged_state_dict(model)["0.weight"], dequantized(model[0].quantized).to(
             model[0].export_dtype))
     assert isinstance(model[0], L.QLoRALinear)  # not inplace: the model is as it was
+
+
+def test_export_after_an_eval_forward_dequantizes_what_the_base_holds():
+    """On CPUs with AVX512-BF16 a 4-bit layer's first no-grad eval forward repacks its weight (and rounds
+    its block maxima to bfloat16): the export reads W back as bitsandbytes' own state_dict() does."""
+    base = quantized_net("nf4")
+    model = randomize(L.add_lora(copy.deepcopy(base), r=4))
+    with torch.no_grad():
+        model.eval()(inputs()), base.eval()(inputs())
+    base.state_dict()  # bitsandbytes' way back to its own layout
+    layer = model[0]
+    delta = (layer.lora_B @ layer.lora_A) * layer.scale
+    assert torch.equal(L.merged_state_dict(model)["0.weight"], dequantized(base[0]) + delta)
 
 
 # --- 5. files: ours onto a freshly quantized model, PEFT's both ways -----------------------------------------
