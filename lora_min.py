@@ -558,7 +558,10 @@ class QLoRALinear(LoRALinear):
     def _weight_plus(self, sign, check_finite=True):  # dequantized W + sign ΔW, for export only
         dtype = torch.promote_types(self.export_dtype, torch.float32)
         W = self.dequantized_weight().to(dtype)
-        return (W + sign * self.delta_weight(dtype) if sign else W).to(self.export_dtype)
+        result = (W + sign * self.delta_weight(dtype) if sign else W).to(self.export_dtype)
+        if check_finite and not torch.isfinite(result).all():
+            raise RuntimeError(f"dequantized W + ΔW has inf or NaN entries in {self.export_dtype} (overflow?)")
+        return result
 
     def base_module(self, weight: nn.Parameter, bias: Optional[nn.Parameter]) -> nn.Module:
         if weight is not self.weight:  # a float W + ΔW (merge_and_unload): a plain nn.Linear

@@ -260,6 +260,10 @@ def test_merge_and_unload_and_merged_state_dict_export_dequantized_W_plus_delta(
         assert torch.equal(L.merged_state_dict(model)["0.weight"], dequantized(model[0].quantized).to(
             model[0].export_dtype))
     assert isinstance(model[0], L.QLoRALinear)  # not inplace: the model is as it was
+    with torch.no_grad():
+        model[0].lora_B.fill_(3e38)  # W + ΔW overflows: named, and nothing is exported
+    with pytest.raises(RuntimeError, match=r"^'0': dequantized W \+ ΔW has inf or NaN entries in torch\."):
+        L.merge_and_unload(model)
 
 
 def test_export_after_an_eval_forward_dequantizes_what_the_base_holds():
