@@ -242,10 +242,11 @@ def test_in_place_merge_is_refused_naming_the_quantization_and_changes_nothing(k
 def test_merge_and_unload_and_merged_state_dict_export_dequantized_W_plus_delta(kind):
     model = randomize(L.add_lora(quantized_net(kind), r=4, alpha=8))
     x = inputs()
+    expected_dtype = torch.bfloat16 if kind.endswith("bf16") else torch.float32  # the compute dtype
+    assert L.merged_state_dict(model)["0.bias"].dtype == expected_dtype  # (before a forward casts it in place)
     plain = L.merge_and_unload(model)
     assert all(type(m) in (nn.Linear, nn.Tanh, nn.Sequential) for m in plain.modules())
     assert all(type(p) is nn.Parameter for p in plain.parameters())
-    expected_dtype = torch.bfloat16 if kind.endswith("bf16") else torch.float32  # the compute dtype
     assert {plain[i].weight.dtype for i in (0, 2)} == {plain[0].bias.dtype} == {expected_dtype}
     for i in (0, 2):  # dequantized W + ΔW in float32, rounded once to the compute dtype
         layer = model[i]
@@ -276,6 +277,7 @@ def test_export_after_an_eval_forward_dequantizes_what_the_base_holds():
     base.state_dict()  # bitsandbytes' way back to its own layout
     layer = model[0]
     delta = (layer.lora_B @ layer.lora_A) * layer.scale
+    assert torch.equal(L.merge_and_unload(model)[0].weight, dequantized(base[0]) + delta)  # (before state_dict())
     assert torch.equal(L.merged_state_dict(model)["0.weight"], dequantized(base[0]) + delta)
 
 
