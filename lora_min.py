@@ -546,9 +546,9 @@ class QLoRALinear(LoRALinear):
         w = self.weight
         if type(w).__name__ == "Params4bit":
             import bitsandbytes.functional as bnb_functional
-            if getattr(w.quant_state, "packing_format_for_cpu", False):  # its CPU eval layout: back first, as
+            if getattr(w.quant_state, "packing_format_for_cpu", False):  # its CPU eval layout: first back to
                 w.data, w.quant_state = bnb_functional._convert_weight_packed_for_cpu_inverse(w.data, w.quant_state)
-            return bnb_functional.dequantize_4bit(w.data, w.quant_state)  # (its own state_dict() does)
+            return bnb_functional.dequantize_4bit(w.data, w.quant_state)  # its own, as its state_dict() does
         if type(w).__name__ == "Int8Params":
             import bitsandbytes.functional as bnb_functional
             return bnb_functional.int8_vectorwise_dequant(w.data, w.SCB if w.SCB is not None else
