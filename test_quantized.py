@@ -199,6 +199,9 @@ def test_disabled_is_the_quantized_base_and_unload_gives_it_back(kind, mode):
         assert not torch.equal(model(x), base(x))
         with L.lora_disabled(model):
             assert torch.equal(model(x), base(x))
+        model[0].eval(), model[0].train()  # (its own train(), with no argument: train mode)
+        assert model[0].quantized.training
+        model.train(mode == "train")
         plain = L.unload(model)
         assert type(plain[0]) is type(base[0]) and type(plain[0].weight) is type(base[0].weight)
         assert plain[0].training == (mode == "train")
@@ -246,7 +249,7 @@ def test_merge_and_unload_and_merged_state_dict_export_dequantized_W_plus_delta(
     assert L.merged_state_dict(model)["0.bias"].dtype == expected_dtype  # (before a forward casts it in place)
     plain = L.merge_and_unload(model)
     assert all(type(m) in (nn.Linear, nn.Tanh, nn.Sequential) for m in plain.modules())
-    assert all(type(p) is nn.Parameter for p in plain.parameters())
+    assert all(type(p) is nn.Parameter and not p.requires_grad for p in plain.parameters())
     assert {plain[i].weight.dtype for i in (0, 2)} == {plain[0].bias.dtype} == {expected_dtype}
     for i in (0, 2):  # dequantized W + ΔW in float32, rounded once to the compute dtype
         layer = model[i]
@@ -399,13 +402,21 @@ def test_a_quantized_base_lora_min_cannot_run_exactly_is_refused_by_name(make, r
         assert [p.requires_grad for p in model.parameters()][:2] == [True, True]
 
 
-def test_a_subclass_with_its_own_forward_stays_refused():
+class Linear4bit(nn.Linear):
+    """Not bitsandbytes' (found by its name and its library, not its name alone)."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def test_other_quantized_linears_and_subclasses_with_their_own_forward_stay_refused():
     class Scaled4bit(bnb.nn.Linear4bit):
         def forward(self, x):
             return 2 * super().forward(x)
-    layer = Scaled4bit(64, 64, quant_type="nf4").to("cpu")
-    with pytest.raises(ValueError, match=r"it is a Scaled4bit, a subclass with its own forward\(\)"):
-        L.add_lora(nn.Sequential(layer), r=4)
+    outlier_aware = bnb.nn.OutlierAwareLinear(64, 64)  # bitsandbytes', but no QLoRA base
+    for layer in (Scaled4bit(64, 64, quant_type="nf4").to("cpu"), Linear4bit(64, 64), outlier_aware):
+        with pytest.raises(ValueError, match=rf"it is a {type(layer).__name__}, a subclass with its own forward\(\)"):
+            L.add_lora(nn.Sequential(layer), r=4)
 
 
 # --- .to(device): the quantized base goes along ----------------------------------------------------------
