@@ -110,8 +110,8 @@ class LoRALayer(nn.Module):
         self.r, self.alpha, self.use_rslora, self.dropout = r, float(r if alpha is None else alpha), use_rslora, dropout
         self.scale = self.alpha / (math.sqrt(r) if use_rslora else r)
         a_shape, b_shape = self.lora_shapes(base, r)
-        half = self.weight.dtype in (torch.float16, torch.bfloat16)
-        dtype = lora_dtype or (torch.float32 if half else self.weight.dtype)
+        half = self.weight_dtype(base) in (torch.float16, torch.bfloat16)
+        dtype = lora_dtype or (torch.float32 if half else self.weight_dtype(base))
         self.lora_A = nn.Parameter(torch.empty(a_shape, device=self.weight.device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.empty(b_shape, device=self.weight.device, dtype=dtype))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -123,6 +123,10 @@ class LoRALayer(nn.Module):
 
     def keep_base(self, base: nn.Module) -> None:
         self.weight, self.bias = base.weight, getattr(base, "bias", None)  # the same Parameter objects
+
+    @staticmethod
+    def weight_dtype(base: nn.Module) -> torch.dtype:  # the dtype W computes in (a quantized W: see QLoRALinear)
+        return base.weight.dtype
 
     @classmethod
     def check(cls, base: nn.Module, r: int = 8, alpha: Optional[float] = None, dropout: float = 0.0,
@@ -145,9 +149,9 @@ class LoRALayer(nn.Module):
             raise ValueError(f"use_rslora must be True or False, got {use_rslora!r}")
         if not (lora_dtype is None or isinstance(lora_dtype, torch.dtype) and lora_dtype.is_floating_point):
             raise ValueError(f"lora_dtype must be None or a floating torch.dtype, got {lora_dtype!r}")
-        if base.weight.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        if cls.weight_dtype(base) not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
             raise ValueError(f"{cls.__name__} needs a float16 / bfloat16 / float32 / float64 weight, got "
-                             f"{base.weight.dtype} (quantized weights are not supported)")
+                             f"{cls.weight_dtype(base)} (quantized: bitsandbytes' Linear4bit / Linear8bitLt, torchao)")
         reason = cls.why_unsupported(base, r, dropout)
         if reason:
             raise ValueError(f"{cls.__name__} cannot adapt this {type(base).__name__}: {reason}")
@@ -294,7 +298,7 @@ class LoRALinear(LoRALayer):
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_fast_path and _fast_path_applies(self, x):
             return _fast_lora_linear(self, x)
-        y = F.linear(x, self.weight, self.bias)  # x W^T + b: (..., out)
+        y = self.base_forward(x)  # x W^T + b: (..., out)
         x_lora = self.lora_dropout(x).to(self.lora_A.dtype)  # the branch runs in the adapter's dtype
         h = F.linear(x_lora, self.lora_A) * self.scale  # dropout(x) A^T * scale: (..., r)
         return (y + F.linear(h, self.lora_B)).to(y.dtype)  # + h B^T: (..., out), rounded once
@@ -478,6 +482,112 @@ class LoRAConv1D(LoRALayer):
             conv1d = self.conv1d_class(self.nf, self.nx)
         conv1d.weight, conv1d.bias = weight, bias
         return conv1d
+
+
+# --- QLoRA (Dettmers et al., 2023): the same LoRALinear on a frozen quantized W (bitsandbytes, torchao).
+
+
+def _is_torchao(weight):
+    return any(k.__name__ == "TorchAOBaseTensor" for k in type(weight).__mro__)
+
+
+class QLoRALinear(LoRALinear):
+    """LoRALinear on a frozen quantized linear layer: a quantized W is just another W, y = base_q(x) +
+    ((dropout(x) A^T) B^T) * scale. The quantized module computes, saves and loads its own part, so no float
+    copy of W is made and its state_dict keys stay (weight, weight.absmax, SCB, ...); A and B train in float.
+    Bases, found by class name: bitsandbytes' Linear4bit (nf4 / fp4) and Linear8bitLt, an nn.Linear with a
+    torchao weight. W + ΔW does not fit in 4 or 8 bits: merge() refuses; merge_and_unload and
+    merged_state_dict export dequantized W + ΔW (in float32, rounded once to the compute dtype)."""
+
+    @classmethod
+    def base_class(cls, module: nn.Module) -> Optional[type]:
+        bnb = (k for k in type(module).__mro__ if k.__name__ in ("Linear4bit", "Linear8bitLt")
+               and k.__module__.startswith("bitsandbytes"))
+        return next(bnb, nn.Linear if isinstance(module, nn.Linear) and _is_torchao(module.weight) else None)
+
+    @classmethod
+    def why_unsupported(cls, base: nn.Module, r: int, dropout: float) -> Optional[str]:
+        w = base.weight
+        if getattr(w, "has_fp16_weights", False):
+            return "has_fp16_weights=True: bitsandbytes trains that float16 weight itself; freeze it in 8 bits"
+        if getattr(w, "bnb_quantized", True) is False or type(w).__name__ == "Int8Params" and w.dtype != torch.int8:
+            return "its weight is not quantized yet (bitsandbytes quantizes on .to(device)): move the model first"
+        if any(getattr(w, a, None) is not None for a in ("act_quant_kwargs", "activation_quantization",
+                                                          "input_quant_func")):
+            return f"its torchao {type(w).__name__} quantizes the input too, which then gets no gradient"
+        return None
+
+    @staticmethod
+    def weight_dtype(base: nn.Module) -> torch.dtype:  # the float dtype the layer computes in and exports
+        w = base.weight
+        if type(w).__name__ == "Params4bit":  # (bitsandbytes' CPU eval layout keeps the dtype in original_dtype)
+            state = w.quant_state
+            return base.compute_dtype or (w.dtype if state is None else getattr(state, "original_dtype", state.dtype))
+        if type(w).__name__ == "Int8Params":
+            return torch.float32 if base.bias is None else base.bias.dtype
+        return w.dtype  # torchao's tensors report the dtype they quantized
+
+    def keep_base(self, base: nn.Module) -> None:
+        super().keep_base(base)
+        object.__setattr__(self, "quantized", base)  # unregistered: its Parameters are ours, so are its keys
+        kind = type(base.weight).__name__
+        self.quantization = {"Params4bit": f"bitsandbytes 4-bit ({getattr(base.weight, 'quant_type', '')})",
+                             "Int8Params": "bitsandbytes 8-bit"}.get(kind, f"torchao {kind}")
+        self.export_dtype = self.weight_dtype(base)
+
+    def train(self, mode: bool = True) -> "QLoRALinear":
+        self.quantized.train(mode)  # bitsandbytes computes differently in train and eval mode
+        return super().train(mode)
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quantized.forward(x)  # its forward, not its __call__: its hooks are ours now
+
+    def check_writable(self, what: str) -> None:
+        raise RuntimeError(f"{what}() would write W + ΔW into a {self.quantization} weight, which cannot "
+                           "hold it; export a float model with merge_and_unload(model) or merged_state_dict(model)")
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """W as its quantization stores it, dequantized: (out, in)."""
+        w = self.weight
+        if type(w).__name__ == "Params4bit":
+            import bitsandbytes.functional as bnb_functional
+            if getattr(w.quant_state, "packing_format_for_cpu", False):  # its CPU eval layout: first back to
+                w.data, w.quant_state = bnb_functional._convert_weight_packed_for_cpu_inverse(w.data, w.quant_state)
+            return bnb_functional.dequantize_4bit(w.data, w.quant_state)  # its own, as its state_dict() does
+        if type(w).__name__ == "Int8Params":
+            import bitsandbytes.functional as bnb_functional
+            return bnb_functional.int8_vectorwise_dequant(w.data, w.SCB if w.SCB is not None else
+                                                          self.quantized.state.SCB)
+        return w.dequantize()
+
+    def _weight_plus(self, sign, check_finite=True):  # dequantized W + sign ΔW, for export only
+        dtype = torch.promote_types(self.export_dtype, torch.float32)
+        W = self.dequantized_weight().to(dtype)
+        result = (W + sign * self.delta_weight(dtype) if sign else W).to(self.export_dtype)
+        if check_finite and not torch.isfinite(result).all():
+            raise RuntimeError(f"dequantized W + ΔW has inf or NaN entries in {self.export_dtype} (overflow?)")
+        return result
+
+    def base_module(self, weight: nn.Parameter, bias: Optional[nn.Parameter]) -> nn.Module:
+        if weight is not self.weight:  # a float W + ΔW (merge_and_unload): a plain nn.Linear
+            return super().base_module(weight, None if bias is None else nn.Parameter(bias.to(weight.dtype), False))
+        self.quantized.weight, self.quantized.bias = weight, bias
+        return self.quantized
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        self.quantized._save_to_state_dict(destination, prefix, keep_vars)  # W, b, its quantization's keys
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        ours = [prefix + k for k in ("lora_A", "lora_B", MERGED_KEY)]
+        base = {k: v for k, v in state_dict.items() if k not in ours}
+        self.quantized._load_from_state_dict(base, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                             error_msgs)  # W, b and its own keys, as it loads them
+        n = len(missing_keys)
+        super()._load_from_state_dict({k: v for k, v in state_dict.items() if k in ours}, prefix, local_metadata,
+                                      strict, missing_keys, unexpected_keys, error_msgs)
+        missing_keys[n:] = [k for k in missing_keys[n:] if k not in (prefix + "weight", prefix + "bias")]
 
 
 # --- LoRA on a Parameter no nn.Linear holds: transformers 5's MoE experts (stacks (E, out, in)),
@@ -693,7 +803,7 @@ def experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index
     return y.view(*top_k_index.shape, y.shape[-1]).sum(1).to(hidden_states.dtype)
 
 
-LORA_CLASSES = (LoRALinear, LoRAEmbedding, LoRAConv, LoRAConv1D)
+LORA_CLASSES = (QLoRALinear, LoRALinear, LoRAEmbedding, LoRAConv, LoRAConv1D)
 
 
 def lora_class_for(module: nn.Module) -> Optional[type]:
@@ -907,7 +1017,7 @@ def unmerge_lora(model: nn.Module) -> None:
 def _exported_weight(name, layer):
     """The weight of the plain layer that computes what `layer` computes now."""
     if not layer.enabled or layer.merged:
-        return layer.weight.detach()
+        return layer._weight_plus(0) if isinstance(layer, QLoRALinear) else layer.weight.detach()  # (W dequantized)
     try:
         return layer.merged_weight()
     except RuntimeError as e:
@@ -979,6 +1089,11 @@ def merged_state_dict(model: nn.Module) -> dict:
         if id(layer) not in exported:
             with torch.no_grad():
                 exported[id(layer)] = _exported_weight(name, layer)
+        if isinstance(layer, QLoRALinear):  # a plain nn.Linear's keys: the quantization's go, b takes W's dtype
+            for key in [k for k in state if k.startswith(prefix) and k[len(prefix):] not in ("weight", "bias")]:
+                del state[key]
+            if prefix + "bias" in state:
+                state[prefix + "bias"] = state[prefix + "bias"].to(exported[id(layer)].dtype)
         key = layer.parameter_name if isinstance(layer, LoRAParameter) else "weight"
         state[_base_name(model, f"{name}.{key}".lstrip("."))] = exported[id(layer)]
     for name, saved in _trained_copies(model):
@@ -1305,9 +1420,10 @@ def load_peft_adapter(model: nn.Module, directory: Union[str, os.PathLike]) -> n
         settings[n] = dict(r=_peft_pattern_value(config.get("rank_pattern"), n, config["r"]),
                            alpha=_peft_pattern_value(config.get("alpha_pattern"), n, config["lora_alpha"]),
                            dropout=config.get("lora_dropout") or 0.0, use_rslora=bool(config.get("use_rslora")))
-        half = base.weight.dtype in (torch.float16, torch.bfloat16)  # float32 adapters there, as PEFT's
+        dtype = cls.weight_dtype(base)  # float32 adapters on float16 / bfloat16, as PEFT's
         for ab, (key, shape) in _peft_layout(layer_name, cls, base, settings[n]["r"]).items():
-            expected[key], keys[key] = (shape, torch.float32 if half else base.weight.dtype), f"{layer_name}.{ab}"
+            expected[key], keys[key] = (shape, torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype), \
+                f"{layer_name}.{ab}"
     # PEFT's modules_to_save rule (a name's end, no dot); one matching nothing is fine (SEQ_CLS lists classifier, score)
     to_save = [n for n, _ in modules if n and any(n.endswith(t) for t in config.get("modules_to_save") or [])]
     for n in to_save:
@@ -1363,12 +1479,14 @@ _DROPPED_HOOKS = ("_backward_pre_hooks", "_backward_hooks", "_state_dict_pre_hoo
                   "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
 
 
-def _hooks(module, every=False):
-    """Each hook on the module a replacement would drop ("backward pre hook fn"); every: each kind it has."""
+def _hooks(module, every=False, quantized=False):
+    """Each hook on the module a replacement would drop ("backward pre hook fn"); every: each kind it has.
+    quantized: a QLoRALinear's base, which still loads its state itself (and runs its load pre-hooks)."""
     if every:
         return [kind for kind in _CARRIED_HOOKS + _DROPPED_HOOKS if getattr(module, kind, None)]
     return [f"{kind.strip('_').replace('_hooks', ' hook')} {getattr(h, '__qualname__', repr(h))}"
-            for kind in _DROPPED_HOOKS for h in getattr(module, kind, {}).values()]
+            for kind in _DROPPED_HOOKS if not (quantized and kind == "_load_state_dict_pre_hooks")
+            for h in getattr(module, kind, {}).values()]
 
 
 def _carry_hooks(old, new):
@@ -1384,6 +1502,7 @@ def _carry_hooks(old, new):
 def _why_not_replaceable(module):
     """Why no LoRA layer can stand in for this module exactly (None if one can)."""
     kind, cls = type(module).__name__, lora_class_for(module)
+    hooks = _hooks(module, quantized=cls is QLoRALinear)
     if isinstance(module, nn.MultiheadAttention):  # (one with in_proj_weight is adapted by add_lora's rule)
         return "is a MultiheadAttention with kdim / vdim: name its q_proj_weight, ... in target_parameters"
     if cls is None:
@@ -1395,8 +1514,8 @@ def _why_not_replaceable(module):
             return f"is a {kind}, a subclass with its own {method}(), which {cls.__name__} would not compute"
     if not isinstance(module.weight, nn.Parameter):
         return "has a weight that is not an nn.Parameter (old-style weight_norm?)"
-    if _hooks(module):
-        return f"has hooks that replacing the module would drop: {', '.join(_hooks(module))}"
+    if hooks:
+        return f"has hooks that replacing the module would drop: {', '.join(hooks)}"
     return None
 
 

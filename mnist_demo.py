@@ -8,6 +8,10 @@
 4. Compare: before, LoRA enabled, LoRA disabled (must equal before), LoRA merged
    into W (a plain MLP); prove the base weights never changed.
 
+QLoRA: `--quantize nf4` (or fp4) freezes the pretrained MLP in 4 bits (bitsandbytes,
+double quantization) before step 3; the table adds that 4-bit base and the bytes of
+each model, and the proofs hold for the 4-bit base.
+
 Speed: the whole dataset is loaded once as normalised tensors on the device and
 batches are sliced from it, instead of a per-sample PIL transform pipeline. The
 batch order is drawn from the global RNG exactly as DataLoader(shuffle=True) draws it.
@@ -232,6 +236,25 @@ def pretrained_base(cfg, train_x, train_y, log):
     return model, False, allreduced
 
 
+def quantized(model, quant_type):
+    """model with each nn.Linear frozen in 4 bits (bitsandbytes' Linear4bit, double quantization, float32
+    compute): QLoRA's base. bitsandbytes quantizes when the layer moves to its device."""
+    import bitsandbytes as bnb
+
+    for name, linear in [(n, m) for n, m in model.named_children() if isinstance(m, nn.Linear)]:
+        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, quant_type=quant_type,
+                                  compress_statistics=True, compute_dtype=torch.float32)
+        layer.load_state_dict(linear.state_dict())
+        layer.support_avx512bf16_for_cpu = False  # bitsandbytes 0.50's CPU eval kernel needs out % 32 == 0 (1000)
+        setattr(model, name, layer.to(linear.weight.device))
+    return model.requires_grad_(False)
+
+
+def state_bytes(model):
+    """The bytes of the model's tensors (its state_dict: a quantized weight with its statistics)."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
 # --- the experiment ----------------------------------------------------------------------------
 
 
@@ -253,6 +276,12 @@ def run_experiment(cfg, data, log=print):
     model, cached, allreduced_pretraining = pretrained_base(cfg, train_x, train_y, log)
     lap("pretraining")
     before = evaluate(model, test_x, test_y, "evaluate: before", cfg.quiet)
+    params_before, float_bytes = lora_min.count_parameters(model).total, state_bytes(model)
+    states, base = {STATES[0]: before}, before  # base: what LoRA is added to (and disabled must give)
+    if cfg.quantize:
+        model = quantized(model, cfg.quantize)
+        base = states[f"4-bit base ({cfg.quantize})"] = evaluate(model, test_x, test_y, "evaluate: 4-bit", cfg.quiet)
+    base_bytes = state_bytes(model)
     base_copy = {k: v.detach().clone() for k, v in model.state_dict().items()}
     target = cfg.target_digit
     if target == "auto":
@@ -260,10 +289,10 @@ def run_experiment(cfg, data, log=print):
     target = int(target)
     lap("evaluation before")
 
-    params_before = lora_min.count_parameters(model).total
     torch.manual_seed(cfg.seed)  # the same A and batches whether or not the base came from the cache
     lora_min.add_lora(model, r=cfg.rank, alpha=cfg.alpha, init_std=1.0)  # A ~ N(0, 1), B = 0
-    lora_params, params_after = lora_min.count_parameters(model)
+    lora_params = lora_min.count_parameters(model).trainable
+    params_after, lora_bytes = params_before + lora_params, state_bytes(model) - base_bytes
 
     if cfg.load_adapter:
         lora_min.load_adapter(model, cfg.load_adapter)
@@ -284,15 +313,19 @@ def run_experiment(cfg, data, log=print):
 
     base_now = {k: v for k, v in model.state_dict().items() if k in base_copy}
     logit_diff = (merged["logits"] - enabled["logits"]).abs().max().item()
+    base_name, before_name = ("4-bit base", "the 4-bit base") if cfg.quantize else ("base weights", "before")
     proofs = {
-        "base weights bit-for-bit unchanged": set(base_now) == set(base_copy)
+        f"{base_name} bit-for-bit unchanged": set(base_now) == set(base_copy)
         and all(torch.equal(base_now[k], base_copy[k]) for k in base_copy),
-        "LoRA-disabled predictions identical to before": torch.equal(disabled["predictions"], before["predictions"]),
+        f"LoRA-disabled predictions identical to {before_name}": torch.equal(disabled["predictions"],
+                                                                            base["predictions"]),
         "merged predictions match LoRA-enabled": torch.equal(merged["predictions"], enabled["predictions"])
         and logit_diff < 1e-3,
         "merged model has no LoRA layers": not any(isinstance(m, lora_min.LoRALayer) for m in merged_model.modules()),
     }
-    states = dict(zip(STATES, (before, enabled, disabled, merged)))
+    states |= dict(zip(STATES[1:], (enabled, disabled, merged)))
+    sizes = dict(zip(states, [float_bytes] + [base_bytes] * bool(cfg.quantize) + [base_bytes + lora_bytes] * 2
+                     + [state_bytes(merged_model)]))
     return model, {
         "config": {k: v for k, v in vars(cfg).items()},
         "device": str(train_x.device),
@@ -305,6 +338,7 @@ def run_experiment(cfg, data, log=print):
                        "increment_percent": 100.0 * lora_params / params_before},
         "results": {name: {"accuracy": s["accuracy"], "errors_on_target": s["errors_per_digit"][target],
                            "errors_per_digit": s["errors_per_digit"]} for name, s in states.items()},
+        "model_bytes": sizes,
         "max_logit_difference_merged_vs_enabled": logit_diff,
         "proofs": proofs,
         "timings_s": timings,
@@ -315,10 +349,12 @@ def run_experiment(cfg, data, log=print):
 
 
 def results_table(report):
-    d = report["target_digit"]
-    lines = [f"| model state | overall accuracy | errors on digit {d} |", "| --- | ---: | ---: |"]
+    d, sizes = report["target_digit"], report["model_bytes"]
+    lines = [f"| model state | overall accuracy | errors on digit {d} | model bytes (vs float32) |",
+             "| --- | ---: | ---: | ---: |"]
     for name, r in report["results"].items():
-        lines.append(f"| {name} | {100 * r['accuracy']:.2f}% | {r['errors_on_target']} |")
+        size = f"{sizes[name] / 2**20:.2f} MiB ({sizes[name] / sizes[STATES[0]]:.2f}x)"
+        lines.append(f"| {name} | {100 * r['accuracy']:.2f}% | {r['errors_on_target']} | {size} |")
     lines += ["", "Errors per digit:", "", "| model state | " + " | ".join(map(str, range(10))) + " |",
               "| --- |" + " ---: |" * 10]
     for name, r in report["results"].items():
@@ -333,9 +369,10 @@ def plot(report, path):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 4))
-    width = 0.2
+    n = len(report["results"])
+    width = 0.8 / n
     for i, (name, r) in enumerate(report["results"].items()):
-        ax.bar([d + (i - 1.5) * width for d in range(10)], r["errors_per_digit"], width, label=name)
+        ax.bar([d + (i - (n - 1) / 2) * width for d in range(10)], r["errors_per_digit"], width, label=name)
     ax.set_xticks(range(10))
     ax.set_xlabel("digit")
     ax.set_ylabel("test errors")
@@ -406,6 +443,7 @@ def parse_args(argv=None):
     p.add_argument("--json", metavar="PATH", help="write every figure of the run to PATH")
     p.add_argument("--plot", metavar="PATH", help="PNG bar chart of errors per digit (needs matplotlib)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quantize", choices=["nf4", "fp4"], help="QLoRA: freeze the base in 4 bits (needs bitsandbytes)")
     cfg = p.parse_args(argv)
     cfg.cache_dir = None if cfg.no_cache else os.path.expanduser(cfg.cache_dir)
     return cfg
@@ -434,6 +472,11 @@ def validate(cfg):
             import matplotlib  # noqa: F401
         except ImportError:
             raise UsageError("argument --plot: needs matplotlib (pip install matplotlib)") from None
+    if cfg.quantize:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise UsageError("argument --quantize: needs bitsandbytes (pip install bitsandbytes)") from None
     if cfg.load_adapter and not Path(cfg.load_adapter).is_file():
         raise UsageError(f"argument --load-adapter: no such file: {cfg.load_adapter}")
 
@@ -475,7 +518,8 @@ def print_report(cfg, report):
     print(f"Parameters: {p['base']:,} before LoRA, {p['with_lora']:,} with LoRA "
           f"(+{p['lora']:,} = {p['increment_percent']:.3f}% increment)")
     print(f"Fine-tuned only LoRA (rank {cfg.rank}, alpha {cfg.alpha:g}) on digit {report['target_digit']} "
-          f"for {report['lora_steps_run']} batches of {cfg.batch_size}.")
+          f"for {report['lora_steps_run']} batches of {cfg.batch_size}"
+          + (f", on the base frozen in 4 bits ({cfg.quantize}, QLoRA)." if cfg.quantize else "."))
     if report["processes"] > 1:
         fmt = lambda n: "n/a (base from the cache)" if n is None else f"{n:,.0f}"  # noqa: E731
         print(f"DDP all-reduced numbers per step: pretraining {fmt(ddp['pretraining'])}, "

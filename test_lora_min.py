@@ -300,6 +300,7 @@ def lora_fn(x, x_lora, W, b, A, B, scale):
     what dropout(x) gave, or None for x itself)."""
     state = types.SimpleNamespace(weight=W, bias=b, lora_A=A, lora_B=B, scale=scale, use_fast_path=True,
                                   lora_dropout=lambda x: x if x_lora is None else x_lora)
+    state.base_forward = lambda x: L.LoRALinear.base_forward(state, x)
     return L.LoRALinear.adapted_forward(state, x)
 
 

@@ -92,6 +92,16 @@ def test_whole_pipeline_on_synthetic_mnist(tiny_data, tmp_path, capsys):
     assert "do not match" in capsys.readouterr().err
 
 
+def test_quantize_needs_bitsandbytes_and_the_default_run_does_not(tiny_data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if it were not installed: import raises
+    common = ["--data-dir", tiny_data, "--no-cache", "--quiet", "--lora-steps", 2, "--device", "cpu"]
+    assert mnist_demo.main([str(a) for a in common] + ["--quantize", "nf4"]) == 2
+    assert capsys.readouterr().err == "mnist_demo.py: error: argument --quantize: needs bitsandbytes (pip install " \
+                                      "bitsandbytes)\n"
+    status, report = run_demo(*common, "--json", tmp_path / "r.json")
+    assert status == 0 and list(report["results"]) == mnist_demo.STATES and all(report["proofs"].values())
+
+
 def test_target_digit_auto_picks_the_weakest_digit(tiny_data, tmp_path):
     status, report = run_demo("--data-dir", tiny_data, "--no-cache", "--quiet", "--lora-steps", 2,
                               "--target-digit", "auto", "--json", tmp_path / "r.json")

@@ -26,6 +26,12 @@ PEFT's lora.Embedding / lora.Conv2d, and parametrize LoRA (the table or kernel
 W + ΔW formed on every call). All adapters start from the same nonzero A and B
 (PEFT's own init has A = 0 for embeddings), so all do the same work.
 
+`qlora` (QLoRA: --dim x --dim, r = 8) trains LoRA on a frozen 4-bit base: bitsandbytes'
+Linear4bit (nf4, double quantization, compute in the run's dtype), lora_min's QLoRALinear
+against PEFT's bnb Linear4bit on the same quantized layer (outputs checked to agree), with the
+frozen 4-bit layer as the floor, and the float layer and its LoRALinear in the same interleaved
+table for the price of 4 bits; then the bytes of the layer in 4 bits against the float one.
+
 `--layers experts` (opt in: it needs transformers 5, and takes a few minutes on 2 CPU
 cores) measures one MoE experts layer: transformers' MixtralExperts (64 and 128 experts,
 gate_up_proj (E, 2I, H), down_proj (E, H, I), H = 512, I = 256) on 1024 tokens routed
@@ -147,6 +153,67 @@ IMPLEMENTATIONS = {
     "loralib.Linear": make_loralib,
     "full fine-tuning": make_full,
 }
+
+
+# --- QLoRA: a frozen 4-bit nn.Linear (bitsandbytes), the same for every contender ---------------------
+
+
+def base_4bit(d, device, dtype):
+    import bitsandbytes as bnb
+
+    layer = bnb.nn.Linear4bit(d, d, quant_type="nf4", compress_statistics=True, compute_dtype=dtype)
+    layer.load_state_dict(base_linear(d, "cpu", torch.float32).state_dict())
+    return layer.to(device)  # bitsandbytes quantizes here
+
+
+def make_frozen_4bit(d, r, device, dtype):
+    return base_4bit(d, device, dtype), []
+
+
+def make_qlora_min(d, r, device, dtype):
+    layer = lora_min.QLoRALinear(base_4bit(d, device, dtype), r=r, alpha=2 * r)  # float32 A, B (as PEFT's)
+    return layer, [layer.lora_A, layer.lora_B]
+
+
+def make_qlora_peft(d, r, device, dtype):
+    from peft import LoraConfig, get_peft_model
+
+    base = nn.Sequential(base_4bit(d, device, dtype))
+    base.is_loaded_in_4bit = True  # as transformers marks a 4-bit model: PEFT then uses its bnb layer
+    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"]))
+    layer = model.base_model.model[0].to(device)  # peft's bnb Linear4bit
+    return layer, [p for p in layer.parameters() if p.requires_grad]
+
+
+QLORA_FLOOR = "frozen Linear4bit nf4 (floor)"
+QLORA_IMPLEMENTATIONS = {
+    QLORA_FLOOR: make_frozen_4bit,
+    "lora_min.QLoRALinear": make_qlora_min,
+    "PEFT bnb Linear4bit": make_qlora_peft,
+    "frozen nn.Linear (float)": make_frozen,
+    "lora_min.LoRALinear (float)": make_lora_min,
+}
+
+
+def state_bytes(module):
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+
+def bench_qlora(impls, d, r, tokens, device, dtype, warmup, reps):
+    """The QLoRA training-step table (after checking both adapters compute the same), and the layer's bytes."""
+    layers = build(impls, d, r, device, dtype)
+    x = torch.randn(tokens, d, device=device, dtype=dtype, requires_grad=True)
+    grad_out = torch.randn(tokens, d, device=device, dtype=dtype)
+    quantized = {n: layer for n, layer in layers.items() if "float" not in n}
+    check = check_same_output(quantized, QLORA_FLOOR, x) if len(quantized) > 2 else "(PEFT not installed)"
+    table = bench_layers(layers, QLORA_FLOOR, x, grad_out, device, warmup, reps, beyond=True)[0]
+    plain, four_bit = state_bytes(base_linear(d, device, dtype)), state_bytes(layers[QLORA_FLOOR])
+    adapter = state_bytes(layers["lora_min.QLoRALinear"]) - four_bit
+    float32 = state_bytes(base_linear(d, "cpu", torch.float32))
+    mib = lambda b: f"{b / 2**20:.2f} MiB"  # noqa: E731
+    sizes = (f"layer bytes: float32 {mib(float32)}, {dtype} {mib(plain)}; nf4 {mib(four_bit)} "
+             f"({four_bit / float32:.3f} x float32); the adapter {adapter / 2**20:.3f} MiB")
+    return check, table, sizes
 
 
 # --- embeddings and convolutions: makers take (size, r, device, dtype) and return (module, [A, B]) --------
@@ -663,6 +730,7 @@ def main(argv=None):
     c.add_argument("--image-size", type=int, default=28)
     c.add_argument("--batch", type=int, default=8)
     c.add_argument("--conv-ranks", type=int, nargs="+", default=[8])
+    p.add_argument("--qlora-ranks", type=int, nargs="+", default=[8], help="r of the qlora table (--layers qlora)")
     x = p.add_argument_group("experts (--layers ...experts...): transformers' MixtralExperts, top-k routed tokens")
     x.add_argument("--experts-hidden", type=int, default=512, help="hidden_size")
     x.add_argument("--experts-intermediate", type=int, default=256, help="intermediate_size")
@@ -685,6 +753,8 @@ def main(argv=None):
                             if "embedding" in args.layers else ({}, []))
     conv_impls, conv_notes = (available(list(CONV_IMPLEMENTATIONS), CONV_IMPLEMENTATIONS, (4, 3))
                               if "conv" in args.layers else ({}, []))
+    qlora_impls, qlora_notes = (available(list(QLORA_IMPLEMENTATIONS), QLORA_IMPLEMENTATIONS, 64)
+                                if "qlora" in args.layers else ({}, []))
     experts_impls, experts_notes = (available(list(EXPERTS_IMPLEMENTATIONS), EXPERTS_IMPLEMENTATIONS,
                                               ExpertsSpec(4, 2, 2, 1, "eager"))
                                     if "experts" in args.layers else ({}, []))
@@ -693,7 +763,7 @@ def main(argv=None):
     print(f"# LoRA layer benchmark: {shape}{hw}, torch {torch.__version__}")
     print(f"{args.reps} interleaved rounds after {args.warmup} warm-up rounds; time: median; "
           f"x floor: median of the per-round ratios\n")
-    for note in notes + emb_notes + conv_notes + experts_notes:
+    for note in notes + emb_notes + conv_notes + qlora_notes + experts_notes:
         print(f"- {note}")
     for dtype_name in dtypes:
         dtype = getattr(torch, dtype_name)
@@ -730,6 +800,11 @@ def main(argv=None):
             if args.profile:
                 print(f"\nprofile of one training step (ops over 0.1 ms):\n\n{profile_layers(unparametrized(layers), x, grad_out, device)}")
             del layers
+        for r in args.qlora_ranks if QLORA_FLOOR in qlora_impls else ():
+            print(f"\n## QLoRA training step: 4-bit nf4 base (bitsandbytes, double quantization), in = out = "
+                  f"{args.dim}, {tokens} tokens, r = {r}, {dtype_name}\n")
+            check, table, sizes = bench_qlora(qlora_impls, args.dim, r, tokens, device, dtype, args.warmup, args.reps)
+            print(f"{check}\n\n{table}\n\n{sizes}")
         for r in args.experts_ranks if EXPERTS_FLOOR in experts_impls else ():
             bench_experts(experts_impls, args, r, device, dtype, dtype_name)
     if args.summary:
@@ -808,8 +883,8 @@ def unparametrized(layers):
     return {n: layer for n, layer in layers.items() if not n.startswith("parametrize")}
 
 
-LAYERS = ("linear", "embedding", "conv", "experts")
-DEFAULT_LAYERS = ("linear", "embedding", "conv")  # experts: opt in (needs transformers; a few minutes on CPU)
+LAYERS = ("linear", "embedding", "conv", "qlora", "experts")
+DEFAULT_LAYERS = ("linear", "embedding", "conv", "qlora")  # experts: opt in (needs transformers; a few minutes on CPU)
 
 
 def layer_list(text):
