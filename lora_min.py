@@ -1,7 +1,6 @@
 """lora_min: Low-Rank Adaptation (LoRA) in one readable file.
 
-LoRA (Hu et al., 2021, https://arxiv.org/abs/2106.09685) fine-tunes a frozen
-pretrained layer with weight W by learning a low-rank update of W:
+LoRA (Hu et al., 2021, https://arxiv.org/abs/2106.09685) freezes a pretrained layer's W and learns a low-rank update:
 
     W' = W + ΔW,    ΔW = (B @ A) * scale,    scale = alpha / r
 
@@ -9,14 +8,13 @@ pretrained layer with weight W by learning a low-rank update of W:
     A: (r, in)     trained, random at the start
     B: (out, r)    trained, zero at the start, so ΔW = 0 and W' = W at first
 
-Only r * (in + out) numbers are trained per layer instead of in * out. For a
-linear layer y = x W^T + b we never form ΔW in training: the factored forward
-y = x W^T + b + ((x A^T) B^T) * scale costs two thin matrix products, and backward
-needs no (out, in) gradient. For inference, `merge()` folds ΔW into W once.
+Only r * (in + out) numbers are trained per layer instead of in * out. For a linear layer
+y = x W^T + b we never form ΔW in training: the factored forward y = x W^T + b + ((x A^T) B^T) * scale
+costs two thin matrix products, and backward needs no (out, in) gradient. `merge()` folds ΔW into W once.
 
-The lesson comes first and runs on its own: the math, LoRALayer and LoRALinear.
-The plumbing follows, each part named for its promise: other layers, adapting a model,
-adapter files (ours and PEFT's), the guards. Needs only torch (2.4-2.14) and the stdlib.
+The lesson comes first and runs on its own: the math, LoRALayer and LoRALinear. The plumbing follows, each
+part named for its promise: other layers (quantized bases too), adapting a model, adapter files (ours and
+PEFT's), the guards, a faster backward. Needs only torch (2.4-2.14) and the stdlib.
 """
 import math
 from typing import Optional
@@ -26,9 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # ---------------------------------------------------------------------------
-# The math: plain tensor algebra (@, *, +, .T only), so the same functions run
-# on torch tensors, NumPy arrays or any Python array API library, and read as
-# the equations above. (That is why these three take no type hints.)
+# The math: plain tensor algebra (@, *, +, .T only), so the same functions run on torch tensors, NumPy
+# arrays or any Python array API library, and read as the equations above (so they take no type hints).
 # ---------------------------------------------------------------------------
 
 
@@ -45,8 +42,7 @@ def lora_update(x, A, B, scale):
 
     x: (..., in), A: (r, in), B: (out, r)  ->  (..., out)
 
-    Scaling the thin (..., r) tensor instead of the (..., out) result is the same
-    math at r/out of the cost.
+    Scaling the thin (..., r) tensor instead of the (..., out) result is the same math at r/out of the cost.
     """
     return ((x @ A.T) * scale) @ B.T
 
@@ -54,8 +50,7 @@ def lora_update(x, A, B, scale):
 def lora_forward(x, W, b, A, B, scale):
     """The whole LoRA linear layer: y = x W^T + b + ((x A^T) B^T) * scale.
 
-    x: (..., in), W: (out, in), b: (out,) or None, A: (r, in), B: (out, r)
-    ->  y: (..., out).  Never forms B @ A.
+    x: (..., in), W: (out, in), b: (out,) or None, A: (r, in), B: (out, r)  ->  y: (..., out). Never forms B @ A.
     """
     y = x @ W.T
     if b is not None:
@@ -75,15 +70,14 @@ MERGED_KEY = "lora_merged"
 class LoRALayer(nn.Module):
     """A frozen base layer's weight W plus a trainable low-rank update ΔW = (B @ A) * scale.
 
-    What every adapted layer shares: lora_A, lora_B, the scale, the `enabled` and `merged`
-    states, merge / unmerge and the checkpoint flag. A subclass says what differs: the shapes
-    of A and B (`lora_shapes`), ΔW in W's layout (`as_weight`), the base layer's forward and
-    the adapted one (`base_forward`, `adapted_forward`), and the plain layer (`base_module`).
+    What every adapted layer shares: lora_A, lora_B, the scale, the `enabled` and `merged` states, merge /
+    unmerge and the checkpoint flag. A subclass says what differs: the shapes of A and B (`lora_shapes`), ΔW in
+    W's layout (`as_weight`), the base's forward and the adapted one (`base_forward`, `adapted_forward`), and
+    the plain layer (`base_module`).
 
     Args (every subclass):
-        base: the layer to adapt. Its `weight` and `bias` Parameters are reused
-            (not copied) and frozen, so the state_dict keys are the base's plus
-            `lora_A` and `lora_B`.
+        base: the layer to adapt. Its `weight` and `bias` Parameters are reused (not copied) and frozen, so
+            the state_dict keys are the base's plus `lora_A` and `lora_B`.
         r: rank of the update, a positive int.
         alpha: scaling numerator, a positive number; defaults to r (scale 1).
         dropout: dropout probability on the input of the LoRA branch only.
@@ -92,9 +86,9 @@ class LoRALayer(nn.Module):
         lora_dtype: A's and B's dtype; None: float32 on a float16 / bfloat16 base (small updates
             would round away there), else the base's. The output is in the base's dtype.
 
-    States: `enabled` (False: exactly the base layer), `merged` (ΔW is folded into `weight`;
-    train() and eval() never touch weights). `shared_with`: other modules' names for this
-    weight (tied embeddings, found by add_lora): merge() refuses to write into them.
+    States: `enabled` (False: exactly the base layer), `merged` (ΔW is folded into `weight`; train() and eval()
+    never touch weights). `shared_with`: other modules' names for this weight (tied embeddings, found by
+    add_lora): merge() refuses to write into them.
     """
 
     base_types: tuple = ()  # the nn.Module classes a subclass adapts
@@ -110,8 +104,7 @@ class LoRALayer(nn.Module):
         self.r, self.alpha, self.use_rslora, self.dropout = r, float(r if alpha is None else alpha), use_rslora, dropout
         self.scale = self.alpha / (math.sqrt(r) if use_rslora else r)
         a_shape, b_shape = self.lora_shapes(base, r)
-        half = self.weight_dtype(base) in (torch.float16, torch.bfloat16)
-        dtype = lora_dtype or (torch.float32 if half else self.weight_dtype(base))
+        dtype = lora_dtype or torch.promote_types(self.weight_dtype(base), torch.float32)  # half: float32 A, B
         self.lora_A = nn.Parameter(torch.empty(a_shape, device=self.weight.device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.empty(b_shape, device=self.weight.device, dtype=dtype))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -152,8 +145,7 @@ class LoRALayer(nn.Module):
         if cls.weight_dtype(base) not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
             raise ValueError(f"{cls.__name__} needs a float16 / bfloat16 / float32 / float64 weight, got "
                              f"{cls.weight_dtype(base)} (quantized: bitsandbytes' Linear4bit / Linear8bitLt, torchao)")
-        reason = cls.why_unsupported(base, r, dropout)
-        if reason:
+        if reason := cls.why_unsupported(base, r, dropout):
             raise ValueError(f"{cls.__name__} cannot adapt this {type(base).__name__}: {reason}")
 
     @classmethod
@@ -200,9 +192,8 @@ class LoRALayer(nn.Module):
             return self.base_forward(x)  # the base layer, bit for bit (with W + ΔW when merged)
         return self.adapted_forward(x)
 
-    # --- merge / unmerge: W rewritten in place, computed in at least float32, rounded once.
-    # So unmerge() restores W up to rounding: |W_unmerged - W| <= eps (|W| + |ΔW|) elementwise,
-    # eps = torch.finfo(W.dtype).eps. Keep a copy of W, or use merged_state_dict(model).
+    # --- merge / unmerge: W rewritten in place, computed in at least float32, rounded once. So unmerge() restores W
+    # up to rounding: |W_unmerged - W| <= eps (|W| + |ΔW|), eps = finfo(W.dtype).eps (or use merged_state_dict).
 
     def merged_weight(self) -> torch.Tensor:
         """W + ΔW, computed in at least float32, rounded once to W's dtype."""
@@ -758,7 +749,7 @@ def experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index
     how, k = experts.config._experts_implementation, top_k_index.shape[-1]
     ids, order = top_k_index.flatten().sort(stable=True)  # the T * k routed rows, grouped by expert
     ends = torch.searchsorted(ids, torch.arange(experts.num_experts, device=ids.device), right=True).int()
-    bounds = [0, *ends.tolist()] if how == "eager" else None  # each expert's rows: bounds[e]:bounds[e + 1]
+    counts = torch.diff(ends, prepend=ends.new_zeros(1)).tolist() if how == "eager" else None  # rows per expert
 
     def mm(x, M):  # rows x (S, in) grouped by expert, M (E, in, out) -> (S, out): x_e M_e for every expert e
         x = x.to(M.dtype)
@@ -770,14 +761,14 @@ def experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index
     def factors(lora, dtype):  # A (E, in, r), B (E, r, out), in W's dtype
         return lora.lora_A.to(dtype).mT, lora.lora_B.to(dtype).mT
 
-    def eager(x, W, lora, x_lora):  # the experts that have rows one by one, each's products together
-        # A and B unbound once: indexing them per expert would make autograd add E full-size zero gradients
-        A, B = [M.unbind() for M in factors(lora, W.dtype)] if lora else (None, None)
-        ys = []
-        for e, (i, j) in enumerate(zip(bounds, bounds[1:])):
-            if j > i:
-                y_e = x[i:j] @ W[e]
-                ys.append(y_e + (x_lora[i:j] @ A[e]) * lora.scale @ B[e] if lora else y_e)
+    def eager(x, W, lora, x_lora):  # the experts that have rows one by one (as transformers' eager), products together
+        # split and unbound, never sliced or indexed: each slice's backward would write a full-size zero gradient
+        xs, ys = x.split(counts), []
+        if lora:
+            xls, (A, B) = x_lora.split(counts), [M.unbind() for M in factors(lora, W.dtype)]
+        for e in [e for e, n in enumerate(counts) if n]:
+            y_e = xs[e] @ W[e]
+            ys.append(y_e + (xls[e] @ A[e]) * lora.scale @ B[e] if lora else y_e)
         return torch.cat(ys or [x[:0] @ W[0]])
 
     def project(name, x):  # (rows, in) -> (rows, out)
