@@ -768,7 +768,7 @@ def experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index
             xls, (A, B) = x_lora.split(counts), [M.unbind() for M in factors(lora, W.dtype)]
         for e in [e for e, n in enumerate(counts) if n]:
             y_e = xs[e] @ W[e]
-            ys.append(y_e + (xls[e] @ A[e]) * lora.scale @ B[e] if lora else y_e)
+            ys.append(torch.addmm(y_e, xls[e] @ A[e], B[e], alpha=lora.scale) if lora else y_e)
         return torch.cat(ys or [x[:0] @ W[0]])
 
     def project(name, x):  # (rows, in) -> (rows, out)
