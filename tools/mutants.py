@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = "lora_min.py"
 TESTS = ["test_lora_min.py", "test_model.py", "test_misuse.py", "test_peft.py", "test_layers.py", "test_real_models.py",
-         "test_mnist_demo.py", "test_distributed.py"]
+         "test_parameters.py", "test_experts_speed.py", "test_quantized.py", "test_mnist_demo.py", "test_distributed.py"]
 SWAPS = {
     ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult,
     ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt,
