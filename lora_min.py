@@ -478,8 +478,8 @@ class LoRAConv1D(LoRALayer):
 # --- QLoRA (Dettmers et al., 2023): the same LoRALinear on a frozen quantized W (bitsandbytes, torchao).
 
 
-def _is_torchao(weight):
-    return any(k.__name__ == "TorchAOBaseTensor" for k in type(weight).__mro__)
+def _is_torchao(weight):  # any torchao tensor class: its subclasses of TorchAOBaseTensor, and NF4Tensor (torchtune's)
+    return any(k.__module__.startswith("torchao.") for k in type(weight).__mro__)
 
 
 class QLoRALinear(LoRALinear):
@@ -549,7 +549,7 @@ class QLoRALinear(LoRALinear):
             import bitsandbytes.functional as bnb_functional
             return bnb_functional.int8_vectorwise_dequant(w.data, w.SCB if w.SCB is not None else
                                                           self.quantized.state.SCB)
-        return w.dequantize()
+        return w.get_original_weight() if hasattr(w, "get_original_weight") else w.dequantize()  # (NF4Tensor's)
 
     def _weight_plus(self, sign, check_finite=True):  # dequantized W + sign ΔW, for export only
         dtype = torch.promote_types(self.export_dtype, torch.float32)
@@ -575,6 +575,7 @@ class QLoRALinear(LoRALinear):
         base = {k: v for k, v in state_dict.items() if k not in ours}
         self.quantized._load_from_state_dict(base, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                              error_msgs)  # W, b and its own keys, as it loads them
+        self.weight, self.bias = self.quantized.weight, self.quantized.bias  # new ones if it loaded with assign=True
         n = len(missing_keys)
         super()._load_from_state_dict({k: v for k, v in state_dict.items() if k in ours}, prefix, local_metadata,
                                       strict, missing_keys, unexpected_keys, error_msgs)
@@ -726,6 +727,13 @@ class LoRAParameter(_PassThrough, LoRALayer):
         for nested, key in self._base_keys(prefix, expected).items():
             if key in state_dict:
                 state_dict[nested] = state_dict.pop(key)
+        own = prefix + "base_layer." * (len(self.inside) + 1) + self.parameter_name  # (LoRALayer looks at prefix.*)
+        if self.merged and own in state_dict and not state_dict.get(prefix + MERGED_KEY, False):
+            for key in [k for k in state_dict if k.startswith(prefix + "base_layer.")]:
+                del state_dict[key]  # (the module below loads from what is left here)
+            args[-1].append(f"{prefix + self.parameter_name}: the checkpoint was saved unmerged (weight = W) but this "
+                            "layer is merged (weight = W + ΔW); call unmerge() on it before loading.")
+            return
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     def extra_repr(self) -> str:
@@ -1713,6 +1721,9 @@ def _check_targets(modules, settings, skip_unused, to_save=()):
                              f"{[name] if name in settings else inside}; a module is trained either way, not both")
         module = by_name[name]
         others, hooks = [n for n, m in modules if m is module and n != name], _hooks(module, every=True)
+        if any(not p.is_floating_point() or type(p) not in (torch.Tensor, nn.Parameter) for p in module.parameters()):
+            raise ValueError(f"modules_to_save {name!r} holds quantized weights, which cannot train in full; adapt "
+                             "it with LoRA (target_modules) instead")
         if others or hooks:
             problem = f"is also registered as {others}" if others else f"has hooks ({', '.join(hooks)})"
             raise ValueError(f"modules_to_save {name!r} {problem}, which its trained copy would not share")

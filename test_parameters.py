@@ -1426,3 +1426,15 @@ def test_a_checkpoint_with_the_nested_keys_of_lora_min_before_still_loads():
     assert not result.missing_keys and not result.unexpected_keys
     loaded = model.model.layers[0].mlp.experts.inner.gate_up_proj
     assert torch.equal(loaded, old[experts + "base_layer.base_layer.gate_up_proj"])
+
+
+@pytest.mark.parametrize("case", ["moe: experts and router", "mha"])
+def test_a_base_checkpoint_is_refused_by_merged_parameter_layers_as_by_merged_linears(case):
+    """A merged layer's weight holds W + ΔW: a checkpoint of W loaded into it would make unmerge() give W - ΔW.
+    Refused naming the layer, as LoRALinear refuses it (the base keys' mapping hid the base weight from that check)."""
+    base, model, _, _ = adapted_pair("mha" if case == "mha" else "moe")
+    L.merge_lora(model)
+    merged = {name: layer.weight.detach().clone() for name, layer in L.lora_layers(model)}
+    with pytest.raises(RuntimeError, match=r"the checkpoint was saved unmerged \(weight = W\) but this layer is merged"):
+        model.load_state_dict(base.state_dict(), strict=False)
+    assert all(torch.equal(layer.weight, merged[name]) and layer.merged for name, layer in L.lora_layers(model))

@@ -543,3 +543,49 @@ def test_bench_lora_qlora_rows_run_on_tiny_sizes(capsys):
     layer, params = bench_lora.make_qlora_min(64, 2, "cpu", torch.float32)
     bench_lora.same_init(params)
     assert bench_lora.saved_bytes(layer, torch.randn(16, 64, requires_grad=True))[1] == (16, 2)  # only the thin h
+
+
+# --- found by an adversarial review ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8", "torchao-int8"])
+def test_a_quantized_module_named_in_modules_to_save_is_refused_and_changes_nothing(kind):
+    """Its weight cannot train in full (bitsandbytes' is integer; torchao's got no gradient): refused up front."""
+    model = quantized_net(kind)
+    before = [(type(m), m.training, [(p, p.requires_grad) for p in m.parameters()]) for m in model]
+    with pytest.raises(ValueError, match=r"modules_to_save '0' holds quantized weights, which cannot train in full"):
+        L.add_lora(model, r=4, target_modules=["4"], modules_to_save=["0"])
+    assert [(type(m), m.training, [(p, p.requires_grad) for p in m.parameters()]) for m in model] == before
+
+
+def test_a_torchao_base_loaded_with_assign_is_the_one_the_layer_runs_and_exports():
+    """load_state_dict(assign=True) gives the quantized module new Parameters: the layer holds those, so the
+    export and the forward use the loaded W (before, the layer kept the old one and its repr wrote it back)."""
+    model, other = randomize(L.add_lora(quantized_net("torchao-int8"), r=4)), quantized_net("torchao-int8", seed=5)
+    model.load_state_dict(other.state_dict(), strict=False, assign=True)
+    x = inputs()
+    assert model[0].weight is model[0].quantized.weight
+    y = model(x)
+    repr(model)
+    torch.testing.assert_close(model(x), y)
+    torch.testing.assert_close(L.merge_and_unload(model)(x), y, **TOL)
+    with L.lora_disabled(model):
+        torch.testing.assert_close(model(x), other(x))
+
+
+def test_torchao_nf4_tensor_weights_are_quantized_bases_that_never_merge_in_place():
+    """torchtune's QLoRA weight (torchao's NF4Tensor, no TorchAOBaseTensor): a QLoRALinear, so merge() is refused
+    (writing W + ΔW into it would requantize it: W off by a third of its largest entry after merge + unmerge);
+    the export is its original weight plus ΔW."""
+    to_nf4 = pytest.importorskip("torchao.quantization").to_nf4
+    linear = nn.Linear(64, 256, bias=False).to(torch.bfloat16)
+    linear.weight = nn.Parameter(to_nf4(linear.weight.detach()), requires_grad=False)
+    model = randomize(L.add_lora(nn.Sequential(linear), r=4))
+    assert isinstance(model[0], L.QLoRALinear)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    y = model(x)
+    with pytest.raises(RuntimeError, match="torchao NF4Tensor"):
+        L.merge_lora(model)
+    assert not model[0].merged and torch.equal(model(x), y)
+    W = linear.weight.get_original_weight().float() + model[0].delta_weight(torch.float32)
+    torch.testing.assert_close(L.merge_and_unload(model)[0].weight, W.to(torch.bfloat16))
