@@ -488,7 +488,8 @@ class QLoRALinear(LoRALinear):
     copy of W is made and its state_dict keys stay (weight, weight.absmax, SCB, ...); A and B train in float.
     Bases, found by class name: bitsandbytes' Linear4bit (nf4 / fp4) and Linear8bitLt, an nn.Linear with a
     torchao weight. W + ΔW does not fit in 4 or 8 bits: merge() refuses; merge_and_unload and
-    merged_state_dict export dequantized W + ΔW (in float32, rounded once to the compute dtype)."""
+    merged_state_dict export dequantized W + ΔW (in float32, rounded once to W's dtype before it was
+    quantized, the model's around it)."""
 
     @classmethod
     def base_class(cls, module: nn.Module) -> Optional[type]:
@@ -509,11 +510,11 @@ class QLoRALinear(LoRALinear):
         return None
 
     @staticmethod
-    def weight_dtype(base: nn.Module) -> torch.dtype:  # the float dtype the layer computes in and exports
-        w = base.weight
+    def weight_dtype(base: nn.Module) -> torch.dtype:  # W's float dtype before it was quantized: the model's around it
+        w = base.weight  # (so the export runs where the layer ran, whatever bitsandbytes' compute dtype)
         if type(w).__name__ == "Params4bit":  # (bitsandbytes' CPU eval layout keeps the dtype in original_dtype)
             state = w.quant_state
-            return base.compute_dtype or (w.dtype if state is None else getattr(state, "original_dtype", state.dtype))
+            return (base.compute_dtype or w.dtype) if state is None else getattr(state, "original_dtype", state.dtype)
         if type(w).__name__ == "Int8Params":
             return torch.float32 if base.bias is None else base.bias.dtype
         return w.dtype  # torchao's tensors report the dtype they quantized

@@ -245,20 +245,20 @@ def test_in_place_merge_is_refused_naming_the_quantization_and_changes_nothing(k
 def test_merge_and_unload_and_merged_state_dict_export_dequantized_W_plus_delta(kind):
     model = randomize(L.add_lora(quantized_net(kind), r=4, alpha=8))
     x = inputs()
-    expected_dtype = torch.bfloat16 if kind.endswith("bf16") else torch.float32  # the compute dtype
+    expected_dtype = torch.float32  # W's before it was quantized (the model's around it), not the compute dtype
     assert L.merged_state_dict(model)["0.bias"].dtype == expected_dtype  # (before a forward casts it in place)
     plain = L.merge_and_unload(model)
     assert all(type(m) in (nn.Linear, nn.Tanh, nn.Sequential) for m in plain.modules())
     assert all(type(p) is nn.Parameter and not p.requires_grad for p in plain.parameters())
     assert {plain[i].weight.dtype for i in (0, 2)} == {plain[0].bias.dtype} == {expected_dtype}
-    for i in (0, 2):  # dequantized W + ΔW in float32, rounded once to the compute dtype
+    for i in (0, 2):  # dequantized W + ΔW in float32, rounded once to W's dtype
         layer = model[i]
         delta = (layer.lora_B.float() @ layer.lora_A.float()) * layer.scale
         assert torch.equal(plain[i].weight, (dequantized(layer.quantized) + delta).to(layer.export_dtype))
-    tol = 1e-4 if model[0].export_dtype == torch.float32 else 2e-2  # (a bfloat16 base rounds its input)
+    tol = 2e-2 if kind.endswith("bf16") else 1e-4  # (a bfloat16 compute dtype rounds the base's product)
     torch.testing.assert_close(copy.deepcopy(plain).float()(x), model(x), rtol=tol, atol=tol)
-    merged = L.merged_state_dict(model)
-    assert merged.keys() == plain.state_dict().keys()
+    merged, plain = L.merged_state_dict(model), L.merge_and_unload(model)  # (both after the forward: bitsandbytes
+    assert merged.keys() == plain.state_dict().keys()  # casts a bias to the compute dtype in place in its first one)
     assert all(torch.equal(v, plain.state_dict()[k]) for k, v in merged.items())
     with L.lora_disabled(model):  # disabled: dequantized W alone
         assert torch.equal(L.merged_state_dict(model)["0.weight"], dequantized(model[0].quantized).to(
@@ -589,3 +589,17 @@ def test_torchao_nf4_tensor_weights_are_quantized_bases_that_never_merge_in_plac
     assert not model[0].merged and torch.equal(model(x), y)
     W = linear.weight.get_original_weight().float() + model[0].delta_weight(torch.float32)
     torch.testing.assert_close(L.merge_and_unload(model)[0].weight, W.to(torch.bfloat16))
+
+
+def test_a_bfloat16_model_with_float32_compute_exports_a_model_that_runs():
+    """transformers' 4-bit default: a bfloat16 model, bnb_4bit_compute_dtype float32. The export is bfloat16, the
+    model's dtype around the layer (in the compute dtype, float32, it raised on the bfloat16 activations)."""
+    net = float_net().to(torch.bfloat16)
+    layer = bnb.nn.Linear4bit(64, 64, quant_type="nf4", compute_dtype=torch.float32)
+    layer.load_state_dict(net[0].state_dict())
+    net[0] = layer.to(torch.bfloat16).to("cpu")  # bitsandbytes quantizes on the move to a device
+    assert layer.weight.quant_state.dtype == torch.bfloat16 and layer.compute_dtype == torch.float32
+    model, x = randomize(L.add_lora(net, r=4)), inputs().to(torch.bfloat16)
+    plain = L.merge_and_unload(model)
+    assert plain[0].weight.dtype == plain[0].bias.dtype == torch.bfloat16
+    torch.testing.assert_close(plain(x), model(x), rtol=3e-2, atol=3e-2)
