@@ -21,6 +21,10 @@ import lora_min as L
 from conftest import assert_unchanged, snapshot
 
 bnb = pytest.importorskip("bitsandbytes")
+try:
+    import torchao.quantization as torchao
+except Exception:  # (torchao 0.18 fails to import on torch 2.4, the oldest torch: only the bitsandbytes cases run)
+    torchao = None
 warnings.filterwarnings("ignore", message=".*(inputs will be cast|Input type into Linear4bit).*")
 
 TOL = dict(rtol=1e-4, atol=1e-4)
@@ -30,7 +34,8 @@ KINDS = ["nf4-dq", "nf4", "fp4-dq", "fp4", "nf4-bf16", "int8", "torchao-int8"]
 def quantized(kind, linear):
     """linear's weights quantized as `kind`: a bitsandbytes layer, or linear itself with a torchao weight."""
     if kind.startswith("torchao"):
-        torchao = pytest.importorskip("torchao.quantization")
+        if torchao is None:
+            pytest.skip("needs torchao (it imports on torch >= 2.5)")
         model = nn.Sequential(copy.deepcopy(linear))
         torchao.quantize_(model, torchao.Int8WeightOnlyConfig())
         return model[0]
@@ -381,7 +386,8 @@ def unquantized_4bit():
 
 
 def dynamic_activation_torchao():
-    torchao = pytest.importorskip("torchao.quantization")
+    if torchao is None:
+        pytest.skip("needs torchao (it imports on torch >= 2.5)")
     model = nn.Sequential(nn.Linear(64, 64))
     torchao.quantize_(model, torchao.Int8DynamicActivationInt8WeightConfig())
     return model[0]
@@ -490,7 +496,9 @@ def test_qlora_on_a_4bit_llama_trains_with_checkpointing_and_peft_reads_its_adap
     L.save_peft_adapter(model, tmp_path / "adapter")
     theirs = peft.PeftModel.from_pretrained(load_4bit(llama_folder), str(tmp_path / "adapter")).eval()
     with torch.no_grad():
-        torch.testing.assert_close(theirs(input_ids=ids).logits, model(input_ids=ids).logits, **TOL)
+        ours = model(input_ids=ids).logits  # transformers 4 loads the float part in float16, where PEFT rounds
+        tol = TOL if ours.dtype == torch.float32 else dict(rtol=1e-2, atol=2e-3)  # its branch before the sum
+        torch.testing.assert_close(theirs(input_ids=ids).logits, ours, **tol)
 
 
 # --- 7. the demo: python mnist_demo.py --quantize nf4 ----------------------------------------------------------
@@ -577,7 +585,9 @@ def test_torchao_nf4_tensor_weights_are_quantized_bases_that_never_merge_in_plac
     """torchtune's QLoRA weight (torchao's NF4Tensor, no TorchAOBaseTensor): a QLoRALinear, so merge() is refused
     (writing W + ΔW into it would requantize it: W off by a third of its largest entry after merge + unmerge);
     the export is its original weight plus ΔW."""
-    to_nf4 = pytest.importorskip("torchao.quantization").to_nf4
+    if torchao is None:
+        pytest.skip("needs torchao (it imports on torch >= 2.5)")
+    to_nf4 = torchao.to_nf4
     linear = nn.Linear(64, 256, bias=False).to(torch.bfloat16)
     linear.weight = nn.Parameter(to_nf4(linear.weight.detach()), requires_grad=False)
     model = randomize(L.add_lora(nn.Sequential(linear), r=4))
