@@ -66,7 +66,7 @@ def cases(draw, dtypes=FLOAT_DTYPES):
     return Case(
         in_f=draw(st.integers(1, 24)),
         out_f=draw(st.integers(1, 24)),
-        r=draw(st.integers(1, 8)),
+        r=draw(st.integers(1, 8) | st.sampled_from([16, 24])),  # 16 and up: LoRALinear's plain backward layouts
         alpha=draw(st.floats(0.25, 16.0)),
         use_rslora=draw(st.booleans()),
         bias=draw(st.booleans()),

@@ -287,10 +287,10 @@ class LoRALinear(LoRALayer):
         return F.linear(x, self.weight, self.bias)
 
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.use_fast_path and _fast_path_applies(self, x):
-            return _fast_lora_linear(self, x)
-        y = self.base_forward(x)  # x W^T + b: (..., out)
         x_lora = self.lora_dropout(x).to(self.lora_A.dtype)  # the branch runs in the adapter's dtype
+        if self.use_fast_path and _fast_path_applies(self, x, x_lora):
+            return _fast_lora_linear(self, x, x_lora)
+        y = self.base_forward(x)  # x W^T + b: (..., out)
         h = F.linear(x_lora, self.lora_A) * self.scale  # dropout(x) A^T * scale: (..., r)
         return (y + F.linear(h, self.lora_B)).to(y.dtype)  # + h B^T: (..., out), rounded once
 
@@ -1958,48 +1958,55 @@ def _check_peft_base_weights(model, state, path):
 
 
 class _LoRALinearFunction(torch.autograd.Function):
-    """y = x W^T + b + h B^T, h = dropout(x) A^T * scale (autograd's); x: (N, in), h: (N, r), g = dL/dy: (N, out):
+    """y = x W^T + b + h B^T, h = x_lora A^T * scale; x_lora = dropout(x) (or x itself): (..., in), N rows; y: (N, out).
+    g = dL/dy, dh = g B * scale: dL/dB = g^T h, dL/dA = dh^T x_lora, dL/dx_lora = dh A, dL/dx = g W, dL/dW = g^T x.
 
-        dL/dh = g B  (N, r),    dL/dB = g^T h  (out, r),    dL/dx = g W  (N, in)    [dL/dW = g^T x, dL/db = sum_N g]
-
-    Autograd would form x W^T + b and h B^T as two (N, out) tensors and add them, and take g B and g^T h in the
-    layouts BLAS is slowest at; here h B^T is added inside the matmul (addmm) and both are taken transposed.
-    Backward is differentiable ops (double backward; torch.func: generate_vmap_rule), jvp is forward mode.
+    Autograd of the lesson makes x W^T + b and h B^T (and g W and dh A) as separate full-size tensors and adds
+    them; here the second of each pair is added into the first (addmm_): with x_lora = x, dL/dx is one tensor.
+    Below rank 16, g B and g^T h run transposed, where CPU BLAS (MKL) is up to 5x slower at them plain.
     """
 
-    generate_vmap_rule = True
-
     @staticmethod
-    def forward(x, W, b, h, B):
-        return torch.addmm(F.linear(x, W, b), h, B.T)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, W, b, h, B = inputs
-        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, W, h, B)  # x: for dL/dW alone
-        ctx.save_for_forward(x, W, h, B)
+    def forward(ctx, x, x_lora, W, b, A, B, scale):
+        h = F.linear(_rows(x_lora), A) * scale  # (N, r)
+        need_x_lora, need_W, need_A, need_B = (ctx.needs_input_grad[i] for i in (1, 2, 4, 5))
+        ctx.save_for_backward(x if need_W else None, x_lora if need_A or need_B and need_x_lora else None, W, A, B, h)
+        ctx.x_shape, ctx.same, ctx.scale = x.shape, x_lora is x, scale
+        return F.linear(_rows(x), W, b).addmm_(h, B.T)  # (N, out), a new tensor and not a view
 
     @staticmethod
     def backward(ctx, g):
-        x, W, h, B = ctx.saved_tensors
-        need_x, need_W, need_b, need_h, need_B = ctx.needs_input_grad
-        return (g @ W if need_x else None, g.T @ x if need_W else None, g.sum(0) if need_b else None,
-                (B.T @ g.T).T if need_h else None, (h.T @ g).T.contiguous() if need_B else None)  # (as lora_B)
+        x, x_lora, W, A, B, h = ctx.saved_tensors
+        need_x, need_x_lora, need_W, need_b, need_A, need_B, _ = ctx.needs_input_grad
+        transposed = B.shape[1] < 16  # (why: above)
+        dh = ((B.T @ g.T).T if transposed else g @ B) * ctx.scale
+        x_lora = _rows(x_lora) if x_lora is not None else None
+        if x_lora is not None and torch.is_grad_enabled():  # create_graph: h as a function of x_lora and A
+            h = x_lora @ A.T * ctx.scale
+        dB = ((h.T @ g).T.contiguous() if transposed else g.T @ h) if need_B else None  # (laid out as lora_B)
+        # dL/dx in x's shape and not a view: autograd then adds any other gradient of x into it in place
+        dx = g.reshape(*ctx.x_shape[:-1], W.shape[0]) @ W if need_x else None
+        if need_x and ctx.same:
+            dx.view(dh.shape[0], A.shape[1]).addmm_(dh, A)
+        dx_lora = (dh @ A).view(ctx.x_shape) if need_x_lora and not ctx.same else None
+        return (dx, dx_lora, g.T @ _rows(x) if need_W else None, g.sum(0) if need_b else None,
+                dh.T @ x_lora if need_A else None, dB, None)
 
-    @staticmethod
-    def jvp(ctx, dx, dW, db, dh, dB):  # dy = dx W^T + x dW^T + db + dh B^T + h dB^T (no tangent: zero)
-        x, W, h, B = ctx.saved_tensors
-        dx, dW, dh, dB = (torch.zeros_like(t) if d is None else d for t, d in ((x, dx), (W, dW), (h, dh), (B, dB)))
-        dy = dx @ W.T + x @ dW.T + dh @ B.T + h @ dB.T
-        return dy if db is None else dy + db
+
+def _rows(t):  # t: (..., n) as a matrix (N, n), a view where it can be
+    return t.reshape(t.shape[:-1].numel(), t.shape[-1])
 
 
-def _fast_path_applies(layer, x):
-    """Plain dense tensors of one dtype, eager, outside autocast (it cannot reach inside a Function). Anything
-    else runs the lesson: torch.compile fuses it itself, and torch.jit.trace cannot save a Function."""
-    tensors = [t for t in (layer.weight, layer.bias, layer.lora_A, layer.lora_B, x) if t is not None]
+def _fast_path_applies(layer, x, x_lora):
+    """Plain dense tensors of one dtype and a number scale, eager, outside autocast (it cannot reach inside a
+    Function), torch.func (a batched h cannot go into an unbatched y in place) and forward-mode AD (h is saved
+    without a tangent). Else the lesson runs: torch.compile fuses it itself; torch.jit.trace cannot save a Function."""
+    tensors = [t for t in (layer.weight, layer.bias, layer.lora_A, layer.lora_B, x, x_lora) if t is not None]
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or x.layout != torch.strided or x.is_nested or len(
             {t.dtype for t in tensors}) > 1 or not all(type(t) in (torch.Tensor, nn.Parameter) for t in tensors):
+        return False
+    if not isinstance(layer.scale, (int, float)) or torch._C._are_functorch_transforms_active() or any(
+            torch.autograd.forward_ad.unpack_dual(t).tangent is not None for t in tensors):
         return False
     try:
         return not torch.is_autocast_enabled(x.device.type)
@@ -2007,11 +2014,9 @@ def _fast_path_applies(layer, x):
         return False
 
 
-def _fast_lora_linear(layer, x):
-    """LoRALinear's adapted forward: h by autograd, the rest through _LoRALinearFunction (N = x's leading dims)."""
-    h = F.linear(layer.lora_dropout(x), layer.lora_A) * layer.scale  # (..., r)
-    n = math.prod(x.shape[:-1])
-    y = _LoRALinearFunction.apply(x.reshape(n, x.shape[-1]), layer.weight, layer.bias, h.reshape(n, -1), layer.lora_B)
+def _fast_lora_linear(layer, x, x_lora):
+    """LoRALinear's adapted forward through _LoRALinearFunction (x_lora = dropout(x) by autograd: its mask kept)."""
+    y = _LoRALinearFunction.apply(x, x_lora, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scale)
     return y.view(*x.shape[:-1], y.shape[-1])
 
 

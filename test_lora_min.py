@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from hypothesis import given, strategies as st
 from torch.func import functional_call, grad, hessian, jacfwd, jacrev, stack_module_state, vmap
 from torch.nn.utils import parametrize
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import lora_min as L
 from conftest import FLOAT_DTYPES, TOL, cases, make, mlp, randomize_B
@@ -245,13 +246,39 @@ def test_the_fast_path_equals_the_lesson_under_forward_over_reverse_and_saves_no
     assert x.untyped_storage().data_ptr() not in saved[0] and len(saved[0]) <= len(saved[1])
 
 
-@pytest.mark.parametrize("kind", ["x changed in place", "tensor scale", "sparse input", "in_features=0", "jit.trace"])
+class AtenOps(TorchDispatchMode):
+    """The names of the aten ops that run inside it ("add.Tensor", "addmm_.default", ...)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_fast_path_adds_inside_the_matmuls():
+    """Without dropout, a training step forms y and dL/dx once each, each LoRA part added inside by addmm_, where
+    the lesson's autograd forms x W^T + b and h B^T (and g W and dh A) apart and adds them (an op count)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, requires_grad=True)
+    adds = []
+    for layer in fast_and_lesson(randomize_B(L.LoRALinear(nn.Linear(6, 5), r=2))):
+        with AtenOps() as ops:
+            layer(x).backward(torch.randn(2, 3, 5))
+        adds.append([name for name in ops.names if name.split(".")[0] in ("add", "add_")])
+    assert adds[0] == [] and adds[1], adds
+
+
+@pytest.mark.parametrize("kind", ["x changed in place", "tensor scale", "sparse input", "in_features=0", "no rows",
+                                  "jit.trace"])
 def test_the_fast_path_runs_what_the_lesson_runs(kind, tmp_path):
     """Cases an adversarial review found raising or losing a gradient on the fast path alone."""
     torch.manual_seed(0)
     fast, lesson = fast_and_lesson(randomize_B(L.LoRALinear(nn.Linear(0 if kind == "in_features=0" else 5, 4), r=2,
                                                             dropout=0.1 if kind == "x changed in place" else 0.0)))
-    x = torch.randn(3, fast.in_features)
+    x = torch.randn(0 if kind == "no rows" else 3, fast.in_features)
     outputs = []
     for layer in (fast, lesson):
         if kind == "tensor scale":
@@ -309,7 +336,7 @@ def function_inputs(draw):
     """Float64 inputs of LoRALinear's forward, every one requiring grad; x_lora separate
     (the dropout path) or None (the same tensor as x)."""
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
-    in_f, out_f, r = draw(st.integers(1, 5)), draw(st.integers(1, 5)), draw(st.integers(1, 3))
+    in_f, out_f, r = draw(st.integers(1, 5)), draw(st.integers(1, 5)), draw(st.sampled_from([1, 2, 3, 16]))
     batch = tuple(draw(st.lists(st.integers(1, 3), max_size=2)))
     randn = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)  # noqa: E731
     x = randn(*batch, in_f)
@@ -345,6 +372,23 @@ def test_gradient_penalty_double_backward_equals_the_plain_math(case):
     expected = penalised(lambda x: L.lora_forward(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scale))
     for a, b in zip(ours, expected):
         torch.testing.assert_close(a, b, **TOL[case.dtype])
+
+
+def test_double_backward_through_lora_B_alone_equals_the_plain_math():
+    """A frozen, B trained: dL/dB = g^T h depends on x through h, which a penalty on dL/dB differentiates."""
+    torch.manual_seed(0)
+    layer = randomize_B(L.LoRALinear(nn.Linear(5, 4, dtype=torch.float64), r=2))
+    layer.lora_A.requires_grad_(False)
+    x = torch.randn(3, 5, dtype=torch.float64)
+
+    def penalised(forward):
+        x1 = x.clone().requires_grad_()
+        (dB,) = torch.autograd.grad((forward(x1) ** 2).sum(), layer.lora_B, create_graph=True)
+        return torch.autograd.grad((dB ** 2).sum(), x1)
+
+    ours = penalised(layer)
+    expected = penalised(lambda x: L.lora_forward(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scale))
+    torch.testing.assert_close(ours, expected, **TOL[torch.float64])
 
 
 def small_lora_model(seed=0, dtype=torch.float64):

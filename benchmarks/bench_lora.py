@@ -6,7 +6,7 @@
     python benchmarks/bench_lora.py --layers experts           # one MoE experts layer (transformers 5)
 
 Every implementation is measured in the same process on the same tensors, and the
-measurements are interleaved (one step of each in turn, the order rotated every
+measurements are interleaved (one step of each in turn, in a new random order every
 round), so a noisy machine slows all of them alike: compare the ratios, not the
 milliseconds. Ratios are to a frozen nn.Linear: forward plus backward to the input,
 which any adapter in a deep network must pay anyway (the floor).
@@ -50,6 +50,7 @@ the GPU run.
 
 import argparse
 import collections
+import random
 import statistics
 import sys
 import time
@@ -492,7 +493,8 @@ def timed(fn, device):
 
 
 def interleaved(fns, device, warmup, reps, reference):
-    """Time each fn one call at a time in turn, the order rotated every round.
+    """Time each fn one call at a time in turn, in a new (seeded) random order every round: a rotated order
+    would put each fn always right after the same one (the floor after full fine-tuning's 64 MiB gradient).
 
     Returns {name: (median seconds, median over rounds of its time / reference's
     time in the same round)}: pairing within a round cancels the slow drifts of a
@@ -504,7 +506,7 @@ def interleaved(fns, device, warmup, reps, reference):
             fns[name]()
     times = {name: [] for name in names}
     for rep in range(reps):
-        order = names[rep % len(names):] + names[:rep % len(names)]
+        order = random.Random(rep).sample(names, len(names))
         for name in order:
             times[name].append(timed(fns[name], device))
     return {name: (statistics.median(t), statistics.median(a / b for a, b in zip(t, times[reference])))
