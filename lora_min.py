@@ -1953,15 +1953,14 @@ def _check_peft_base_weights(model, state, path):
     return {k: v for k, v in state.items() if k not in base_keys}
 
 
-# --- The fast path: LoRALinear's training step, its backward written out: the lesson's math (the tests hold it to
-# autograd of it), a few % of a layer's step faster (benchmarks/README.md, "The linear layer's backward").
+# --- The fast path: LoRALinear's training step with its backward written out, the lesson's math made faster.
 
 
 class _LoRALinearFunction(torch.autograd.Function):
-    """y = x W^T + b + h B^T, h = x_lora A^T * scale; x_lora = dropout(x) (or x itself): (..., in), N rows; y: (N, out).
-    g = dL/dy, dh = g B * scale: dL/dB = g^T h, dL/dA = dh^T x_lora, dL/dx_lora = dh A, dL/dx = g W, dL/dW = g^T x.
+    """y = x W^T + b + h B^T, h = x_lora A^T * scale; x_lora = dropout(x) (or x itself): (..., in), N rows; y (N, out).
+    g = dL/dy, dh = g B (N, r): dL/dB = g^T h, dL/dA = dh^T x_lora * scale, dL/dx = g W + dh A * scale (as x).
 
-    Autograd of the lesson makes x W^T + b and h B^T (and g W and dh A) as separate full-size tensors and adds
+    Autograd of the lesson makes x W^T + b and h B^T (and g W and dh A) as separate full-size tensors, then adds
     them; here the second of each pair is added into the first (addmm_): with x_lora = x, dL/dx is one tensor.
     Below rank 16, g B and g^T h run transposed, where CPU BLAS (MKL) is up to 5x slower at them plain.
     """
@@ -1969,22 +1968,22 @@ class _LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, x_lora, W, b, A, B, scale):
         h = F.linear(_rows(x_lora), A) * scale  # (N, r)
-        need_x_lora, need_W, need_A, need_B = (ctx.needs_input_grad[i] for i in (1, 2, 4, 5))
-        ctx.save_for_backward(x if need_W else None, x_lora if need_A or need_B and need_x_lora else None, W, A, B, h)
-        ctx.x_shape, ctx.same, ctx.scale = x.shape, x_lora is x, scale
-        return F.linear(_rows(x), W, b).addmm_(h, B.T)  # (N, out), a new tensor and not a view
+        y = F.linear(_rows(x), W, b).addmm_(h, B.T)  # (N, out): on rows, a new tensor and not a view
+        need_x, need_W, need_B = (ctx.needs_input_grad[i] for i in (0, 2, 5))  # keep what autograd would keep:
+        ctx.save_for_backward(x if need_W else None, x_lora, W if need_x else None, A, B, h if need_B else None)
+        ctx.x_shape, ctx.same, ctx.scale, ctx.transposed = x.shape, x_lora is x, scale, B.shape[1] < 16  # (why: above)
+        return y
 
     @staticmethod
     def backward(ctx, g):
         x, x_lora, W, A, B, h = ctx.saved_tensors
         need_x, need_x_lora, need_W, need_b, need_A, need_B, _ = ctx.needs_input_grad
-        transposed = B.shape[1] < 16  # (why: above)
-        dh = ((B.T @ g.T).T if transposed else g @ B) * ctx.scale
-        x_lora = _rows(x_lora) if x_lora is not None else None
-        if x_lora is not None and torch.is_grad_enabled():  # create_graph: h as a function of x_lora and A
+        x_lora = _rows(x_lora)  # (saved whole: a view made in forward would not carry x_lora's graph)
+        if torch.is_grad_enabled():  # create_graph: h as a function of x_lora and A (the saved h is a constant)
             h = x_lora @ A.T * ctx.scale
-        dB = ((h.T @ g).T.contiguous() if transposed else g.T @ h) if need_B else None  # (laid out as lora_B)
-        # dL/dx in x's shape and not a view: autograd then adds any other gradient of x into it in place
+        dh = ((B.T @ g.T).T if ctx.transposed else g @ B) * ctx.scale  # dL/dh times scale (N, r)
+        dB = ((h.T @ g).T.contiguous() if ctx.transposed else g.T @ h) if need_B else None  # (laid out as lora_B)
+        # dL/dx in x's shape and not a view: autograd then adds x's other gradients into it in place
         dx = g.reshape(*ctx.x_shape[:-1], W.shape[0]) @ W if need_x else None
         if need_x and ctx.same:
             dx.view(dh.shape[0], A.shape[1]).addmm_(dh, A)
@@ -1998,15 +1997,17 @@ def _rows(t):  # t: (..., n) as a matrix (N, n), a view where it can be
 
 
 def _fast_path_applies(layer, x, x_lora):
-    """Plain dense tensors of one dtype and a number scale, eager, outside autocast (it cannot reach inside a
-    Function), torch.func (a batched h cannot go into an unbatched y in place) and forward-mode AD (h is saved
-    without a tangent). Else the lesson runs: torch.compile fuses it itself; torch.jit.trace cannot save a Function."""
+    """Plain dense tensors of one float dtype, a trained A (the Function keeps x_lora where autograd would), a number
+    scale; eager, outside autocast (it cannot reach inside a Function), torch.func (a batched h cannot go into an
+    unbatched y in place), forward-mode AD (no jvp). Else the lesson runs (torch.jit.trace cannot save a Function)."""
     tensors = [t for t in (layer.weight, layer.bias, layer.lora_A, layer.lora_B, x, x_lora) if t is not None]
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or x.layout != torch.strided or x.is_nested or len(
-            {t.dtype for t in tensors}) > 1 or not all(type(t) in (torch.Tensor, nn.Parameter) for t in tensors):
+    if x.layout != torch.strided or x.is_nested or {t.dtype for t in tensors} != {x.dtype} or not x.is_floating_point():
         return False
-    if not isinstance(layer.scale, (int, float)) or torch._C._are_functorch_transforms_active() or any(
-            torch.autograd.forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+    if any(type(t) not in (torch.Tensor, nn.Parameter) or torch.autograd.forward_ad.unpack_dual(t).tangent is not None
+           for t in tensors):  # a tensor subclass (quantized, DTensor), or a dual tensor
+        return False
+    if not layer.lora_A.requires_grad or not isinstance(layer.scale, (int, float)) or torch.compiler.is_compiling() or (
+            torch.jit.is_tracing() or torch._C._are_functorch_transforms_active()):
         return False
     try:
         return not torch.is_autocast_enabled(x.device.type)
@@ -2014,10 +2015,9 @@ def _fast_path_applies(layer, x, x_lora):
         return False
 
 
-def _fast_lora_linear(layer, x, x_lora):
-    """LoRALinear's adapted forward through _LoRALinearFunction (x_lora = dropout(x) by autograd: its mask kept)."""
+def _fast_lora_linear(layer, x, x_lora):  # LoRALinear's adapted forward (x_lora = dropout(x): autograd's)
     y = _LoRALinearFunction.apply(x, x_lora, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scale)
-    return y.view(*x.shape[:-1], y.shape[-1])
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])  # (..., out), as F.linear gives it
 
 
 LoRALinear.use_fast_path = True  # the switch (see LoRALinear): False runs the lesson's forward alone

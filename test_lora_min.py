@@ -247,27 +247,28 @@ def test_the_fast_path_equals_the_lesson_under_forward_over_reverse_and_saves_no
 
 
 class AtenOps(TorchDispatchMode):
-    """The names of the aten ops that run inside it ("add.Tensor", "addmm_.default", ...)."""
+    """The aten ops that run inside it: (name, such as "add.Tensor", the number of elements of its output)."""
 
     def __init__(self):
         super().__init__()
-        self.names = []
+        self.ops = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(func.__name__)
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        self.ops.append((func.__name__, out.numel() if isinstance(out, torch.Tensor) else 0))
+        return out
 
 
 def test_the_fast_path_adds_inside_the_matmuls():
     """Without dropout, a training step forms y and dL/dx once each, each LoRA part added inside by addmm_, where
-    the lesson's autograd forms x W^T + b and h B^T (and g W and dh A) apart and adds them (an op count)."""
+    the lesson's autograd forms x W^T + b and h B^T (and g W and dh A) apart and adds them (full-size adds)."""
     torch.manual_seed(0)
     x = torch.randn(2, 3, 6, requires_grad=True)
     adds = []
     for layer in fast_and_lesson(randomize_B(L.LoRALinear(nn.Linear(6, 5), r=2))):
         with AtenOps() as ops:
             layer(x).backward(torch.randn(2, 3, 5))
-        adds.append([name for name in ops.names if name.split(".")[0] in ("add", "add_")])
+        adds.append([name for name, n in ops.ops if name.split(".")[0] in ("add", "add_") and n in (30, 36)])
     assert adds[0] == [] and adds[1], adds
 
 
@@ -296,6 +297,40 @@ def test_the_fast_path_runs_what_the_lesson_runs(kind, tmp_path):
         params = [p for p in layer.parameters() if p.requires_grad]
         outputs += [y, *torch.autograd.grad((y ** 2).sum(), params)]
     for a, b in zip(outputs[:len(outputs) // 2], outputs[len(outputs) // 2:]):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("kind", ["x changed in place, A frozen", "W changed in place, x without grad",
+                                  "3-D output changed in place", "2-D output detached in place", "complex"])
+def test_the_fast_path_keeps_and_returns_what_autograd_would(kind):
+    """What an adversarial review found the fast path keeping (and so refusing a later in-place change) or
+    returning (a view) where autograd of the lesson does not; and a complex layer, which takes the lesson."""
+    torch.manual_seed(0)
+    fast, lesson = fast_and_lesson(randomize_B(L.LoRALinear(nn.Linear(5, 4, dtype=torch.float64), r=2)))
+    x = torch.randn(2, 3, 5, dtype=torch.float64) if kind.startswith("3-D") else torch.randn(3, 5, dtype=torch.float64)
+    results = []
+    for layer in (fast, lesson):
+        if kind == "complex":  # (values with imaginary parts: backward must conjugate)
+            layer.to(torch.complex128)
+            with torch.no_grad():
+                layer.lora_A.mul_(1 - 2j), layer.lora_B.mul_(1 + 1j), layer.weight.mul_(1 + 0.5j)
+        layer.lora_A.requires_grad_(kind != "x changed in place, A frozen")
+        xi = x * (1 + 0.5j) if kind == "complex" else x
+        xi = (xi.requires_grad_() if kind != "W changed in place, x without grad" else xi) * 1
+        y = layer(xi)
+        if kind.startswith("x changed"):
+            xi.mul_(2)
+        if kind.startswith("W changed"):
+            with torch.no_grad():
+                layer.weight.mul_(2)
+        if kind.endswith("changed in place"):
+            y = y.mul_(2)
+        if kind.endswith("detached in place"):
+            results.append([y.detach_()])
+            continue
+        params = [p for p in layer.parameters() if p.requires_grad]
+        results.append([y, *torch.autograd.grad((y.abs() ** 2).sum(), params)])
+    for a, b in zip(*results):
         torch.testing.assert_close(a, b)
 
 
