@@ -199,13 +199,19 @@ def graph_names(y):
 
 def test_the_fast_path_runs_on_plain_tensors_and_the_lessons_forward_elsewhere():
     """use_fast_path: a layer of one dtype trains through _LoRALinearFunction (so the equalities in this file
-    test its hand-written backward); float32 adapters on a bfloat16 base, autocast and use_fast_path = False
-    run the lesson's forward (autograd of F.linear)."""
+    test its hand-written backward); float32 adapters on a bfloat16 base, autocast, forward-mode AD (a dual
+    input), a frozen lora_A and use_fast_path = False run the lesson's forward (autograd of F.linear)."""
     torch.manual_seed(0)
     layer, x = L.LoRALinear(nn.Linear(6, 4), r=2), torch.randn(3, 6, requires_grad=True)
     assert "_LoRALinearFunctionBackward" in graph_names(layer(x))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert "_LoRALinearFunctionBackward" not in graph_names(layer(x))
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(x, torch.ones_like(x))
+        assert "_LoRALinearFunctionBackward" not in graph_names(layer(dual))
+    layer.lora_A.requires_grad_(False)
+    assert "_LoRALinearFunctionBackward" not in graph_names(layer(x))
+    layer.lora_A.requires_grad_(True)
     layer.use_fast_path = False
     assert "_LoRALinearFunctionBackward" not in graph_names(layer(x))
     half = L.LoRALinear(nn.Linear(6, 4, dtype=torch.bfloat16), r=2)  # float32 adapter
@@ -383,7 +389,8 @@ def function_inputs(draw):
 @given(function_inputs())
 def test_gradcheck_and_gradgradcheck_float64(inputs):
     """Numerical derivatives against backward, double backward (reverse over reverse and
-    forward over reverse), forward mode (jvp) and batched gradients (vmap over backward)."""
+    forward over reverse), forward mode (the lesson's: the fast path has no jvp) and batched gradients
+    (vmap over backward)."""
     # torch's own F.linear(x, W) of a 1-D x fails vmap over forward mode ("a forward gradient
     # that has a different size"), with or without LoRA: that check runs for batched x only.
     assert torch.autograd.gradcheck(lora_fn, inputs, check_forward_ad=True, check_batched_grad=True,
