@@ -592,8 +592,9 @@ ModuleParameter = collections.namedtuple("ModuleParameter", "base_layer name wei
 
 def _factored(module, name):
     """Whether experts_forward computes module.<name>: a projection of transformers' @use_experts_implementation,
-    with no forward of the module's own (accelerate's hooks install one: the factored path would skip it)."""
+    with no forward of the module's own (accelerate's hooks: experts_forward would skip them), not expert-parallel."""
     experts = hasattr(type(module).forward, "__wrapped__") and "forward" not in vars(module)
+    experts = experts and not getattr(module, "_is_expert_parallel", False)
     return experts and name in ("gate_up_proj", "up_proj", "down_proj") and all(
         hasattr(module, a) for a in ("num_experts", "has_gate", "has_bias", "is_transposed", "down_proj"))
 
@@ -619,8 +620,8 @@ class LoRAParameter(_PassThrough, LoRALayer):
 
     A stack stored transposed, (E, in, out) (is_transposed: gpt-oss), holds ΔW_e^T. The module becomes
     `base_layer`, untouched; a module's Parameters nest, as in PEFT. Two forwards, one result: transformers'
-    experts run factored while `factored` (experts_forward: no ΔW); other modules run with W + ΔW in W's place
-    (at least float32, rounded once, as merge()): no dropout. Children it reads (`reads`) get W + ΔW too.
+    experts run in experts_forward, factored while `factored` (no ΔW); else, and other modules, with W + ΔW in W's
+    place (at least float32, rounded once, as merge()): no dropout. Children it reads (`reads`) get W + ΔW too.
     """
 
     base_types = (ModuleParameter,)
@@ -684,13 +685,15 @@ class LoRAParameter(_PassThrough, LoRALayer):
         return super().forward((args, kwargs))
 
     def adapted_forward(self, call: tuple) -> Any:
-        chain = (self, *self.inside)
-        if all(layer.factored for layer in chain) and not getattr(self.inner, "_is_expert_parallel", False):
-            loras = {layer.parameter_name: layer for layer in chain if layer.enabled and not layer.merged}
-            return experts_forward(self.inner, *call[0], **call[1], loras=loras)
-        if self.dropout and self.training:
-            raise RuntimeError(f"dropout={self.dropout} on {self.parameter_name}, which runs as W + ΔW here: "
-                               "set layer.factored = True (transformers' experts) or use dropout=0")
+        chain = (self, *self.inside)  # transformers' experts: all of the module's LoRAParameters in one call
+        ours = all(_factored(self.inner, layer.parameter_name) for layer in chain)
+        live = {lora.parameter_name: lora for lora in (chain if ours else [self]) if lora.enabled and not lora.merged}
+        for lora in live.values():  # a formed ΔW has no dropout
+            if lora.dropout and lora.training and not (ours and lora.factored):
+                raise RuntimeError(f"dropout={lora.dropout} on {lora.parameter_name}, which runs as W + ΔW here: "
+                                   "set layer.factored = True (transformers' experts) or use dropout=0")
+        if ours:
+            return experts_forward(self.inner, *call[0], **call[1], loras=live)
         return self.base_forward(call, self._weight_plus(+1, check_finite=False))
 
     def base_forward(self, call: tuple, weight: Optional[torch.Tensor] = None) -> Any:
@@ -743,7 +746,7 @@ class LoRAParameter(_PassThrough, LoRALayer):
 
 def experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                     top_k_weights: torch.Tensor, loras: dict) -> torch.Tensor:
-    """transformers' experts computation, every projection factored:
+    """transformers' experts computation, each projection in `loras` factored (if not, W + ΔW in W's place):
     y_e = x_e W_e^T + b_e + ((dropout(x_e) A_e^T) B_e^T) * scale for the rows x_e routed to expert e.
 
     hidden_states (T, H), top_k_index / top_k_weights (T, k) -> (T, H); loras: {Parameter name: LoRAParameter}.
@@ -761,7 +764,6 @@ def experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index
     counts = torch.diff(ends, prepend=ends.new_zeros(1)).tolist() if how == "eager" else None  # rows per expert
 
     def mm(x, M):  # rows x (S, in) grouped by expert, M (E, in, out) -> (S, out): x_e M_e for every expert e
-        x = x.to(M.dtype)
         if how == "batched_mm":
             return torch.bmm(x.unsqueeze(1), M[ids]).squeeze(1)
         fits = M.dtype != torch.float64 and all(n * M.element_size() % 16 == 0 for n in M.shape[1:])
@@ -772,26 +774,24 @@ def experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index
 
     def eager(x, W, lora, x_lora):  # the experts that have rows one by one (as transformers' eager), products together
         # split and unbound, never sliced or indexed: each slice's backward would write a full-size zero gradient
-        xs, ys = x.split(counts), []
+        xs, Ws, ys = x.split(counts), W.unbind(), []
         if lora:
             xls, (A, B) = x_lora.split(counts), [M.unbind() for M in factors(lora, W.dtype)]
         for e in [e for e, n in enumerate(counts) if n]:
-            y_e = xs[e] @ W[e]
+            y_e = xs[e] @ Ws[e]
             ys.append(torch.addmm(y_e, xls[e] @ A[e], B[e], alpha=lora.scale) if lora else y_e)
         return torch.cat(ys or [x[:0] @ W[0]])
 
     def project(name, x):  # (rows, in) -> (rows, out)
         W, lora = getattr(experts, name), loras.get(name)
+        W, lora = (lora._weight_plus(+1, check_finite=False), None) if lora and not lora.factored else (W, lora)
         W = W if experts.is_transposed else W.mT  # (E, in, out)
         x = x.to(W.dtype)
         x_lora = lora.lora_dropout(x) if lora else None
-        if how == "eager":
-            y = eager(x, W, lora, x_lora)
-        else:
-            y = mm(x, W)
-            if lora:
-                A, B = factors(lora, W.dtype)
-                y = y + mm(mm(x_lora, A) * lora.scale, B)
+        y = eager(x, W, lora, x_lora) if how == "eager" else mm(x, W)
+        if lora and how != "eager":  # (eager adds each expert's LoRA product in its loop)
+            A, B = factors(lora, W.dtype)
+            y = y + mm(mm(x_lora, A) * lora.scale, B)
         return y + getattr(experts, name + "_bias")[ids] if experts.has_bias else y
 
     h = project("gate_up_proj" if experts.has_gate else "up_proj", hidden_states[order // k])

@@ -5,7 +5,8 @@ not grow with the number of experts and stay under 2x the frozen model's; the fa
 the experts implementation the model is configured with (grouped_mm, batched_mm, eager), each giving the same
 outputs and gradients, and transformers' compile-safe loop where the grouped kernel cannot run (float64, a rank
 whose rows are no multiple of 16 bytes); torch.compile(fullgraph=True) of a whole adapted MoE model equals eager
-(dropout too); the general path forms W + ΔW in one pass, rounded once.
+(dropout too); the general path forms W + ΔW in one pass, rounded once, and under eager writes no stack per
+expert.
 """
 
 import copy
@@ -100,6 +101,23 @@ def test_eager_expert_lora_writes_no_full_size_gradient_per_expert():
             model(inputs_embeds=x).logits.square().mean().backward()
         written[name] = sum(size for size, view in zip(ops.sizes, ops.views) if not view)
     assert written["adapted"] < 2 * written["frozen"], written
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_the_general_path_under_eager_writes_each_stack_twice_per_step(family):
+    """W + ΔW (layer.factored = False) under eager runs experts_forward's loop on the unbound experts: a training
+    step writes each (E, out, in) stack twice, W + ΔW (one baddbmm) and its gradient (one stack), at any number of
+    experts. transformers' own eager loop indexes W[e], whose backward writes a zero stack once per expert hit."""
+    for num_experts in (8, 128):
+        model = adapt(qwen3_moe(num_experts, "eager", family=family))
+        for _, layer in L.lora_layers(model):
+            layer.factored = False
+        stacks = {p.numel() for n, p in model.named_parameters() if n.endswith(("gate_up_proj", "down_proj"))}
+        x = model.model.embed_tokens(IDS).detach().requires_grad_()
+        with Ops() as ops:
+            model(inputs_embeds=x).logits.square().mean().backward()
+        written = [n for n, size, view in zip(ops.names, ops.sizes, ops.views) if size in stacks and not view]
+        assert sorted(written) == ["baddbmm.default"] * 2 + ["stack.default"] * 2, (num_experts, written)
 
 
 @pytest.mark.parametrize("implementation", ["grouped_mm", "batched_mm"])

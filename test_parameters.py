@@ -13,6 +13,7 @@ found (PEFT files of Parameters, hooks, modules_to_save inside a wrapper, ...), 
 
 import copy
 import functools
+import itertools
 import json
 import math
 import re
@@ -193,17 +194,18 @@ def test_moe_factored_general_merged_unloaded_and_by_hand_all_agree(family):
     torch.testing.assert_close(logits(model), expected, **EXACT)
 
 
-def test_the_factored_path_runs_experts_forward_and_never_forms_delta_w(monkeypatch):
+def test_experts_run_in_experts_forward_factored_or_with_w_plus_delta_w(monkeypatch):
     _, model, _ = lora_moe("gpt_oss")
-    calls = []
+    calls, formed, weight_plus = [], [], L.LoRAParameter._weight_plus
     monkeypatch.setattr(L, "experts_forward", lambda *a, **k: calls.append(1) or experts_forward(*a, **k))
     monkeypatch.setattr(L.LoRAParameter, "_weight_plus", lambda *a, **k: pytest.fail("ΔW formed on the factored path"))
     logits(model).square().mean().backward()
     assert len(calls) == 2  # one per layer: both projections in one call
-    monkeypatch.undo()
-    set_factored(model, False)
-    monkeypatch.setattr(L, "experts_forward", lambda *a, **k: pytest.fail("experts_forward on the general path"))
+    set_factored(model, False)  # W + ΔW in W's place, still in experts_forward (not the module's own eager loop,
+    monkeypatch.setattr(L.LoRAParameter, "_weight_plus",  # whose W[e] of W + ΔW writes a zero stack per expert)
+                        lambda layer, *a, **k: formed.append(layer.parameter_name) or weight_plus(layer, *a, **k))
     logits(model)
+    assert len(calls) == 4 and sorted(formed) == ["down_proj", "down_proj", "gate_up_proj", "gate_up_proj"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -326,12 +328,12 @@ def test_moe_equals_peft_target_parameters(family):
         torch.testing.assert_close(grads[1], peft_layer.lora_B["default"].weight.grad, **GRADS)
 
 
-# --- transformers' experts implementations: the general path runs each, the factored path none ----------------
+# --- transformers' experts implementations: both paths run each in experts_forward (with transformers' kernels) ----
 
 
 @pytest.mark.parametrize("implementation", ["eager", "batched_mm", "grouped_mm"])
 @pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "nemotron_h", "deepseek_v3"])
-def test_each_experts_implementation_gives_the_factored_outputs_and_gradients(family, implementation, monkeypatch):
+def test_each_experts_implementation_gives_the_outputs_and_gradients_of_the_module_own_forward(family, implementation, monkeypatch):
     moe_integration = needs_experts()
     dtype = torch.float32 if implementation == "grouped_mm" else torch.float64  # grouped_mm on CPU: no float64
     base, model, settings = lora_moe(family)
@@ -344,27 +346,32 @@ def test_each_experts_implementation_gives_the_factored_outputs_and_gradients(fa
         monkeypatch.setitem(moe_integration.ALL_EXPERTS_FUNCTIONS._local_mapping, implementation,
                             lambda *a, **k: calls.append(1) or original(*a, **k))
     results = {}
-    for factored in (True, False):
-        set_factored(model, factored)
+    for path in ("factored", "W + ΔW", "the module's own forward of W + ΔW"):  # the last: transformers', the oracle
+        set_factored(model, path == "factored")
         n_calls = len(calls)
-        y = logits(model)
-        results[factored] = y, torch.autograd.grad(y.square().mean(), lora_parameters(model))
-        owners = 0 if factored or implementation == "eager" else len(experts_modules(model))
-        assert len(calls) - n_calls == owners  # the general path runs the implementation once per experts module
-    (y_f, g_f), (y_g, g_g) = results[True], results[False]
-    if family == "nemotron_h" and implementation == "eager":  # its eager loop sums in the router's float32
-        torch.testing.assert_close(y_f, y_g, rtol=1e-5, atol=1e-5)
-        for a, b in zip(g_f, g_g):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
-    elif dtype == torch.float64:
-        torch.testing.assert_close(y_f, y_g, **EXACT)
-        torch.testing.assert_close(y_f, logits(merged_by_hand(base, model, settings)), **EXACT)
-        for a, b in zip(g_f, g_g):
-            torch.testing.assert_close(a, b, **GRADS)
-    else:
-        torch.testing.assert_close(y_f, y_g, rtol=1e-4, atol=1e-4)
-        for a, b in zip(g_f, g_g):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+        with monkeypatch.context() as patch:
+            if path.startswith("the module's"):
+                patch.setattr(L, "_factored", lambda module, name: False)
+            y = logits(model)
+            results[path] = y, torch.autograd.grad(y.square().mean(), lora_parameters(model))
+        owners = len(experts_modules(model)) if path.startswith("the module's") and implementation != "eager" else 0
+        assert len(calls) - n_calls == owners  # else experts_forward runs, never the module's own implementation
+    y_o, g_o = results.pop("the module's own forward of W + ΔW")
+    for y, g in results.values():
+        if family == "nemotron_h" and implementation == "eager":  # its eager loop sums in the router's float32
+            torch.testing.assert_close(y, y_o, rtol=1e-5, atol=1e-5)
+            for a, b in zip(g, g_o):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+        elif dtype == torch.float64:
+            torch.testing.assert_close(y, y_o, **EXACT)
+            torch.testing.assert_close(y, logits(merged_by_hand(base, model, settings)), **EXACT)
+            for a, b in zip(g, g_o):
+                torch.testing.assert_close(a, b, **GRADS)
+        else:
+            torch.testing.assert_close(y, y_o, rtol=1e-4, atol=1e-4)
+            for a, b in zip(g, g_o):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+    g_f = results["factored"][1]
     assert all(g.abs().sum() > 0 for g in g_f)
 
 
@@ -469,8 +476,9 @@ def test_one_wrapper_disabled_or_merged_leaves_the_other_adapting(kind):
     x, index, weights = routing(tokens=6)
     deltas = deltas_by_hand(holder, settings)
     outer, inner = holder.experts, holder.experts.base_layer
-    for factored in (True, False):
-        set_factored(holder, factored)
+    for outer.factored, inner.factored in itertools.product((True, False), repeat=2):  # mixed: one call, ΔW and B A
+        torch.testing.assert_close(holder(x, index, weights), experts_by_hand(plain, x, index, weights, deltas),
+                                   **EXACT)
         for layer, other in ((inner, outer), (outer, inner)):
             layer.enabled = False  # only the other projection's ΔW
             expected = experts_by_hand(plain, x, index, weights, {other.parameter_name: deltas[other.parameter_name]})
@@ -591,6 +599,10 @@ def test_expert_parallel_experts_run_the_general_path(monkeypatch):
     x, index, weights = routing()
     expected = experts_by_hand(plain, x, index, weights, deltas_by_hand(holder, settings))
     torch.testing.assert_close(holder(x, index, weights), expected, **EXACT)
+    _, holder, _ = lora_experts("gated (Mixtral)", dropout=0.5)
+    holder.experts.inner._is_expert_parallel = True  # W + ΔW there: no dropout, though the layers are factored
+    with pytest.raises(RuntimeError, match=r"^dropout=0\.5 on down_proj, which runs as W \+ ΔW here"):
+        holder.train()(x, index, weights)
 
 
 # --- a bare Parameter of any module ----------------------------------------------------------------------------
