@@ -541,16 +541,15 @@ class QLoRALinear(LoRALinear):
     def dequantized_weight(self) -> torch.Tensor:
         """W as its quantization stores it, dequantized: (out, in)."""
         w = self.weight
-        if type(w).__name__ == "Params4bit":
-            import bitsandbytes.functional as bnb_functional
-            if getattr(w.quant_state, "packing_format_for_cpu", False):  # its CPU eval layout: first back to
-                w.data, w.quant_state = bnb_functional._convert_weight_packed_for_cpu_inverse(w.data, w.quant_state)
-            return bnb_functional.dequantize_4bit(w.data, w.quant_state)  # its own, as its state_dict() does
+        if type(w).__name__ not in ("Params4bit", "Int8Params"):  # torchao's
+            return w.get_original_weight() if hasattr(w, "get_original_weight") else w.dequantize()  # (NF4Tensor's)
+        import bitsandbytes.functional as bnb_functional
         if type(w).__name__ == "Int8Params":
-            import bitsandbytes.functional as bnb_functional
             return bnb_functional.int8_vectorwise_dequant(w.data, w.SCB if w.SCB is not None else
                                                           self.quantized.state.SCB)
-        return w.get_original_weight() if hasattr(w, "get_original_weight") else w.dequantize()  # (NF4Tensor's)
+        if getattr(w.quant_state, "packing_format_for_cpu", False):  # its CPU eval layout: first back to
+            w.data, w.quant_state = bnb_functional._convert_weight_packed_for_cpu_inverse(w.data, w.quant_state)
+        return bnb_functional.dequantize_4bit(w.data, w.quant_state)  # its own, as its state_dict() does
 
     def _weight_plus(self, sign, check_finite=True):  # dequantized W + sign ΔW, for export only
         dtype = torch.promote_types(self.export_dtype, torch.float32)
@@ -590,7 +589,7 @@ class QLoRALinear(LoRALinear):
 ModuleParameter = collections.namedtuple("ModuleParameter", "base_layer name weight training inner")
 
 
-def _factored(module, name):
+def _in_experts_forward(module, name):
     """Whether experts_forward computes module.<name>: a projection of transformers' @use_experts_implementation,
     with no forward of the module's own (accelerate's hooks: experts_forward would skip them), not expert-parallel."""
     experts = hasattr(type(module).forward, "__wrapped__") and "forward" not in vars(module)
@@ -630,7 +629,7 @@ class LoRAParameter(_PassThrough, LoRALayer):
     def why_unsupported(cls, base: ModuleParameter, r: int, dropout: float) -> Optional[str]:
         if base.weight.dim() not in (2, 3):
             return f"its shape {tuple(base.weight.shape)} is no weight (out, in) nor stack (E, out, in)"
-        if dropout and not _factored(base.inner, base.name):
+        if dropout and not _in_experts_forward(base.inner, base.name):
             return f"dropout={dropout}: its module runs with W + ΔW (only transformers' experts' projections factor)"
         return None
 
@@ -646,7 +645,7 @@ class LoRAParameter(_PassThrough, LoRALayer):
 
     def keep_base_settings(self, base: ModuleParameter) -> None:
         self.transposed = self.weight.dim() == 3 and getattr(self.inner, "is_transposed", False)
-        self.factored = _factored(self.inner, self.parameter_name)
+        self.factored = _in_experts_forward(self.inner, self.parameter_name)
         self.reads = ()
         below = self.base_layer  # `inside`: the LoRAParameters inside this one (a module's others), outermost first
         self.inside = (below, *below.inside) if isinstance(below, LoRAParameter) else ()
@@ -686,13 +685,16 @@ class LoRAParameter(_PassThrough, LoRALayer):
 
     def adapted_forward(self, call: tuple) -> Any:
         chain = (self, *self.inside)  # transformers' experts: all of the module's LoRAParameters in one call
-        ours = all(_factored(self.inner, layer.parameter_name) for layer in chain)
-        live = {lora.parameter_name: lora for lora in (chain if ours else [self]) if lora.enabled and not lora.merged}
-        for lora in live.values():  # a formed ΔW has no dropout
-            if lora.dropout and lora.training and not (ours and lora.factored):
+        ours = all(_in_experts_forward(self.inner, layer.parameter_name) for layer in chain)
+        for lora in chain if ours else [self]:  # (an inner one's forward does not run then: its guard is here)
+            trained = lora.lora_A.requires_grad or lora.lora_B.requires_grad
+            if lora.merged and trained and lora.training and torch.is_grad_enabled():
+                raise RuntimeError(f"{lora.parameter_name} is merged, so it gets no gradient: unmerge() it, or eval()")
+            if lora.enabled and not lora.merged and lora.dropout and lora.training and not (ours and lora.factored):
                 raise RuntimeError(f"dropout={lora.dropout} on {lora.parameter_name}, which runs as W + ΔW here: "
                                    "set layer.factored = True (transformers' experts) or use dropout=0")
         if ours:
+            live = {lora.parameter_name: lora for lora in chain if lora.enabled and not lora.merged}
             return experts_forward(self.inner, *call[0], **call[1], loras=live)
         return self.base_forward(call, self._weight_plus(+1, check_finite=False))
 
@@ -755,7 +757,7 @@ def experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index
     runs one grouped matmul on the rows sorted by expert, or transformers' compile-safe loop where that kernel cannot
     take the dtype (float64) or the strides (rows of 16 bytes). No host sync but eager's. The LoRA products run in
     W's dtype (a bfloat16 base: bfloat16 copies of the float32 A and B, as autocast makes), so they stay on the
-    grouped kernel. Backward keeps the routed inputs and the (rows, r) products, never an (E, out, in) tensor.
+    grouped kernel. Backward keeps the routed inputs and the (rows, r) products: factored, never an (E, out, in) one.
     """
     from transformers.integrations import moe  # the model's own kernels (only transformers' experts come here)
     how, k = experts.config._experts_implementation, top_k_index.shape[-1]
@@ -772,11 +774,11 @@ def experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index
     def factors(lora, dtype):  # A (E, in, r), B (E, r, out), in W's dtype
         return lora.lora_A.to(dtype).mT, lora.lora_B.to(dtype).mT
 
-    def eager(x, W, lora, x_lora):  # the experts that have rows one by one (as transformers' eager), products together
+    def eager(x, W, lora):  # the experts that have rows one by one (as transformers' eager), products together
         # split and unbound, never sliced or indexed: each slice's backward would write a full-size zero gradient
         xs, Ws, ys = x.split(counts), W.unbind(), []
         if lora:
-            xls, (A, B) = x_lora.split(counts), [M.unbind() for M in factors(lora, W.dtype)]
+            xls, (A, B) = lora.lora_dropout(x).split(counts), [M.unbind() for M in factors(lora, W.dtype)]
         for e in [e for e, n in enumerate(counts) if n]:
             y_e = xs[e] @ Ws[e]
             ys.append(torch.addmm(y_e, xls[e] @ A[e], B[e], alpha=lora.scale) if lora else y_e)
@@ -787,18 +789,16 @@ def experts_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index
         W, lora = (lora._weight_plus(+1, check_finite=False), None) if lora and not lora.factored else (W, lora)
         W = W if experts.is_transposed else W.mT  # (E, in, out)
         x = x.to(W.dtype)
-        x_lora = lora.lora_dropout(x) if lora else None
-        y = eager(x, W, lora, x_lora) if how == "eager" else mm(x, W)
+        y = eager(x, W, lora) if how == "eager" else mm(x, W)
         if lora and how != "eager":  # (eager adds each expert's LoRA product in its loop)
             A, B = factors(lora, W.dtype)
-            y = y + mm(mm(x_lora, A) * lora.scale, B)
+            y = y + mm(mm(lora.lora_dropout(x), A) * lora.scale, B)
         return y + getattr(experts, name + "_bias")[ids] if experts.has_bias else y
 
     h = project("gate_up_proj" if experts.has_gate else "up_proj", hidden_states[order // k])
     h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
     y = project("down_proj", h)
-    if getattr(experts, "has_post_expert_norm", False):
-        y = experts.post_expert_norm(y)
+    y = experts.post_expert_norm(y) if getattr(experts, "has_post_expert_norm", False) else y
     y = (y * top_k_weights.flatten()[order, None])[order.argsort()]  # back to (token, k) order
     return y.view(*top_k_index.shape, y.shape[-1]).sum(1).to(hidden_states.dtype)
 

@@ -193,9 +193,11 @@ def test_a_bfloat16_base_runs_the_lora_products_in_bfloat16_from_float32_adapter
 
 
 @pytest.mark.slow  # compiles a 1-layer MoE model's forward and backward with inductor
-@pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_torch_compile_fullgraph_of_an_adapted_moe_model_equals_eager(dropout):
+@pytest.mark.parametrize("dropout, factored", [(0.0, True), (0.3, True), (0.0, False)])
+def test_torch_compile_fullgraph_of_an_adapted_moe_model_equals_eager(dropout, factored):
     model = adapt(qwen3_moe(4), r=4, dropout=dropout).train()
+    for _, layer in L.lora_layers(model):
+        layer.factored = factored  # False: W + ΔW in W's place, in experts_forward too
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True)  # fullgraph: a host sync or any graph break raises
     x = model.model.embed_tokens(IDS).detach()

@@ -182,7 +182,7 @@ def test_moe_factored_general_merged_unloaded_and_by_hand_all_agree(family):
     factored = logits(model)
     assert (factored - logits(base)).abs().max() > 1e-2  # the adapter does something
     torch.testing.assert_close(factored, expected, **EXACT)
-    set_factored(model, False)  # W + ΔW in W's place, through the experts' own forward
+    set_factored(model, False)  # W + ΔW in W's place
     torch.testing.assert_close(logits(model), expected, **EXACT)
     set_factored(model, True)
     plain = L.merge_and_unload(model)
@@ -351,7 +351,7 @@ def test_each_experts_implementation_gives_the_outputs_and_gradients_of_the_modu
         n_calls = len(calls)
         with monkeypatch.context() as patch:
             if path.startswith("the module's"):
-                patch.setattr(L, "_factored", lambda module, name: False)
+                patch.setattr(L, "_in_experts_forward", lambda module, name: False)
             y = logits(model)
             results[path] = y, torch.autograd.grad(y.square().mean(), lora_parameters(model))
         owners = len(experts_modules(model)) if path.startswith("the module's") and implementation != "eager" else 0
@@ -584,12 +584,39 @@ def test_factored_dropout_trains_and_is_off_in_eval_mode(kind):
 @pytest.mark.parametrize("kind", EXPERT_KINDS)
 def test_the_general_path_with_dropout_raises_in_training_and_runs_in_eval(kind):
     plain, holder, settings = lora_experts(kind, dropout=0.5)
-    set_factored(holder, False)
     x, index, weights = routing()
-    with pytest.raises(RuntimeError, match=r"^dropout=0\.5 on down_proj, which runs as W \+ ΔW here: set layer\.factored = True"):
-        holder.train()(x, index, weights)
+    outer, inner = holder.experts, holder.experts.base_layer
+    for formed in (outer, inner):  # the inner one runs inside the outer one's call too
+        set_factored(holder, True)
+        formed.factored = False
+        with pytest.raises(RuntimeError, match=rf"^dropout=0\.5 on {formed.parameter_name}, which runs as W \+ ΔW "
+                                               r"here: set layer\.factored = True"):
+            holder.train()(x, index, weights)
+    set_factored(holder, False)
     expected = experts_by_hand(plain, x, index, weights, deltas_by_hand(holder, settings))
     torch.testing.assert_close(holder.eval()(x, index, weights), expected, **EXACT)
+
+
+@pytest.mark.parametrize("factored", [True, False])
+def test_training_with_one_projection_merged_raises_as_a_merged_layer_does(factored):
+    """The inner LoRAParameter's own forward (and its guard) does not run inside the outer one's experts_forward."""
+    plain, holder, settings = lora_experts("gated (Mixtral)")
+    set_factored(holder, factored)
+    inner = holder.experts.base_layer
+    inner.merge()
+    x, index, weights = routing()
+    expected = experts_by_hand(plain, x, index, weights, deltas_by_hand(holder, settings))
+    holder.train()
+    for frozen in (None, inner.lora_A):  # training B alone (LoRA-FA) is training too
+        if frozen is not None:
+            frozen.requires_grad_(False)
+        with pytest.raises(RuntimeError, match=rf"^{inner.parameter_name} is merged, so it gets no gradient"):
+            holder(x, index, weights)
+    with torch.no_grad():
+        torch.testing.assert_close(holder(x, index, weights), expected, **EXACT)
+    torch.testing.assert_close(holder.eval()(x, index, weights), expected, **EXACT)
+    inner.lora_B.requires_grad_(False)  # a frozen adapter in train mode trains nothing: it runs
+    torch.testing.assert_close(holder.train()(x, index, weights), expected, **EXACT)
 
 
 def test_expert_parallel_experts_run_the_general_path(monkeypatch):
